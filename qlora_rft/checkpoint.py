@@ -1,0 +1,87 @@
+"""Checkpoints that resume: adapter (peft format), optimizer, scheduler, step and every RNG state.
+
+A checkpoint is written into a temporary folder and renamed into place, so `checkpoint-STEP/` exists only when
+complete; `latest()` ignores anything else. The newest `keep` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(output_dir: Path, step: int, model, optimizer, scheduler, extra: dict | None = None, keep: int = 0) -> Path:
+    """Write checkpoint-STEP/ atomically; prune to the newest `keep` (0: keep all)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
+    try:
+        model.save_pretrained(tmp / "adapter")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if keep:
+        for old in all_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def all_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder counts once its state file is there)."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = _NAME.match(path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest(output_dir: Path) -> Path | None:
+    found = all_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def load(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore adapter weights, optimizer, scheduler and RNG states; returns the saved trainer state."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, weights)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return json.loads((path / STATE_FILE).read_text())

@@ -1,0 +1,349 @@
+"""Run configuration: one typed dataclass per section, loaded from YAML plus `section.key=value` overrides.
+
+Every field is documented once, in its `help`, next to its default (`qlora-rft config` prints them all).
+`validate()` checks each field and the rules between fields before any model loads, and says what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qlora_rft.errors import ConfigError
+
+
+def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A dataclass field with its documentation (and allowed values) attached."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+LANGUAGE_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f(
+        "tiny:cpu-small",
+        "A from_pretrained folder of a Qwen2-VL model, or `tiny:PRESET` for a locally built random one "
+        "(presets: tiny, cpu-small, qwen2-vl-2b, qwen2-vl-7b).",
+    )
+    mode: str = _f(
+        "qlora", "qlora: 4-bit NF4 base + LoRA; lora: full-precision base + LoRA.", ("qlora", "lora")
+    )
+    dtype: str = _f(
+        "auto",
+        "Compute dtype. auto: bfloat16 on CUDA, float32 on the CPU.",
+        ("auto", "bfloat16", "float16", "float32"),
+    )
+    attn_implementation: str = _f(
+        "sdpa",
+        "Attention kernel; flash_attention_2 needs the optional `flash` extra.",
+        ("sdpa", "eager", "flash_attention_2"),
+    )
+    quantize_skip_modules: list = _f(
+        ["visual", "lm_head"],
+        "Modules kept in full precision in qlora mode (the frozen vision tower and the LM head by default).",
+    )
+    gradient_checkpointing: bool = _f(True, "Recompute activations in the backward (peft-compatible).")
+    device: str = _f("auto", "auto: CUDA when available, else the CPU.", ("auto", "cpu", "cuda"))
+
+
+@dataclass
+class LoraSettings:
+    r: int = _f(16, "LoRA rank.")
+    alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    target_modules: list = _f(LANGUAGE_LINEAR, "Linear layers of the language model that get adapters.")
+    train_vision: bool = _f(False, "Also put adapters on the vision tower's linear layers (frozen otherwise).")
+
+
+@dataclass
+class DataConfig:
+    task: str = _f(
+        "classification",
+        "Task family: sets the prompt template, the answer parser and the default rewards.",
+        ("classification",),
+    )
+    train: str = _f(
+        "synthetic:shapes",
+        "Training data: a parquet file or folder, a `datasets.load_dataset` path, or `synthetic:NAME` "
+        "(generated on demand into the cache).",
+    )
+    train_split: str = _f("train", "Split of `train` to train on.")
+    eval: str = _f("", "Held-out data, same forms as `train`; empty: same source as `train`.")
+    eval_split: str = _f("test", "Split of `eval` to evaluate on.")
+    eval_limit: int = _f(0, "Evaluate on at most this many held-out rows (0: all).")
+    min_pixels: int = _f(3136, "Smallest image area after resizing (qwen-vl-utils rule), in pixels.")
+    max_pixels: int = _f(401408, "Largest image area after resizing; 401408 = 512 visual tokens.")
+    max_prompt_length: int = _f(1024, "Prompts longer than this many tokens are refused (never cut).")
+    on_bad_row: str = _f(
+        "skip",
+        "A row whose image does not decode or whose solution does not parse: skip it (counted) or stop.",
+        ("skip", "error"),
+    )
+
+
+@dataclass
+class RewardConfig:
+    weights: dict = _f(
+        {},
+        "Reward functions by name and their weights, summed into the reward; empty: the task's defaults.",
+    )
+
+
+@dataclass
+class GRPOConfig:
+    num_generations: int = _f(8, "G: completions sampled per prompt; the advantage is taken over them.")
+    generation_chunk: int = _f(0, "Completions generated at once (must divide G); 0: all G at once.")
+    backward_chunk: int = _f(0, "Completions per forward/backward (must divide G); 0: all G at once.")
+    max_completion_length: int = _f(256, "Tokens sampled per completion at most.")
+    temperature: float = _f(1.0, "Sampling temperature (set explicitly; a checkpoint's own is ignored).")
+    top_p: float = _f(1.0, "Nucleus sampling mass (1.0: off).")
+    top_k: int = _f(0, "Top-k sampling (0: off).")
+    beta: float = _f(0.04, "KL coefficient to the reference (adapters off); 0 skips the reference pass.")
+    epsilon: float = _f(0.2, "PPO clip range of the probability ratio (acts when num_iterations > 1).")
+    num_iterations: int = _f(1, "Optimizer updates per batch of rollouts (mu); 1 is the paper's setting.")
+    scale_rewards: bool = _f(True, "Divide the centred reward by the group's std (False: Dr. GRPO style).")
+    advantage_eps: float = _f(1e-4, "Added to the group std before dividing.")
+    loss_aggregation: str = _f(
+        "sequence",
+        "sequence: mean over each completion's tokens, then over completions (the paper's); "
+        "token: mean over all completion tokens of the group.",
+        ("sequence", "token"),
+    )
+    skip_uniform_groups: bool = _f(
+        True, "Skip the backward of a group whose rewards are all equal when beta = 0 (no gradient)."
+    )
+    logprob_chunk: int = _f(1024, "Completion positions per LM-head chunk when computing log-probs.")
+
+
+@dataclass
+class WarmupConfig:
+    steps: int = _f(
+        0,
+        "Supervised steps on the training solutions before GRPO (full fine-tune of a tiny base, cached); "
+        "0: none. Used by the demo so that a random tiny base writes the answer format.",
+    )
+    learning_rate: float = _f(3e-3, "Warm-up learning rate.")
+    batch_size: int = _f(16, "Warm-up examples per step.")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/train", "Where metrics.jsonl, checkpoint-STEP/ and adapter/ are written.")
+    max_steps: int = _f(200, "Optimizer steps.")
+    prompts_per_step: int = _f(1, "Prompts (groups) per optimizer step: gradient accumulation over prompts.")
+    learning_rate: float = _f(1e-5, "Peak learning rate of the adapters.")
+    lr_scheduler: str = _f("linear", "Decay after warm-up.", ("linear", "cosine", "constant"))
+    warmup_ratio: float = _f(0.05, "Fraction of max_steps spent warming the learning rate up from 0.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
+    optimizer: str = _f(
+        "auto",
+        "auto: paged 8-bit AdamW on CUDA, AdamW on the CPU.",
+        ("auto", "adamw", "paged_adamw_8bit"),
+    )
+    save_steps: int = _f(50, "Write checkpoint-STEP/ every this many steps (0: only the final adapter).")
+    save_total_limit: int = _f(2, "Keep the newest this many checkpoints (0: keep all).")
+    logging_steps: int = _f(1, "Write a metrics.jsonl line every this many steps.")
+    seed: int = _f(0, "Seed of data order, sampling and adapter initialisation.")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "lora": LoraSettings,
+    "data": DataConfig,
+    "rewards": RewardConfig,
+    "grpo": GRPOConfig,
+    "warmup": WarmupConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from the defaults), apply `section.key=value` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found: pass the path of a YAML file (see configs/)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (model:, grpo:, train: ...)")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=10)")
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"section {section!r} must be a mapping")
+        raw[section][name] = yaml.safe_load(value) if value != "" else ""
+    cfg = from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(raw: dict) -> Config:
+    sections = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r}{_suggest(section, SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"section {section!r} must be a mapping of key: value")
+        cls = SECTIONS[section]
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, value in values.items():
+            if name not in known:
+                raise ConfigError(f"unknown key {section}.{name}{_suggest(name, known)}")
+            kwargs[name] = _coerce(f"{section}.{name}", value, known[name])
+        sections[section] = cls(**kwargs)
+    return Config(**sections)
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f": did you mean {close[0]!r}?" if close else f": known are {', '.join(sorted(options))}"
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    kind = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}[f.type]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if kind is list and isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{key} must be a {kind.__name__}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Check fields and the rules between them; raise ConfigError saying what to change."""
+    g = cfg.grpo
+    problems = []
+
+    def need(cond: bool, message: str) -> None:
+        if not cond:
+            problems.append(message)
+
+    need(g.num_generations >= 2, f"grpo.num_generations must be >= 2 (got {g.num_generations}): "
+         "the advantage compares samples of one group; set grpo.num_generations=2 or more")
+    for name in ("generation_chunk", "backward_chunk"):
+        chunk = getattr(g, name)
+        need(chunk >= 0 and (chunk == 0 or g.num_generations % chunk == 0),
+             f"grpo.{name}={chunk} must divide grpo.num_generations={g.num_generations} "
+             f"(try one of {_divisors(g.num_generations)}, or 0 for all at once)")
+    need(g.max_completion_length >= 1, "grpo.max_completion_length must be >= 1")
+    need(g.temperature > 0, "grpo.temperature must be > 0 (sampling; greedy groups have no variance)")
+    need(0 < g.top_p <= 1, "grpo.top_p must be in (0, 1]")
+    need(g.top_k >= 0, "grpo.top_k must be >= 0 (0: off)")
+    need(g.beta >= 0, "grpo.beta must be >= 0")
+    need(g.epsilon > 0, "grpo.epsilon must be > 0")
+    need(g.num_iterations >= 1, "grpo.num_iterations must be >= 1")
+    need(g.advantage_eps > 0, "grpo.advantage_eps must be > 0")
+    need(g.logprob_chunk >= 1, "grpo.logprob_chunk must be >= 1")
+
+    t = cfg.train
+    need(t.max_steps >= 1, "train.max_steps must be >= 1")
+    need(t.prompts_per_step >= 1, "train.prompts_per_step must be >= 1")
+    need(t.learning_rate > 0, "train.learning_rate must be > 0")
+    need(0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")
+    need(t.save_steps >= 0, "train.save_steps must be >= 0 (0: only the final adapter)")
+    need(t.save_total_limit >= 0, "train.save_total_limit must be >= 0")
+    need(t.logging_steps >= 1, "train.logging_steps must be >= 1")
+    need(t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0")
+    need(bool(t.output_dir), "train.output_dir must not be empty")
+
+    need(cfg.lora.r >= 1, "lora.r must be >= 1")
+    need(cfg.lora.alpha >= 1, "lora.alpha must be >= 1")
+    need(0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)")
+    need(bool(cfg.lora.target_modules), "lora.target_modules must name at least one linear layer")
+
+    d = cfg.data
+    need(d.min_pixels >= 28 * 28, "data.min_pixels must be >= 784 (one 28x28 merged patch)")
+    need(d.max_pixels >= d.min_pixels, f"data.max_pixels={d.max_pixels} must be >= data.min_pixels={d.min_pixels}")
+    need(d.max_prompt_length >= 16, "data.max_prompt_length must be >= 16")
+    need(d.eval_limit >= 0, "data.eval_limit must be >= 0")
+
+    w = cfg.warmup
+    need(w.steps >= 0, "warmup.steps must be >= 0")
+    need(w.batch_size >= 1, "warmup.batch_size must be >= 1")
+
+    from qlora_rft.rewards import REWARDS, default_weights  # local: rewards import no config
+
+    for name, weight in cfg.rewards.weights.items():
+        need(name in REWARDS, f"rewards.weights names unknown reward {name!r}{_suggest(name, REWARDS)}")
+        need(isinstance(weight, (int, float)) and not isinstance(weight, bool),
+             f"rewards.weights.{name} must be a number")
+    weights = cfg.rewards.weights or default_weights(d.task)
+    need(any(w != 0 for w in weights.values()), "rewards.weights: at least one reward needs a non-zero weight")
+
+    if cfg.model.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        need(importlib.util.find_spec("flash_attn") is not None,
+             "model.attn_implementation=flash_attention_2 needs flash-attn: `pip install -e .[flash]` "
+             "on a CUDA machine, or use model.attn_implementation=sdpa")
+
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def describe() -> str:
+    """Every field with its default and documentation, as a YAML-like reference."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = f.metadata.get("choices")
+            extra = f" [{' | '.join(choices)}]" if choices else ""
+            lines.append(f"  {f.name}: {default!r}  # {f.metadata['help']}{extra}")
+    return "\n".join(lines)
+
+
+def dump(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+

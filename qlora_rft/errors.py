@@ -1,0 +1,13 @@
+"""Errors that mean "the user must change something": the CLI prints them on one line, no traceback."""
+
+
+class UserError(Exception):
+    """Bad input from the user (config, paths, data); the message says what to do."""
+
+
+class ConfigError(UserError):
+    """A config field or a rule between fields is wrong."""
+
+
+class DataError(UserError):
+    """A dataset, image or annotation cannot be used as given."""

@@ -1,0 +1,170 @@
+"""Load the policy: a Qwen2-VL base (4-bit NF4 or full precision) with LoRA adapters on the language model.
+
+The reference policy is the same base with the adapters switched off (`reference_mode`): no second model.
+Sampling settings never come from the checkpoint's generation_config (Qwen2-VL ships near-greedy ones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlora_rft.config import LoraSettings, ModelConfig
+from qlora_rft.errors import UserError
+from qlora_rft.rollout import SpecialTokens
+
+VISION_LINEAR = ["qkv", "proj", "fc1", "fc2"]
+
+
+@dataclass
+class Policy:
+    """The trainable model and what is needed to feed it."""
+
+    model: torch.nn.Module  # peft.PeftModel around Qwen2VLForConditionalGeneration
+    processor: object  # Qwen2VLProcessor
+    device: torch.device
+    dtype: torch.dtype
+    tokens: SpecialTokens  # eos, pad and vision placeholder ids
+
+    @property
+    def base(self):
+        """The Qwen2VLForConditionalGeneration inside the peft wrapper (adapters still live in its layers)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """`tiny:PRESET` -> the cached random model (built on first use); otherwise a from_pretrained folder."""
+    if name_or_path.startswith("tiny:"):
+        from qlora_rft import tiny
+
+        return tiny.cached_model(name_or_path.split(":", 1)[1])
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"model folder {path} has no config.json: pass a local Qwen2-VL from_pretrained folder "
+            "(e.g. a downloaded Qwen/Qwen2-VL-2B-Instruct) or tiny:PRESET for a locally built one"
+        )
+    return path
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device=cuda but no CUDA device is visible: use model.device=auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_base(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, mode: str | None = None):
+    """Qwen2VLForConditionalGeneration from a folder: NF4 + double quant in qlora mode, else at `dtype`."""
+    from transformers import BitsAndBytesConfig, GenerationConfig, Qwen2VLForConditionalGeneration
+
+    mode = mode or cfg.mode
+    kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, device_map={"": str(device)})
+    if mode == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+            llm_int8_skip_modules=list(cfg.quantize_skip_modules),
+        )
+    model = Qwen2VLForConditionalGeneration.from_pretrained(str(path), **kwargs)
+    if mode == "qlora":
+        keep_training_layout(model)
+    # Keep only the token ids from the shipped generation config; sampling settings are always passed explicitly.
+    shipped = model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=shipped.bos_token_id, eos_token_id=shipped.eos_token_id, pad_token_id=shipped.pad_token_id
+    )
+    return model
+
+
+def keep_training_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16 a Linear4bit in eval mode repacks its weight in place and keeps that layout, and the
+    training backward then fails on it. Sampling and training must also run the same kernel, so that the
+    log-probs of what was sampled are those of the policy being trained.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def lora_target_regex(lora: LoraSettings) -> str:
+    """peft target_modules regex: the named linears of the language model (and of the vision tower if asked)."""
+    names = "|".join(lora.target_modules)
+    pattern = rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({names})"
+    if lora.train_vision:
+        pattern += rf"|model\.visual\.blocks\.\d+\.(attn|mlp)\.({'|'.join(VISION_LINEAR)})"
+    return pattern
+
+
+def attach_lora(model, lora: LoraSettings, gradient_checkpointing: bool):
+    """Freeze the base, add LoRA adapters, and make gradient checkpointing work with them."""
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # With frozen embeddings nothing entering the first block needs grad; peft models need this or
+        # checkpointed blocks see no input that requires grad and the adapters never learn.
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora_target_regex(lora),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_policy(model_cfg: ModelConfig, lora: LoraSettings, adapter: str | Path | None = None) -> Policy:
+    """Base + fresh LoRA adapters (or the adapters saved in `adapter`, trainable)."""
+    from transformers import AutoProcessor
+
+    path = resolve_model_path(model_cfg.name_or_path)
+    device = pick_device(model_cfg.device)
+    dtype = compute_dtype(model_cfg.dtype, device)
+    base = load_base(path, model_cfg, device, dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if model_cfg.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    else:
+        model = attach_lora(base, lora, model_cfg.gradient_checkpointing)
+    processor = AutoProcessor.from_pretrained(str(path))
+    processor.tokenizer.padding_side = "left"
+    tokens = SpecialTokens.of(base, processor.tokenizer)
+    return Policy(model=model, processor=processor, device=device, dtype=dtype, tokens=tokens)
+
+
+@contextlib.contextmanager
+def reference_mode(model):
+    """The reference policy: the same base with adapters disabled, no gradients."""
+    disable = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with disable, torch.no_grad():
+        yield
+
+
+def trainable_parameters(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

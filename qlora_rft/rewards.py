@@ -1,0 +1,53 @@
+"""Verifiable rewards with TRL's signature, `fn(completions, **columns) -> list[float]`, and a registry by name.
+
+Each reward is total: any completion in, a finite float in its documented range out, never an exception.
+Completions are plain strings or TRL's conversational form; `solution` is the dataset's `<answer>...</answer>`.
+They plug into TRL's GRPOTrainer as they are (`reward_funcs=[format_reward, classification_reward]`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from qlora_rft.tasks import TASKS, classification
+from qlora_rft.tasks.common import completion_text, has_format
+
+RewardFn = Callable[..., list[float]]
+
+
+def format_reward(completions: list, **kwargs) -> list[float]:
+    """1.0 when the completion is exactly `<think>..</think>` then `<answer>..</answer>`, else 0.0.  Range [0, 1].
+
+    >>> format_reward(["<think>red</think><answer>red circle</answer>", "red circle"])
+    [1.0, 0.0]
+    """
+    return [float(has_format(completion_text(c))) for c in completions]
+
+
+def classification_reward(completions: list, solution: list[str], **kwargs) -> list[float]:
+    """1.0 when the answer names the solution's class (normalised exact match, never substring).  Range [0, 1].
+
+    >>> classification_reward(["<answer>Red_Circle</answer>", "<answer></answer>"], ["<answer>red circle</answer>"] * 2)
+    [1.0, 0.0]
+    """
+    return [classification.score(completion_text(c), s) for c, s in zip(completions, solution)]
+
+
+REWARDS: dict[str, RewardFn] = {
+    "format": format_reward,
+    "classification": classification_reward,
+}
+
+
+def default_weights(task: str) -> dict[str, float]:
+    return dict(TASKS[task].default_rewards) if task in TASKS else {}
+
+
+def score(completions: list[str], solution: str, weights: dict[str, float]) -> dict[str, list[float]]:
+    """Each named reward of the G completions of one prompt: {name: [G floats]} (non-finite values become 0)."""
+    out = {}
+    for name in weights:
+        values = REWARDS[name](completions, solution=[solution] * len(completions))
+        out[name] = [v if math.isfinite(v) else 0.0 for v in values]
+    return out

@@ -1,0 +1,125 @@
+"""Sampling a group of G completions for one prompt, in chunks, and the log-probs of completion tokens.
+
+Sampling settings are passed explicitly on every call (a checkpoint's generation_config never decides them).
+Log-probs come from the last hidden states of completion positions through the LM head in chunks: the full
+[B, L, V] logits are never built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qlora_rft import grpo
+from qlora_rft.data import PromptInputs
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    do_sample: bool = True
+
+    def generation_config(self, tokens: "SpecialTokens"):
+        """Every setting explicit. Vision placeholder tokens are suppressed: one in a completion would be taken
+        for an image slot in the next forward ("image features and image tokens do not match")."""
+        from transformers import GenerationConfig
+
+        common = dict(
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=tokens.eos,
+            pad_token_id=tokens.pad,
+            suppress_tokens=tokens.vision,
+        )
+        if not self.do_sample:
+            return GenerationConfig(do_sample=False, **common)
+        return GenerationConfig(
+            do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, **common
+        )
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    eos: list[int]  # any of these ends a completion
+    pad: int
+    vision: list[int]  # image/video placeholders and vision start/end: never sampled
+
+    @classmethod
+    def of(cls, model, tokenizer) -> "SpecialTokens":
+        config = model.config
+        eos = model.generation_config.eos_token_id
+        eos_ids = sorted({*([eos] if isinstance(eos, int) else (eos or [])), tokenizer.eos_token_id} - {None})
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+        vision = [config.image_token_id, config.video_token_id, config.vision_start_token_id,
+                  config.vision_end_token_id]
+        return cls(eos=eos_ids, pad=pad, vision=[v for v in vision if v is not None])
+
+
+@dataclass
+class Rollout:
+    """G sampled completions of one prompt."""
+
+    prompt: PromptInputs
+    completion_ids: torch.Tensor  # [G, T] (pad after the first EOS)
+    mask: torch.Tensor  # [G, T] float: 1 up to and including the first EOS
+    texts: list[str]  # decoded completions, special tokens removed
+
+    @property
+    def size(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def chunk(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.completion_ids[start:stop], self.mask[start:stop]
+
+
+@torch.no_grad()
+def sample_group(
+    model, processor, prompt: PromptInputs, group_size: int, chunk: int, sampling: Sampling, tokens: SpecialTokens
+) -> Rollout:
+    """Generate `group_size` completions, `chunk` at a time (peak memory follows the chunk)."""
+    config = sampling.generation_config(tokens)
+    chunk = chunk or group_size
+    pieces = []
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(group_size // chunk):
+            out = model.generate(**prompt.repeated(chunk), generation_config=config)  # [chunk, P + t]
+            pieces.append(out[:, prompt.length :])
+    finally:
+        model.train(was_training)
+    width = max(p.shape[1] for p in pieces)
+    ids = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=tokens.pad) for p in pieces])
+    mask = grpo.completion_mask(ids, tokens.eos)  # [G, T]
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, tokens.pad))
+    texts = processor.batch_decode(ids, skip_special_tokens=True)
+    return Rollout(prompt=prompt, completion_ids=ids, mask=mask, texts=texts)
+
+
+def completion_logprobs(
+    model, prompt: PromptInputs, completion_ids: torch.Tensor, mask: torch.Tensor, logprob_chunk: int
+) -> torch.Tensor:
+    """log pi(token) for each completion token.  completion_ids, mask: [B, T] -> [B, T] fp32.
+
+    Gradients flow when called with grad enabled (the policy pass); wrap in `reference_mode` for the reference.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    B, T = completion_ids.shape
+    inputs = prompt.repeated(B)
+    input_ids = torch.cat([inputs["input_ids"], completion_ids], dim=1)  # [B, P+T]
+    attention_mask = torch.cat([inputs["attention_mask"], mask.to(inputs["attention_mask"].dtype)], dim=1)
+    mm_types = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1)
+    hidden = base.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        mm_token_type_ids=mm_types.to(inputs["mm_token_type_ids"].dtype),
+        pixel_values=inputs["pixel_values"],
+        image_grid_thw=inputs["image_grid_thw"],
+        use_cache=False,
+    ).last_hidden_state  # [B, P+T, H]
+    P = prompt.length
+    predicting = hidden[:, P - 1 : P + T - 1]  # [B, T, H]: the state before each completion token
+    return grpo.token_logprobs(predicting, base.lm_head.weight, completion_ids, logprob_chunk)

@@ -1,0 +1,65 @@
+"""Task families of Visual-RFT. Each owns its prompt, its answer parser, its metric and its default rewards.
+
+`get_task(name)` returns a `Task`; rewards and evaluation both go through the task's own parser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from qlora_rft.errors import ConfigError
+from qlora_rft.tasks import classification
+from qlora_rft.tasks.common import FORMAT_INSTRUCTION
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    prompt: Callable[[str], str]  # dataset problem -> user text
+    parse: Callable[[str], object]  # completion or solution -> parsed answer (None when unusable)
+    score: Callable[[str, str], float]  # (completion, solution) -> the per-sample evaluation metric
+    metric: str  # what the mean of score() is called
+    thought: str  # fixed reasoning for the supervised warm-up target
+    default_rewards: dict = field(default_factory=dict)
+
+    def warmup_target(self, solution: str) -> str:
+        """The cold-start completion for a solution: a short think block, then the solution's answer."""
+        return f"<think>{self.thought}</think><answer>{solution_answer(solution)}</answer>"
+
+
+def solution_answer(solution: str) -> str:
+    from qlora_rft.tasks.common import extract_answer
+
+    found = extract_answer(solution)
+    return found if found is not None else solution.strip()
+
+
+TASKS: dict[str, Task] = {
+    "classification": Task(
+        name="classification",
+        prompt=classification.prompt,
+        parse=classification.parse,
+        score=classification.score,
+        metric="accuracy",
+        thought=classification.THOUGHT,
+        default_rewards={"format": 1.0, "classification": 1.0},
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def corpus_lines() -> list[str]:
+    """Text of every task's prompts and answers: what the local tokenizer is trained on."""
+    from qlora_rft.tasks import synthetic
+
+    lines = [FORMAT_INSTRUCTION, "You are a helpful assistant.", "system user assistant"]
+    for task in TASKS.values():
+        lines.append(f"<think>{task.thought}</think><answer></answer>")
+    lines += synthetic.corpus_lines()
+    return lines

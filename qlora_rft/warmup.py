@@ -1,0 +1,107 @@
+"""Supervised warm-up of a base on the training solutions, so that a random tiny base writes the answer format.
+
+The tiny base then plays the part of Qwen2-VL-Instruct. The warmed folder is cached under a hash of everything that
+decides it (base, data, warm-up settings, seed), so `train` and `demo` build it once and reuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from qlora_rft.config import Config
+from qlora_rft.data import Example, load_split, open_image, prompt_text, resize_image
+from qlora_rft.model import compute_dtype, pick_device, resolve_model_path
+from qlora_rft.tasks import Task, get_task
+
+
+def supervised_batch(processor, task: Task, examples: list[Example], data_cfg, device: torch.device) -> dict:
+    """Prompt + target completion for each example; labels are -100 on the prompt and on padding."""
+    tok = processor.tokenizer
+    prompts = [prompt_text(processor, task, ex.problem) for ex in examples]
+    targets = [task.warmup_target(ex.solution) + tok.eos_token for ex in examples]
+    images = [resize_image(open_image(ex), data_cfg.min_pixels, data_cfg.max_pixels) for ex in examples]
+    side = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        full = processor(text=[p + t for p, t in zip(prompts, targets)], images=images, return_tensors="pt",
+                         padding=True)
+        prompt_only = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    labels = full["input_ids"].clone()  # [B, L]
+    prompt_lengths = prompt_only["attention_mask"].sum(-1)  # [B]
+    positions = torch.arange(labels.shape[1])[None, :]  # [1, L]
+    labels[(positions < prompt_lengths[:, None]) | (full["attention_mask"] == 0)] = -100
+    full["labels"] = labels
+    return {k: v.to(device) for k, v in full.items()}
+
+
+def warmup_key(cfg: Config) -> str:
+    decided_by = {
+        "model": cfg.model.name_or_path,
+        "warmup": vars(cfg.warmup),
+        "data": [cfg.data.task, cfg.data.train, cfg.data.train_split, cfg.data.min_pixels, cfg.data.max_pixels],
+        "seed": cfg.train.seed,
+    }
+    return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def warmed_base(cfg: Config, console=None) -> str:
+    """The folder GRPO starts from: model.name_or_path itself, or its warmed-up copy (built once, cached)."""
+    if cfg.warmup.steps == 0:
+        return cfg.model.name_or_path
+    from qlora_rft.tiny import cache_dir
+
+    folder = cache_dir() / "warm" / warmup_key(cfg)
+    if not (folder / "config.json").is_file():
+        run_warmup(cfg, folder, console)
+    return str(folder)
+
+
+def run_warmup(cfg: Config, out: Path, console=None) -> Path:
+    """Full fine-tune of the base (full precision) on the training solutions for warmup.steps steps."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from qlora_rft.runlog import RunLogger
+
+    task = get_task(cfg.data.task)
+    data = load_split(cfg.data.train, cfg.data.train_split, task, cfg.data.on_bad_row)
+    path = resolve_model_path(cfg.model.name_or_path)
+    device = pick_device(cfg.model.device)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        str(path), dtype=compute_dtype(cfg.model.dtype, device), device_map={"": str(device)}
+    )
+    processor = AutoProcessor.from_pretrained(str(path))
+    torch.manual_seed(cfg.train.seed)
+    rng = random.Random(cfg.train.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / cfg.warmup.steps)
+    model.train()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with RunLogger(tmp / "warmup.jsonl", cfg.warmup.steps, console=console, description="warm-up", shown=("loss",)) as log:
+            for step in range(1, cfg.warmup.steps + 1):
+                examples = rng.sample(data.examples, min(cfg.warmup.batch_size, len(data.examples)))
+                loss = model(**supervised_batch(processor, task, examples, cfg.data, device)).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                log.log({"step": step, "loss": loss.item()})
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
