@@ -49,8 +49,9 @@ class ModelConfig:
         ("sdpa", "eager", "flash_attention_2"),
     )
     quantize_skip_modules: list = _f(
-        ["visual", "lm_head"],
-        "Modules kept in full precision in qlora mode (the frozen vision tower and the LM head by default).",
+        ["model.visual", "lm_head"],
+        "Modules kept in full precision in qlora mode, as full names or prefixes (default: the frozen vision "
+        "tower and the LM head).",
     )
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward (peft-compatible).")
     device: str = _f("auto", "auto: CUDA when available, else the CPU.", ("auto", "cpu", "cuda"))
@@ -102,7 +103,11 @@ class RewardConfig:
 @dataclass
 class GRPOConfig:
     num_generations: int = _f(8, "G: completions sampled per prompt; the advantage is taken over them.")
-    generation_chunk: int = _f(0, "Completions generated at once (must divide G); 0: all G at once.")
+    generation_chunk: int = _f(
+        0,
+        "Completions generated at once: a divisor of G (a group in several calls: less memory), or a multiple "
+        "of G dividing G * train.prompts_per_step (several prompts per call: faster small models); 0: G.",
+    )
     backward_chunk: int = _f(0, "Completions per forward/backward (must divide G); 0: all G at once.")
     max_completion_length: int = _f(256, "Tokens sampled per completion at most.")
     temperature: float = _f(1.0, "Sampling temperature (set explicitly; a checkpoint's own is ignored).")
@@ -266,11 +271,16 @@ def validate(cfg: Config) -> None:
 
     need(g.num_generations >= 2, f"grpo.num_generations must be >= 2 (got {g.num_generations}): "
          "the advantage compares samples of one group; set grpo.num_generations=2 or more")
-    for name in ("generation_chunk", "backward_chunk"):
-        chunk = getattr(g, name)
-        need(chunk >= 0 and (chunk == 0 or g.num_generations % chunk == 0),
-             f"grpo.{name}={chunk} must divide grpo.num_generations={g.num_generations} "
-             f"(try one of {_divisors(g.num_generations)}, or 0 for all at once)")
+    G, per_step = g.num_generations, cfg.train.prompts_per_step
+    chunk = g.backward_chunk
+    need(chunk >= 0 and (chunk == 0 or G % chunk == 0),
+         f"grpo.backward_chunk={chunk} must divide grpo.num_generations={G} "
+         f"(try one of {_divisors(G)}, or 0 for all at once)")
+    chunk = g.generation_chunk
+    packs = [G * k for k in _divisors(per_step)]
+    need(chunk >= 0 and (chunk == 0 or G % chunk == 0 or chunk in packs),
+         f"grpo.generation_chunk={chunk} must divide grpo.num_generations={G} (one of {_divisors(G)}) or be a "
+         f"multiple of it dividing G * train.prompts_per_step (one of {packs}); 0 means G")
     need(g.max_completion_length >= 1, "grpo.max_completion_length must be >= 1")
     need(g.temperature > 0, "grpo.temperature must be > 0 (sampling; greedy groups have no variance)")
     need(0 < g.top_p <= 1, "grpo.top_p must be in (0, 1]")

@@ -120,7 +120,7 @@ def _as_cell(image) -> dict:
 def _check_row(row: dict, task: Task) -> str | None:
     if not isinstance(row.get("problem"), str) or not row["problem"].strip():
         return "empty problem"
-    if not isinstance(row.get("solution"), str) or task.parse(row["solution"]) is None:
+    if not isinstance(row.get("solution"), str) or task.parse_solution(row["solution"]) is None:
         return f"solution does not parse as a {task.name} answer: {str(row.get('solution'))[:80]!r}"
     try:
         with _open(_as_cell(row["image"])) as image:

@@ -76,21 +76,61 @@ class Rollout:
 
 
 @torch.no_grad()
-def sample_group(
-    model, processor, prompt: PromptInputs, group_size: int, chunk: int, sampling: Sampling, tokens: SpecialTokens
-) -> Rollout:
-    """Generate `group_size` completions, `chunk` at a time (peak memory follows the chunk)."""
+def sample_groups(
+    model, processor, prompts: list[PromptInputs], group_size: int, chunk: int, sampling: Sampling,
+    tokens: SpecialTokens,
+) -> list[Rollout]:
+    """G completions for each prompt, `chunk` completions per generate call.
+
+    chunk < G: each group is sampled in G / chunk calls (peak memory follows the chunk);
+    chunk = k * G: k prompts share a call (left-padded), which is how a small model keeps the device busy.
+    """
     config = sampling.generation_config(tokens)
     chunk = chunk or group_size
-    pieces = []
     was_training = model.training
     model.eval()
+    pieces: list[list[torch.Tensor]] = [[] for _ in prompts]  # per prompt: [n, t] completion pieces
     try:
-        for _ in range(group_size // chunk):
-            out = model.generate(**prompt.repeated(chunk), generation_config=config)  # [chunk, P + t]
-            pieces.append(out[:, prompt.length :])
+        if chunk <= group_size:
+            for i, prompt in enumerate(prompts):
+                for _ in range(group_size // chunk):
+                    out = model.generate(**prompt.repeated(chunk), generation_config=config)  # [chunk, P + t]
+                    pieces[i].append(out[:, prompt.length :])
+        else:
+            per_call = chunk // group_size
+            for first in range(0, len(prompts), per_call):
+                batch, width = left_pad([p for p in prompts[first : first + per_call]], tokens.pad, group_size)
+                out = model.generate(**batch, generation_config=config)  # [k * G, width + t]
+                for j in range(out.shape[0] // group_size):
+                    pieces[first + j].append(out[j * group_size : (j + 1) * group_size, width:])
     finally:
         model.train(was_training)
+    return [_rollout(prompt, p, processor, tokens) for prompt, p in zip(prompts, pieces)]
+
+
+def sample_group(model, processor, prompt: PromptInputs, group_size: int, chunk: int, sampling: Sampling,
+                 tokens: SpecialTokens) -> Rollout:
+    """G completions of one prompt (see `sample_groups`)."""
+    return sample_groups(model, processor, [prompt], group_size, min(chunk or group_size, group_size), sampling,
+                         tokens)[0]
+
+
+def left_pad(prompts: list[PromptInputs], pad_id: int, repeat: int) -> tuple[dict, int]:
+    """Model kwargs for several prompts, each repeated `repeat` times, left-padded to one width."""
+    width = max(p.length for p in prompts)
+    rows = {"input_ids": [], "attention_mask": [], "mm_token_type_ids": []}
+    for p in prompts:
+        gap = width - p.length
+        rows["input_ids"].append(torch.nn.functional.pad(p.input_ids, (gap, 0), value=pad_id))
+        rows["attention_mask"].append(torch.nn.functional.pad(p.attention_mask, (gap, 0), value=0))
+        rows["mm_token_type_ids"].append(torch.nn.functional.pad(p.mm_token_type_ids, (gap, 0), value=0))
+    batch = {k: torch.cat(v).repeat_interleave(repeat, dim=0) for k, v in rows.items()}  # [k * repeat, width]
+    batch["pixel_values"] = torch.cat([p.pixel_values.repeat(repeat, 1) for p in prompts])
+    batch["image_grid_thw"] = torch.cat([p.image_grid_thw.repeat(repeat, 1) for p in prompts])
+    return batch, width
+
+
+def _rollout(prompt: PromptInputs, pieces: list[torch.Tensor], processor, tokens: SpecialTokens) -> Rollout:
     width = max(p.shape[1] for p in pieces)
     ids = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=tokens.pad) for p in pieces])
     mask = grpo.completion_mask(ids, tokens.eos)  # [G, T]

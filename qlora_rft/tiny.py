@@ -211,8 +211,11 @@ def write_model(out: str | Path, preset: str = "tiny", seed: int = 0, dtype: tor
 
 def cached_model(preset: str, seed: int = 0) -> Path:
     """The folder of a random preset model in the cache, built on first use."""
+    import hashlib
+
     _preset(preset)
-    path = cache_dir() / "models" / f"{preset}-seed{seed}"
+    recipe = json.dumps([PRESETS[preset].__dict__, _corpus(), CHAT_TEMPLATE]).encode()
+    path = cache_dir() / "models" / f"{preset}-seed{seed}-{hashlib.sha256(recipe).hexdigest()[:10]}"
     if not (path / "config.json").exists():
         write_model(path, preset=preset, seed=seed)
     return path

@@ -26,7 +26,7 @@ from qlora_rft.data import encode_prompt, load_split
 from qlora_rft.errors import UserError
 from qlora_rft.model import Policy, load_policy, reference_mode
 from qlora_rft.rewards import default_weights, score
-from qlora_rft.rollout import Rollout, Sampling, completion_logprobs, sample_group
+from qlora_rft.rollout import Rollout, Sampling, completion_logprobs, sample_groups
 from qlora_rft.runlog import NullLogger, RunLogger
 from qlora_rft.tasks import get_task
 
@@ -111,19 +111,20 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     with logger:
         for step in range(start_step + 1, cfg.train.max_steps + 1):
             step_start = time.perf_counter()
-            groups, gen_tokens, gen_seconds = [], 0, 0.0
-            for i in range(cfg.train.prompts_per_step):
-                example = data.examples[order.index((step - 1) * cfg.train.prompts_per_step + i)]
-                prompt = encode_prompt(policy.processor, task, example, cfg.data, policy.device)
+            first = (step - 1) * cfg.train.prompts_per_step
+            examples = [data.examples[order.index(first + i)] for i in range(cfg.train.prompts_per_step)]
+            prompts = [encode_prompt(policy.processor, task, ex, cfg.data, policy.device) for ex in examples]
 
-                # 1. Sample G completions, generation_chunk at a time.
-                t0 = time.perf_counter()
-                rollout = sample_group(unwrapped, policy.processor, prompt, G, g.generation_chunk, sampling,
-                                       policy.tokens)
-                gen_seconds += time.perf_counter() - t0
-                gen_tokens += int(rollout.mask.sum())
+            # 1. Sample G completions per prompt, generation_chunk completions per generate call.
+            t0 = time.perf_counter()
+            rollouts = sample_groups(unwrapped, policy.processor, prompts, G, g.generation_chunk, sampling,
+                                     policy.tokens)
+            gen_seconds = time.perf_counter() - t0
+            gen_tokens = int(sum(r.mask.sum() for r in rollouts))
 
-                # 2. Score with the verifiable rewards; 3. advantages over the whole group.
+            # 2. Score with the verifiable rewards; 3. advantages over each whole group.
+            groups = []
+            for example, rollout in zip(examples, rollouts):
                 rewards = score(rollout.texts, example.solution, weights)
                 total = torch.tensor([sum(weights[n] * rewards[n][k] for n in weights) for k in range(G)])
                 advantages = grpo.group_advantages(total, g.scale_rewards, g.advantage_eps).to(policy.device)

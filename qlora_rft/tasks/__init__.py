@@ -17,7 +17,8 @@ from qlora_rft.tasks.common import FORMAT_INSTRUCTION
 class Task:
     name: str
     prompt: Callable[[str], str]  # dataset problem -> user text
-    parse: Callable[[str], object]  # completion or solution -> parsed answer (None when unusable)
+    parse: Callable[[str], object]  # completion -> parsed answer (None when unusable)
+    parse_solution: Callable[[str], object]  # a dataset's solution -> parsed answer (None: a bad row)
     score: Callable[[str, str], float]  # (completion, solution) -> the per-sample evaluation metric
     metric: str  # what the mean of score() is called
     thought: str  # fixed reasoning for the supervised warm-up target
@@ -40,6 +41,7 @@ TASKS: dict[str, Task] = {
         name="classification",
         prompt=classification.prompt,
         parse=classification.parse,
+        parse_solution=classification.parse_solution,
         score=classification.score,
         metric="accuracy",
         thought=classification.THOUGHT,

@@ -10,7 +10,7 @@ import re
 
 from qlora_rft.tasks.common import FORMAT_INSTRUCTION, extract_answer
 
-THOUGHT = "Look at the colours and the outline."  # the warm-up's fixed reasoning, for cold-start SFT only
+THOUGHT = "Compare the image with the classes."  # the warm-up's fixed reasoning (cold-start SFT only)
 
 _NOISE = re.compile(r"[\s_\-]+")
 
@@ -25,22 +25,27 @@ def normalise(label: str) -> str:
     return _NOISE.sub("", label).lower()
 
 
-def parse(text: str) -> str | None:
-    """The normalised class name in the answer tags (or in a bare solution string); None if empty or absent.
+def parse(text: str, bare: bool = False) -> str | None:
+    """The normalised class name in the answer tags; None if empty or absent.
 
+    `bare=True` also reads an untagged label, as some solution columns hold (never for completions).
     >>> parse("<think>..</think><answer>Garden Phlox</answer>")
     'gardenphlox'
     """
     answer = extract_answer(text)
-    if answer is None and isinstance(text, str) and "<answer>" not in text:
-        answer = text  # a bare label, as some solution columns hold
+    if answer is None and bare and isinstance(text, str) and "<answer>" not in text:
+        answer = text
     if answer is None:
         return None
     label = normalise(answer)
     return label or None
 
 
+def parse_solution(text: str) -> str | None:
+    return parse(text, bare=True)
+
+
 def score(completion: str, solution: str) -> float:
     """1.0 when the predicted class equals the solution's class, else 0.0 (also when either is missing)."""
-    predicted, truth = parse(completion), parse(solution)
+    predicted, truth = parse(completion), parse(solution, bare=True)
     return float(predicted is not None and predicted == truth)

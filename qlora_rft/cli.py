@@ -1,0 +1,117 @@
+"""`qlora-rft` command line: thin wrappers over library functions (every command is callable from Python too).
+
+Bad input (config, paths, data) ends with a one-line error and exit code 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from qlora_rft.errors import UserError
+
+
+def _quiet() -> None:
+    """Library chatter off: our own progress bars and tables say what is happening."""
+    import logging
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    for name in ("bitsandbytes", "accelerate", "peft", "datasets", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def cmd_train(args) -> None:
+    from qlora_rft.config import load_config
+    from qlora_rft.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume)
+    print(f"adapter saved to {result.adapter_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
+
+
+def cmd_demo(args) -> None:
+    from qlora_rft.demo import run_demo
+
+    run_demo(args.config, args.overrides, out=args.out)
+
+
+def cmd_tiny_model(args) -> None:
+    from qlora_rft.tiny import write_model
+
+    path = write_model(args.out, preset=args.preset, seed=args.seed)
+    print(f"wrote a random {args.preset} Qwen2-VL to {path}")
+
+
+def cmd_config(args) -> None:
+    from qlora_rft.config import describe, load_config
+
+    if args.config is None and not args.overrides:
+        print(describe())
+        return
+    import yaml
+
+    print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qlora-rft", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="GRPO fine-tuning from a YAML config")
+    p.add_argument("config", help="YAML file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("demo", help="tiny model, synthetic task: warm-up, GRPO, before/after evaluation")
+    p.add_argument("overrides", nargs="*", help="section.key=value over configs/tiny_demo.yaml")
+    p.add_argument("--config", default=None, help="another config instead of configs/tiny_demo.yaml")
+    p.add_argument("--out", default="runs/demo", help="where summary.json and the run go")
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("tiny-model", help="write a locally built random Qwen2-VL from_pretrained folder")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--preset", default="tiny", help="tiny | cpu-small | qwen2-vl-2b | qwen2-vl-7b")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_tiny_model)
+
+    p = sub.add_parser("config", help="print every config field with its default and meaning, or a resolved config")
+    p.add_argument("config", nargs="?", default=None)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(run=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.debug:
+        _quiet()
+    try:
+        args.run(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""4-bit base + LoRA: where the adapters go, the reference is the base itself, and sampling settings are ours."""
+
+from __future__ import annotations
+
+import torch
+
+from qlora_rft.config import load_config
+from qlora_rft.data import encode_prompt, load_split
+from qlora_rft.model import load_policy, reference_mode
+from qlora_rft.rollout import Sampling, completion_logprobs, sample_group
+from qlora_rft.tasks import get_task
+
+
+def _policy(overrides):
+    cfg = load_config(None, overrides)
+    return cfg, load_policy(cfg.model, cfg.lora)
+
+
+def _prompt(cfg, policy):
+    task = get_task(cfg.data.task)
+    example = load_split(cfg.data.train, "train", task).examples[0]
+    return encode_prompt(policy.processor, task, example, cfg.data, policy.device)
+
+
+def test_qlora_base_is_4bit_and_adapters_sit_on_the_language_model_only(tiny_overrides):
+    import bitsandbytes as bnb
+
+    _, policy = _policy(tiny_overrides)
+    names = [n for n, p in policy.model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    assert all(".language_model." in n for n in names)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in policy.base.model.language_model.modules())
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in policy.base.model.visual.modules())
+    assert policy.base.config.quantization_config.bnb_4bit_use_double_quant
+
+
+def test_vision_adapters_when_asked(tiny_overrides):
+    _, policy = _policy([*tiny_overrides, "lora.train_vision=true"])
+    assert any(".visual." in n for n, p in policy.model.named_parameters() if p.requires_grad)
+
+
+def test_reference_is_the_base_with_adapters_disabled(tiny_overrides):
+    from qlora_rft.model import load_base, resolve_model_path
+
+    cfg, policy = _policy(tiny_overrides)
+    for name, p in policy.model.named_parameters():
+        if "lora_B" in name:  # LoRA B starts at zero; make the adapters matter
+            torch.nn.init.normal_(p, std=0.5)
+    prompt = _prompt(cfg, policy)
+    ids = torch.randint(3, 200, (2, 5))
+    mask = torch.ones(2, 5)
+    with torch.no_grad():
+        with_adapters = completion_logprobs(policy.model, prompt, ids, mask, 1024)
+    with reference_mode(policy.model):
+        reference = completion_logprobs(policy.model, prompt, ids, mask, 1024)
+    base = load_base(resolve_model_path(cfg.model.name_or_path), cfg.model, policy.device, policy.dtype)
+    with torch.no_grad():
+        plain = completion_logprobs(base, prompt, ids, mask, 1024)
+    assert torch.allclose(reference, plain, atol=1e-5)
+    assert not torch.allclose(with_adapters, plain, atol=1e-3)
+
+
+def test_sampling_ignores_the_checkpoints_near_greedy_generation_config(tiny_overrides):
+    # The tiny model ships Qwen2-VL-Instruct's trap: temperature 0.01, top_p 0.001, top_k 1.
+    cfg, policy = _policy(tiny_overrides)
+    assert policy.model.generation_config.temperature in (None, 1.0)
+    torch.manual_seed(0)
+    rollout = sample_group(policy.model, policy.processor, _prompt(cfg, policy), 8, 4, Sampling(12), policy.tokens)
+    assert rollout.completion_ids.shape[0] == 8
+    assert len(set(rollout.texts)) > 1  # a near-greedy sampler would give 8 identical completions
+    assert ((rollout.mask == 0) | (rollout.completion_ids != policy.tokens.vision[0])).all()
+
+
+def test_generation_chunks_and_packed_prompts_give_the_group_size(tiny_overrides):
+    from qlora_rft.rollout import sample_groups
+
+    cfg, policy = _policy(tiny_overrides)
+    prompt = _prompt(cfg, policy)
+    for chunk in (2, 4, 8):
+        rollouts = sample_groups(policy.model, policy.processor, [prompt, prompt], 4, chunk, Sampling(6),
+                                 policy.tokens)
+        assert [r.completion_ids.shape[0] for r in rollouts] == [4, 4]
+        assert all(len(r.texts) == 4 for r in rollouts)

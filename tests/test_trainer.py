@@ -1,0 +1,117 @@
+"""A real QLoRA GRPO run on the tiny model: what changes, what must not, chunking, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qlora_rft import checkpoint
+from qlora_rft.config import load_config
+from qlora_rft.errors import UserError
+from qlora_rft.trainer import train
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()} | {
+        n: b.detach().clone() for n, b in model.named_buffers()
+    }
+
+
+def _alternating_rewards(texts, solution, weights):
+    return {name: [float(k % 2) for k in range(len(texts))] for name in weights}
+
+
+def test_two_step_qlora_grpo_changes_lora_weights_only(tiny_overrides, monkeypatch):
+    import qlora_rft.trainer as trainer_module
+
+    captured = {}
+    real_load = trainer_module.load_policy
+
+    def spy(*args, **kwargs):
+        policy = real_load(*args, **kwargs)
+        captured["policy"] = policy
+        captured["before"] = _snapshot(policy.model)
+        return policy
+
+    monkeypatch.setattr(trainer_module, "load_policy", spy)
+    # A random tiny model never earns a reward, so every advantage would be 0: give the group some spread.
+    monkeypatch.setattr(trainer_module, "score", _alternating_rewards)
+    cfg = load_config(None, tiny_overrides)
+    result = train(cfg, log=True)
+
+    after = _snapshot(captured["policy"].model)
+    before = captured["before"]
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed, "nothing was trained"
+    assert all("lora_" in n for n in changed), sorted(changed)[:5]
+    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+
+    lines = [json.loads(l) for l in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2]
+    for key in ("loss", "reward", "kl", "rewards/format", "rewards/classification", "tokens_per_second"):
+        assert key in lines[0]
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert [p.name for p in checkpoint.all_checkpoints(result.output_dir)] == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_backward_chunks_give_the_same_gradient_as_the_whole_group(tiny_overrides):
+    from qlora_rft import grpo
+    from qlora_rft.data import encode_prompt, load_split
+    from qlora_rft.model import load_policy, reference_mode
+    from qlora_rft.rollout import Sampling, sample_group
+    from qlora_rft.tasks import get_task
+    from qlora_rft.trainer import Group, StepStats, backward_group, chunked_logprobs
+
+    class Acc:
+        def backward(self, loss):
+            loss.backward()
+
+    cfg = load_config(None, tiny_overrides)
+    policy = load_policy(cfg.model, cfg.lora)
+    for name, p in policy.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # non-zero adapters so that both LoRA factors get gradients
+    task = get_task("classification")
+    example = load_split(cfg.data.train, "train", task).examples[0]
+    prompt = encode_prompt(policy.processor, task, example, cfg.data, policy.device)
+    torch.manual_seed(0)
+    rollout = sample_group(policy.model, policy.processor, prompt, 4, 4, Sampling(8), policy.tokens)
+    total = torch.tensor([1.0, 0.0, 0.5, 0.0])
+    grads = []
+    for how in ("sequence", "token"):
+        for chunk in (4, 2, 1):
+            g = load_config(None, [*tiny_overrides, f"grpo.backward_chunk={chunk}", f"grpo.loss_aggregation={how}"]).grpo
+            group = Group(rollout, {}, total, grpo.group_advantages(total))
+            with reference_mode(policy.model):
+                group.ref_logp = chunked_logprobs(policy.model, rollout, g)
+            policy.model.zero_grad()
+            backward_group(policy.model, policy.model, Acc(), group, g, 1, StepStats())
+            grads.append([p.grad.clone() for p in policy.model.parameters() if p.requires_grad])
+        for other in grads[-2:]:
+            for a, b in zip(grads[-3], other):
+                assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_resume_continues_from_the_newest_complete_checkpoint(tiny_overrides):
+    cfg = load_config(None, tiny_overrides)
+    first = train(cfg, log=True)
+    half_written = first.output_dir / "checkpoint-9"
+    half_written.mkdir()  # no trainer_state.json: must be ignored
+    (first.output_dir / ".checkpoint-10.tmp").mkdir()
+    with pytest.raises(UserError, match="--resume"):
+        train(cfg)
+    longer = load_config(None, [*tiny_overrides, "train.max_steps=3"])
+    resumed = train(longer, resume=True, log=True)
+    assert [m["step"] for m in resumed.metrics] == [3]
+    lines = [json.loads(l) for l in (first.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3]
+    state = json.loads((first.output_dir / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["step"] == 3
+
+
+def test_resume_without_checkpoints_is_a_clear_error(tiny_overrides):
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        train(load_config(None, tiny_overrides), resume=True)
