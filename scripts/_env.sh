@@ -12,7 +12,6 @@ STAMP="$VENV/.qlora_rft_installed"
 WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "installing qlora-rft and its dependencies into $VENV (first time: a few minutes)"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
   echo "$WANT" > "$STAMP"
 fi

@@ -81,3 +81,11 @@ def test_generation_chunks_and_packed_prompts_give_the_group_size(tiny_overrides
                                  policy.tokens)
         assert [r.completion_ids.shape[0] for r in rollouts] == [4, 4]
         assert all(len(r.texts) == 4 for r in rollouts)
+
+
+def test_lora_mode_keeps_a_full_precision_base(tiny_overrides):
+    import bitsandbytes as bnb
+
+    _, policy = _policy([*tiny_overrides, "model.mode=lora"])
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in policy.model.modules())
+    assert any(p.requires_grad for n, p in policy.model.named_parameters() if "lora_" in n)
