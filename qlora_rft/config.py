@@ -71,7 +71,7 @@ class DataConfig:
     task: str = _f(
         "classification",
         "Task family: sets the prompt template, the answer parser and the default rewards.",
-        ("classification",),
+        ("classification", "detection", "grounding"),
     )
     train: str = _f(
         "synthetic:shapes",

@@ -52,7 +52,7 @@ def resolve_source(source: str) -> str:
         from qlora_rft.tiny import cache_dir
 
         name = source.split(":", 1)[1]
-        folder = cache_dir() / "data" / name
+        folder = cache_dir() / "data" / f"{name}-{synthetic.fingerprint(name)}"
         if not (folder / "train.parquet").exists():
             synthetic.write_dataset(name, folder)
         return str(folder)

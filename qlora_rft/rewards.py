@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from qlora_rft.tasks import TASKS, classification
+from qlora_rft.tasks import TASKS, classification, detection, grounding
 from qlora_rft.tasks.common import completion_text, has_format
 
 RewardFn = Callable[..., list[float]]
@@ -34,10 +34,46 @@ def classification_reward(completions: list, solution: list[str], **kwargs) -> l
     return [classification.score(completion_text(c), s) for c, s in zip(completions, solution)]
 
 
+def iou_reward(completions: list, solution: list[str], **kwargs) -> list[float]:
+    """Detection: predictions sorted by confidence each take the unmatched true box of highest IoU; a match counts
+    when IoU > 0.5; sum of matched IoUs / max(#truth, #predictions).  'No Objects' for an empty truth: 1.  [0, 1].
+
+    >>> iou_reward(["<answer>[{'Position': [0, 0, 10, 10], 'Confidence': 0.9}]</answer>"],
+    ...            ["<answer>[{'Position': [0, 0, 10, 10], 'Confidence': 1.0}, {'Position': [50, 50, 90, 90]}]</answer>"])
+    [0.5]
+    """
+    return [detection.iou_reward(completion_text(c), s) for c, s in zip(completions, solution)]
+
+
+def confidence_reward(completions: list, solution: list[str], **kwargs) -> list[float]:
+    """Detection: mean over predictions of (confidence if matched else 1 - confidence).  Range [0, 1].
+
+    >>> confidence_reward(["<answer>[{'Position': [0, 0, 10, 10], 'Confidence': 0.5}, "
+    ...                    "{'Position': [500, 500, 600, 600], 'Confidence': 0.25}]</answer>"],
+    ...                   ["<answer>[{'Position': [0, 0, 10, 10], 'Confidence': 1.0}]</answer>"])  # (0.5 + 0.75) / 2
+    [0.625]
+    """
+    return [detection.confidence_reward(completion_text(c), s) for c, s in zip(completions, solution)]
+
+
+def grounding_reward(completions: list, solution: list[str], **kwargs) -> list[float]:
+    """Reasoning grounding: GIoU + 1 between the answer's box `(x1,y1),(x2,y2)` and the true one.  Range [0, 2].
+
+    >>> grounding_reward(["<answer>(0,0),(10,10)</answer>"], ["<answer>(20,0),(30,10)</answer>"])  # GIoU -1/3
+    [0.6666666666666667]
+    """
+    return [grounding.grounding_reward(completion_text(c), s) for c, s in zip(completions, solution)]
+
+
 REWARDS: dict[str, RewardFn] = {
     "format": format_reward,
     "classification": classification_reward,
+    "iou": iou_reward,
+    "confidence": confidence_reward,
+    "grounding": grounding_reward,
 }
+
+RANGES: dict[str, tuple[float, float]] = {name: (0.0, 1.0) for name in REWARDS} | {"grounding": (0.0, 2.0)}
 
 
 def default_weights(task: str) -> dict[str, float]:

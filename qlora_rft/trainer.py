@@ -71,7 +71,6 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     out = Path(cfg.train.output_dir)
     g = cfg.grpo
     G = g.num_generations
-    seed_everything(cfg.train.seed)
 
     # Data, task and rewards.
     task = get_task(cfg.data.task)
@@ -81,6 +80,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     # Model: the (warmed) base in 4-bit with LoRA adapters; the reference is the same model, adapters off.
     base_path = warmed_base(cfg, console)
     model_cfg = type(cfg.model)(**{**vars(cfg.model), "name_or_path": base_path})
+    seed_everything(cfg.train.seed)  # after the warm-up, which seeds itself: same start whether it ran or was cached
     policy = load_policy(model_cfg, cfg.lora)
     accelerator = Accelerator(cpu=policy.device.type == "cpu")
     optimizer = make_optimizer(policy, cfg)
@@ -146,7 +146,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
                     if g.beta == 0 and g.skip_uniform_groups and bool((group.total == group.total[0]).all()):
                         stats.skipped_groups += 1  # all advantages are 0: no gradient at all
                         continue
-                    backward_group(model, unwrapped, accelerator, group, g, cfg.train.prompts_per_step, stats)
+                    backward_group(unwrapped, accelerator, group, g, cfg.train.prompts_per_step, stats)
                 grad_norm = clip_gradients(accelerator, model, cfg.train.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -170,7 +170,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     return TrainResult(out, adapter_dir, cfg.train.max_steps, metrics, len(data.skipped))
 
 
-def backward_group(model, unwrapped, accelerator, group: Group, g, prompts_per_step: int, stats: StepStats) -> None:
+def backward_group(model, accelerator, group: Group, g, prompts_per_step: int, stats: StepStats) -> None:
     """Loss of one group, backward_chunk completions per forward/backward; shares add up to the group loss."""
     rollout = group.rollout
     G = rollout.size

@@ -37,7 +37,7 @@ def test_every_shipped_config_loads(path):
         ("trian.max_steps=3", "unknown config section 'trian'"),
         ("train.max_steps=ten", "train.max_steps must be a int"),
         ("model.mode=int8", "model.mode must be one of qlora, lora"),
-        ("rewards.weights={iou: 1.0}", "unknown reward 'iou'"),
+        ("rewards.weights={iuo: 1.0}", "unknown reward 'iuo': did you mean 'iou'"),
         ("rewards.weights={format: 0}", "at least one reward needs a non-zero weight"),
         ("data.max_pixels=1000", "data.max_pixels=1000 must be >= data.min_pixels=3136"),
         ("train_max_steps", "must look like section.key=value"),

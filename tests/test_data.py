@@ -32,7 +32,7 @@ def _write(tmp_path, rows, name="train.parquet"):
 
 def test_synthetic_source_is_generated_and_loaded():
     data = load_split("synthetic:shapes", "train", TASK)
-    assert len(data) == 128 and not data.skipped
+    assert len(data) == 512 and not data.skipped
     assert data.examples[0].solution.startswith("<answer>") and "shape" in data.examples[0].problem
 
 

@@ -88,7 +88,7 @@ def test_backward_chunks_give_the_same_gradient_as_the_whole_group(tiny_override
             with reference_mode(policy.model):
                 group.ref_logp = chunked_logprobs(policy.model, rollout, g)
             policy.model.zero_grad()
-            backward_group(policy.model, policy.model, Acc(), group, g, 1, StepStats())
+            backward_group(policy.model, Acc(), group, g, 1, StepStats())
             grads.append([p.grad.clone() for p in policy.model.parameters() if p.requires_grad])
         for other in grads[-2:]:
             for a, b in zip(grads[-3], other):

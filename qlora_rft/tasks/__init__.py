@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from qlora_rft.errors import ConfigError
-from qlora_rft.tasks import classification
+from qlora_rft.tasks import classification, detection, grounding
 from qlora_rft.tasks.common import FORMAT_INSTRUCTION
 
 
@@ -46,6 +46,26 @@ TASKS: dict[str, Task] = {
         metric="accuracy",
         thought=classification.THOUGHT,
         default_rewards={"format": 1.0, "classification": 1.0},
+    ),
+    "detection": Task(
+        name="detection",
+        prompt=detection.prompt,
+        parse=detection.parse,
+        parse_solution=detection.parse_solution,
+        score=detection.score,
+        metric="iou_reward",
+        thought=detection.THOUGHT,
+        default_rewards={"format": 1.0, "iou": 1.0, "confidence": 1.0},
+    ),
+    "grounding": Task(
+        name="grounding",
+        prompt=grounding.prompt,
+        parse=grounding.parse,
+        parse_solution=grounding.parse_solution,
+        score=grounding.score,
+        metric="mIoU",
+        thought=grounding.THOUGHT,
+        default_rewards={"format": 1.0, "grounding": 1.0},
     ),
 }
 

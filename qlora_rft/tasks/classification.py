@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import re
 
-from qlora_rft.tasks.common import FORMAT_INSTRUCTION, extract_answer
+from qlora_rft.tasks.common import extract_answer, prompt  # noqa: F401  (prompt: the shared rule)
 
 THOUGHT = "Compare the image with the classes."  # the warm-up's fixed reasoning (cold-start SFT only)
 
 _NOISE = re.compile(r"[\s_\-]+")
-
-
-def prompt(problem: str) -> str:
-    """The user text: the dataset's question followed by the think/answer instruction."""
-    return f"{problem} {FORMAT_INSTRUCTION}"
 
 
 def normalise(label: str) -> str:

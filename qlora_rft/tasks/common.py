@@ -14,6 +14,14 @@ _FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DO
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
+def prompt(problem: str) -> str:
+    """The user text: the dataset's problem, plus the think/answer instruction unless it already has its own
+    (the released detection problems carry their own answer-format instructions)."""
+    if isinstance(problem, str) and "<answer>" in problem:
+        return problem
+    return f"{problem} {FORMAT_INSTRUCTION}"
+
+
 def has_format(text: str) -> bool:
     """True when the text is `<think>..</think>` followed by `<answer>..</answer>` and nothing else.
 

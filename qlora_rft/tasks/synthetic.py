@@ -33,8 +33,8 @@ CLASSIFICATION_PROBLEM = (
 class ShapesSpec:
     colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
     shapes: tuple[str, ...] = ("circle", "square")
-    train_per_class: int = 16
-    test_per_class: int = 12
+    train_per_class: int = 64
+    test_per_class: int = 25
     size: int = 84
     seed: int = 0
 
@@ -45,7 +45,7 @@ class ShapesSpec:
 
 DATASETS: dict[str, ShapesSpec] = {
     "shapes": ShapesSpec(),
-    "shapes-fine": ShapesSpec(colours=tuple(COLOURS), shapes=SHAPES, train_per_class=4, test_per_class=4),
+    "shapes-fine": ShapesSpec(colours=tuple(COLOURS), shapes=SHAPES, train_per_class=4, test_per_class=8),
 }
 
 
@@ -109,6 +109,13 @@ def write_parquet(rows: list[dict], path: Path) -> None:
 
     features = Features({"image": ImageFeature(), "problem": Value("string"), "solution": Value("string")})
     Dataset.from_list(rows, features=features).to_parquet(str(path))
+
+
+def fingerprint(name: str) -> str:
+    """Changes whenever the generator's recipe for `name` does (cache key)."""
+    import hashlib
+
+    return hashlib.sha256(repr((DATASETS.get(name), COLOURS, SHAPES, CLASSIFICATION_PROBLEM, 1)).encode()).hexdigest()[:10]
 
 
 def write_dataset(name: str, out: Path) -> Path:
