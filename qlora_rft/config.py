@@ -82,6 +82,7 @@ class DataConfig:
     eval: str = _f("", "Held-out data, same forms as `train`; empty: same source as `train`.")
     eval_split: str = _f("test", "Split of `eval` to evaluate on.")
     eval_limit: int = _f(0, "Evaluate on at most this many held-out rows (0: all).")
+    image_root: str = _f("", "Folder that relative image paths of a LISA-style JSON are under; empty: the JSON's.")
     min_pixels: int = _f(3136, "Smallest image area after resizing (qwen-vl-utils rule), in pixels.")
     max_pixels: int = _f(401408, "Largest image area after resizing; 401408 = 512 visual tokens.")
     max_prompt_length: int = _f(1024, "Prompts longer than this many tokens are refused (never cut).")

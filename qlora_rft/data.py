@@ -1,6 +1,7 @@
 """Datasets in the released ViRFT schema (image, problem, solution) and turning a row into model inputs.
 
-Sources: a parquet file or folder, any `datasets.load_dataset` path (never `load_from_disk`), or `synthetic:NAME`.
+Sources: a parquet file or folder, any `datasets.load_dataset` path (never `load_from_disk`), a LISA-style JSON
+(a `.json` file, or a folder holding `SPLIT.json`; image paths relative to it), or `synthetic:NAME`.
 Bad rows (an image that does not decode, a solution that does not parse) are skipped and counted, or refused.
 Images are resized with qwen-vl-utils' rule and the config's pixel bounds, the same in training and evaluation.
 """
@@ -53,7 +54,7 @@ def resolve_source(source: str) -> str:
 
         name = source.split(":", 1)[1]
         folder = cache_dir() / "data" / f"{name}-{synthetic.fingerprint(name)}"
-        if not (folder / "train.parquet").exists():
+        if not folder.is_dir():
             synthetic.write_dataset(name, folder)
         return str(folder)
     return source
@@ -77,22 +78,44 @@ def _load_table(source: str, split: str):
     return table
 
 
-def load_split(source: str, split: str, task: Task, on_bad_row: str = "skip") -> Dataset:
-    """Every usable row of one split; bad rows are reported by index and skipped or refused."""
+def _json_source(source: str, split: str) -> Path | None:
+    path = Path(source).expanduser()
+    if path.suffix == ".json" and path.is_file():
+        return path
+    if path.is_dir() and (path / f"{split}.json").is_file():
+        return path / f"{split}.json"
+    return None
+
+
+def _rows(resolved: str, split: str, image_root: str | None):
+    """(rows, column names) of one split, whatever the source form."""
     import datasets
 
-    resolved = resolve_source(source)
+    json_file = _json_source(resolved, split)
+    if json_file is not None:
+        from qlora_rft.tasks.grounding import load_lisa_json
+
+        rows = load_lisa_json(json_file, image_root or None)
+        return rows, list(rows[0].keys()) if rows else list(REQUIRED_COLUMNS)
     table = _load_table(resolved, split)
+    if "image" in table.column_names and isinstance(table.features["image"], datasets.Image):
+        table = table.cast_column("image", datasets.Image(decode=False))
+    return table, table.column_names
+
+
+def load_split(source: str, split: str, task: Task, on_bad_row: str = "skip", image_root: str | None = None
+               ) -> Dataset:
+    """Every usable row of one split; bad rows are reported by index and skipped or refused."""
+    resolved = resolve_source(source)
+    rows, columns = _rows(resolved, split, image_root)
     for column in REQUIRED_COLUMNS:
-        if column not in table.column_names:
+        if column not in columns:
             raise DataError(
-                f"{resolved} (split {split!r}) has no column {column!r}; it has {', '.join(table.column_names)}. "
+                f"{resolved} (split {split!r}) has no column {column!r}; it has {', '.join(columns)}. "
                 "Visual-RFT data needs image, problem and solution"
             )
-    if isinstance(table.features["image"], datasets.Image):
-        table = table.cast_column("image", datasets.Image(decode=False))
     examples, skipped = [], []
-    for index, row in enumerate(table):
+    for index, row in enumerate(rows):
         reason = _check_row(row, task)
         if reason is None:
             examples.append(Example(index, row["problem"], row["solution"], _as_cell(row["image"])))

@@ -41,7 +41,7 @@ def evaluate_run(cfg: Config, base_path: str, adapter: Path | None):
 
     task = get_task(cfg.data.task)
     source = cfg.data.eval or cfg.data.train
-    data = load_split(source, cfg.data.eval_split, task, cfg.data.on_bad_row)
+    data = load_split(source, cfg.data.eval_split, task, cfg.data.on_bad_row, cfg.data.image_root)
     model_cfg = type(cfg.model)(**{**vars(cfg.model), "name_or_path": base_path})
     policy = load_policy(model_cfg, cfg.lora, adapter=adapter)
     kwargs = dict(max_new_tokens=cfg.grpo.max_completion_length, limit=cfg.data.eval_limit)

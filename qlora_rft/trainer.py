@@ -74,7 +74,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
 
     # Data, task and rewards.
     task = get_task(cfg.data.task)
-    data = load_split(cfg.data.train, cfg.data.train_split, task, cfg.data.on_bad_row)
+    data = load_split(cfg.data.train, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root)
     weights = cfg.rewards.weights or default_weights(task.name)
 
     # Model: the (warmed) base in 4-bit with LoRA adapters; the reference is the same model, adapters off.

@@ -72,7 +72,7 @@ def run_warmup(cfg: Config, out: Path, console=None) -> Path:
     from qlora_rft.runlog import RunLogger
 
     task = get_task(cfg.data.task)
-    data = load_split(cfg.data.train, cfg.data.train_split, task, cfg.data.on_bad_row)
+    data = load_split(cfg.data.train, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root)
     path = resolve_model_path(cfg.model.name_or_path)
     device = pick_device(cfg.model.device)
     model = Qwen2VLForConditionalGeneration.from_pretrained(

@@ -9,7 +9,7 @@ import pytest
 from qlora_rft.config import describe, load_config
 from qlora_rft.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
 
 
 def test_defaults_are_valid_and_overrides_are_typed():

@@ -1,11 +1,17 @@
-"""Synthetic data in the released ViRFT schema (parquet; columns image, problem, solution), made deterministically.
+"""Synthetic data in the released schemas, made deterministically from a seed: coloured shapes on a noisy background.
 
-`shapes`: coloured shapes on a noisy background, one per image; the class is "<colour> <shape>". Small enough for a
-tiny model on a CPU to learn, so the demo and the tests can show training working end to end.
+- classification (`shapes`, `shapes-fine`): parquet, columns image/problem/solution; the class is "<colour> <shape>".
+- detection (`shapes-detection`): parquet, one row per (image, category) asked, several objects and categories per
+  image and some categories absent ('No Objects'); extra columns image_id and category for evaluation.
+- grounding (`shapes-grounding`): a LISA-style JSON per split plus an images/ folder; instructions need a small
+  reasoning step ("the shape to the left of the blue square").
+Small enough for a tiny model on a CPU, so the demo and the tests can show training working end to end.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import shutil
 import tempfile
@@ -13,6 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from qlora_rft.errors import DataError
+from qlora_rft.tasks import detection, grounding
+from qlora_rft.tasks.boxes import to_scale
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -27,13 +37,15 @@ SHAPES = ("circle", "square", "triangle", "cross")
 CLASSIFICATION_PROBLEM = (
     "This is an image containing a shape. Please identify the colour and the kind of the shape based on the image."
 )
+GROUNDING_RELATIONS = ("left of", "right of", "largest", "smallest")
 
 
 @dataclass(frozen=True)
 class ShapesSpec:
+    task: str = "classification"
     colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
     shapes: tuple[str, ...] = ("circle", "square")
-    train_per_class: int = 64
+    train_per_class: int = 64  # classification: images per class; detection / grounding: images in all
     test_per_class: int = 25
     size: int = 84
     seed: int = 0
@@ -46,29 +58,42 @@ class ShapesSpec:
 DATASETS: dict[str, ShapesSpec] = {
     "shapes": ShapesSpec(),
     "shapes-fine": ShapesSpec(colours=tuple(COLOURS), shapes=SHAPES, train_per_class=4, test_per_class=8),
+    "shapes-detection": ShapesSpec(task="detection", shapes=SHAPES, train_per_class=48, test_per_class=24, size=112),
+    "shapes-grounding": ShapesSpec(task="grounding", colours=tuple(COLOURS), shapes=SHAPES, train_per_class=96,
+                                   test_per_class=48, size=112),
 }
 
 
 def corpus_lines() -> list[str]:
+    """Text of every synthetic task, for the local tokenizer."""
     lines = [CLASSIFICATION_PROBLEM]
     for c in COLOURS:
         for s in SHAPES:
             lines.append(f"<answer>{c} {s}</answer>")
+            lines.append(grounding.problem(f"Box the shape to the {GROUNDING_RELATIONS[0]} the {c} {s}."))
+    for s in SHAPES:
+        lines.append(detection.problem(s))
+    lines.append(detection.solution([(12, 40, 300, 512), (500, 610, 980, 999)]))
+    lines.append(grounding.solution((100, 200, 300, 400)))
     return lines
 
 
-def draw_shape(rng: random.Random, colour: str, shape: str, size: int) -> Image.Image:
-    """One image: a jittered background with a single shape of random size and place."""
+# ----------------------------------------------------------------------------- drawing
+
+
+def _canvas(rng: random.Random, size: int) -> Image.Image:
     bg = tuple(rng.randint(200, 245) for _ in range(3))
     image = Image.new("RGB", (size, size), bg)
     pixels = image.load()
     for _ in range(size * size // 8):  # speckle noise
         x, y = rng.randrange(size), rng.randrange(size)
         pixels[x, y] = tuple(max(0, v - rng.randint(20, 60)) for v in bg)
+    return image
+
+
+def _paint(image: Image.Image, rng: random.Random, colour: str, shape: str, box: tuple[int, int, int, int]) -> None:
+    x0, y0, x1, y1 = box
     fill = tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in COLOURS[colour])
-    side = rng.randint(size // 3, size * 2 // 3)
-    x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
-    x1, y1 = x0 + side, y0 + side
     draw = ImageDraw.Draw(image)
     if shape == "circle":
         draw.ellipse([x0, y0, x1, y1], fill=fill)
@@ -77,12 +102,35 @@ def draw_shape(rng: random.Random, colour: str, shape: str, size: int) -> Image.
     elif shape == "triangle":
         draw.polygon([((x0 + x1) // 2, y0), (x0, y1), (x1, y1)], fill=fill)
     elif shape == "cross":
-        w = side // 3
+        w = (x1 - x0) // 3
         draw.rectangle([x0 + w, y0, x1 - w, y1], fill=fill)
         draw.rectangle([x0, y0 + w, x1, y1 - w], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
+
+
+def draw_shape(rng: random.Random, colour: str, shape: str, size: int) -> Image.Image:
+    """One image: a jittered background with a single shape of random size and place."""
+    image = _canvas(rng, size)
+    side = rng.randint(size // 3, size * 2 // 3)
+    x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
+    _paint(image, rng, colour, shape, (x0, y0, x0 + side, y0 + side))
     return image
+
+
+def _scene(rng: random.Random, size: int, count: int) -> list[tuple[int, int, int, int]]:
+    """`count` non-overlapping square boxes in left-to-right order (distinct x ranges)."""
+    slot = size // count
+    boxes = []
+    for i in range(count):
+        side = rng.randint(slot * 5 // 10, slot * 9 // 10)
+        x0 = i * slot + rng.randint(0, slot - side)
+        y0 = rng.randint(0, size - side)
+        boxes.append((x0, y0, x0 + side, y0 + side))
+    return boxes
+
+
+# ----------------------------------------------------------------------------- rows per task
 
 
 def classification_rows(spec: ShapesSpec, split: str) -> list[dict]:
@@ -103,33 +151,105 @@ def classification_rows(spec: ShapesSpec, split: str) -> list[dict]:
     return rows
 
 
-def write_parquet(rows: list[dict], path: Path) -> None:
-    """Rows of {image: PIL, problem, solution} as parquet whose image column decodes to PIL on load."""
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+def detection_rows(spec: ShapesSpec, split: str) -> list[dict]:
+    """Each image holds 1-3 shapes; every category of the spec is asked about, present or not."""
+    images = spec.train_per_class if split == "train" else spec.test_per_class
+    rng = random.Random(f"{spec.seed}-{split}-detection")
+    rows = []
+    for image_id in range(images):
+        boxes = _scene(rng, spec.size, rng.randint(1, 3))
+        kinds = [rng.choice(spec.shapes) for _ in boxes]
+        image = _canvas(rng, spec.size)
+        for box, kind in zip(boxes, kinds):
+            _paint(image, rng, rng.choice(spec.colours), kind, box)
+        for category in spec.shapes:
+            truth = [tuple(to_scale(b, spec.size, spec.size)) for b, k in zip(boxes, kinds) if k == category]
+            rows.append(
+                {
+                    "image": image,
+                    "problem": detection.problem(category),
+                    "solution": detection.solution(truth),
+                    "image_id": image_id,
+                    "category": category,
+                }
+            )
+    return rows
 
-    features = Features({"image": ImageFeature(), "problem": Value("string"), "solution": Value("string")})
-    Dataset.from_list(rows, features=features).to_parquet(str(path))
+
+def grounding_records(spec: ShapesSpec, split: str, image_dir: Path) -> list[dict]:
+    """Three distinct shapes in a row; the instruction names the target through a relation to another shape."""
+    images = spec.train_per_class if split == "train" else spec.test_per_class
+    rng = random.Random(f"{spec.seed}-{split}-grounding")
+    records = []
+    for index in range(images):
+        boxes = _scene(rng, spec.size, 3)
+        names = rng.sample([(c, s) for c in spec.colours for s in spec.shapes], 3)
+        image = _canvas(rng, spec.size)
+        for box, (colour, shape) in zip(boxes, names):
+            _paint(image, rng, colour, shape, box)
+        relation = rng.choice(GROUNDING_RELATIONS)
+        if relation in ("left of", "right of"):
+            anchor = rng.choice([1, 2]) if relation == "left of" else rng.choice([0, 1])
+            target = anchor - 1 if relation == "left of" else anchor + 1
+            colour, shape = names[anchor]
+            instruction = f"Box the shape to the {relation} the {colour} {shape}."
+        else:
+            sides = [b[2] - b[0] for b in boxes]
+            pick = max if relation == "largest" else min
+            target = sides.index(pick(sides))
+            instruction = f"Box the {relation} shape."
+        name = f"{split}-{index:05d}.png"
+        image.save(image_dir / name)
+        records.append(
+            {
+                "image": f"images/{name}",
+                "problem": grounding.problem(instruction),
+                "solution": grounding.solution(to_scale(boxes[target], spec.size, spec.size)),
+            }
+        )
+    return records
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_parquet(rows: list[dict], path: Path) -> None:
+    """Rows of {image: PIL, problem, solution, ...} as parquet whose image column decodes to PIL on load."""
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    features = {"image": ImageFeature(), "problem": Value("string"), "solution": Value("string")}
+    for extra in rows[0].keys() - features.keys():
+        features[extra] = Value("int64") if isinstance(rows[0][extra], int) else Value("string")
+    Dataset.from_list(rows, features=Features(features)).to_parquet(str(path))
 
 
 def fingerprint(name: str) -> str:
     """Changes whenever the generator's recipe for `name` does (cache key)."""
-    import hashlib
-
-    return hashlib.sha256(repr((DATASETS.get(name), COLOURS, SHAPES, CLASSIFICATION_PROBLEM, 1)).encode()).hexdigest()[:10]
+    recipe = (DATASETS.get(name), COLOURS, SHAPES, CLASSIFICATION_PROBLEM, corpus_lines(), 2)
+    return hashlib.sha256(repr(recipe).encode()).hexdigest()[:10]
 
 
 def write_dataset(name: str, out: Path) -> Path:
-    """Write `name`'s train.parquet and test.parquet into `out` (atomically: a half-written folder never shows)."""
-    if name not in DATASETS:
-        from qlora_rft.errors import DataError
+    """Write `name`'s splits (train, test) into `out`, atomically: a half-written folder never shows.
 
+    Parquet datasets get train.parquet / test.parquet; grounding gets train.json / test.json and images/.
+    """
+    if name not in DATASETS:
         raise DataError(f"unknown synthetic dataset {name!r}: choose one of {', '.join(DATASETS)}")
     spec = DATASETS[name]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for split in ("train", "test"):
-            write_parquet(classification_rows(spec, split), tmp / f"{split}.parquet")
+            if spec.task == "classification":
+                write_parquet(classification_rows(spec, split), tmp / f"{split}.parquet")
+            elif spec.task == "detection":
+                write_parquet(detection_rows(spec, split), tmp / f"{split}.parquet")
+            else:
+                (tmp / "images").mkdir(exist_ok=True)
+                records = grounding_records(spec, split, tmp / "images")
+                (tmp / f"{split}.json").write_text(json.dumps(records, indent=1))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
