@@ -76,6 +76,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     task = get_task(cfg.data.task)
     data = load_split(cfg.data.train, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root)
     weights = cfg.rewards.weights or default_weights(task.name)
+    report_skipped(data, console)
 
     # Model: the (warmed) base in 4-bit with LoRA adapters; the reference is the same model, adapters off.
     base_path = warmed_base(cfg, console)
@@ -261,6 +262,20 @@ class PromptOrder:
             self._perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
             self._epoch = epoch
         return self._perm[pos]
+
+
+def report_skipped(data, console=None) -> None:
+    """One line per run about rows left out (data.on_bad_row=skip), the first few with their reasons."""
+    if not data.skipped:
+        return
+    from rich.console import Console
+
+    shown = "; ".join(f"row {b.index}: {b.reason}" for b in data.skipped[:3])
+    more = f" (+{len(data.skipped) - 3} more, listed in train_summary.json)" if len(data.skipped) > 3 else ""
+    (console or Console(stderr=True)).print(
+        f"[yellow]skipped {len(data.skipped)} of {len(data.skipped) + len(data.examples)} rows of {data.source} "
+        f"split {data.split!r}[/yellow]: {shown}{more}"
+    )
 
 
 def seed_everything(seed: int) -> None:

@@ -80,3 +80,23 @@ def test_resize_follows_qwen_rule():
     assert abs(w / h - 2.0) < 0.1
     tiny = resize_image(Image.new("RGB", (20, 20)), min_pixels=3136, max_pixels=401408)
     assert tiny.size[0] * tiny.size[1] >= 3136
+
+
+def test_lisa_json_file_with_an_image_root(tmp_path):
+    import json
+
+    from qlora_rft.tasks.grounding import problem
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.new("RGB", (50, 40), "blue").save(images / "a.png")
+    records = [
+        {"image": "a.png", "text": "the thing to sit on", "box": [10, 20, 300, 400]},
+        {"image": "missing.png", "problem": problem("x"), "solution": "<answer>(1,2),(3,4)</answer>"},
+    ]
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(records))
+    data = load_split(str(path), "val", get_task("grounding"), image_root=str(images))
+    assert [e.index for e in data.examples] == [0]
+    assert data.examples[0].solution == "<answer>(10,20),(300,400)</answer>"
+    assert [b.index for b in data.skipped] == [1] and "image does not decode" in data.skipped[0].reason

@@ -57,3 +57,16 @@ def test_every_reward_is_total_and_in_range(completion, solution_text):
                 low, high = RANGES[name]
                 assert isinstance(value, float) and math.isfinite(value) and low <= value <= high, name
     assert isinstance(has_format(completion), bool)
+
+
+def test_detection_and_grounding_rewards_take_trl_forms_and_solution_columns():
+    from qlora_rft.rewards import confidence_reward, grounding_reward, iou_reward
+
+    box = "[{'Position': [100, 100, 200, 200], 'Confidence': 0.75}]"
+    conversational = [[{"role": "assistant", "content": f"<think>one</think><answer>{box}</answer>"}]]
+    truth = ['<answer>[{"Position": [100, 100, 200, 200], "Confidence": 1.0}]</answer>']
+    assert iou_reward(conversational, truth) == [1.0]
+    assert confidence_reward(conversational, truth) == [0.75]
+    # TRL passes every dataset column as a keyword: extra columns must be accepted and ignored
+    assert grounding_reward(["<answer>(0,0),(10,10)</answer>"], ["<answer>(0,0),(10,10)</answer>"],
+                            problem=["p"], image=[None]) == [2.0]
