@@ -28,11 +28,13 @@ def completion_mask(ids: torch.Tensor, eos_token_ids: int | list[int]) -> torch.
 
 
 def token_logprobs(
-    hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """log p(target) under softmax(hidden @ W.T), never building all [N, V] logits at once.
+    """log p(target) under softmax(hidden @ W.T / temperature), never building all [N, V] logits at once.
 
     hidden: [B, T, H] (the states that predict each target), lm_head_weight: [V, H], targets: [B, T] -> [B, T] fp32.
+    The temperature is the sampler's: the loss must score completions under the distribution they came from.
     Each chunk of positions is recomputed in the backward (activation checkpointing), so memory follows the chunk.
     """
     B, T, H = hidden.shape
@@ -42,14 +44,14 @@ def token_logprobs(
     for start in range(0, B * T, chunk_size):
         h, y = flat_h[start : start + chunk_size], flat_y[start : start + chunk_size]
         if torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad):
-            pieces.append(checkpoint(_chunk_logprobs, h, lm_head_weight, y, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logprobs, h, lm_head_weight, y, temperature, use_reentrant=False))
         else:
-            pieces.append(_chunk_logprobs(h, lm_head_weight, y))
+            pieces.append(_chunk_logprobs(h, lm_head_weight, y, temperature))
     return torch.cat(pieces).reshape(B, T)
 
 
-def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = (h @ weight.T).float()  # [n, V] in fp32 for a stable logsumexp
+def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = (h @ weight.T).float() / temperature  # [n, V] in fp32 for a stable logsumexp
     return logits.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [n]
 
 

@@ -140,9 +140,10 @@ def _rollout(prompt: PromptInputs, pieces: list[torch.Tensor], processor, tokens
 
 
 def completion_logprobs(
-    model, prompt: PromptInputs, completion_ids: torch.Tensor, mask: torch.Tensor, logprob_chunk: int
+    model, prompt: PromptInputs, completion_ids: torch.Tensor, mask: torch.Tensor, logprob_chunk: int,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """log pi(token) for each completion token.  completion_ids, mask: [B, T] -> [B, T] fp32.
+    """log pi(token) for each completion token, under the sampling temperature.  [B, T] -> [B, T] fp32.
 
     Gradients flow when called with grad enabled (the policy pass); wrap in `reference_mode` for the reference.
     """
@@ -162,4 +163,4 @@ def completion_logprobs(
     ).last_hidden_state  # [B, P+T, H]
     P = prompt.length
     predicting = hidden[:, P - 1 : P + T - 1]  # [B, T, H]: the state before each completion token
-    return grpo.token_logprobs(predicting, base.lm_head.weight, completion_ids, logprob_chunk)
+    return grpo.token_logprobs(predicting, base.lm_head.weight, completion_ids, logprob_chunk, temperature)

@@ -179,7 +179,7 @@ def backward_group(model, accelerator, group: Group, g, prompts_per_step: int, s
     num_tokens = float(rollout.mask.sum())
     for start in range(0, G, chunk):
         ids, mask = rollout.chunk(start, start + chunk)  # [c, T] each
-        logp = completion_logprobs(model, rollout.prompt, ids, mask, g.logprob_chunk)  # [c, T]
+        logp = completion_logprobs(model, rollout.prompt, ids, mask, g.logprob_chunk, g.temperature)  # [c, T]
         old = group.old_logp[start : start + chunk] if group.old_logp is not None else logp.detach()
         ref = group.ref_logp[start : start + chunk] if group.ref_logp is not None else None
         terms = grpo.token_loss(logp, old, ref, group.advantages[start : start + chunk], g.beta, g.epsilon)
@@ -196,7 +196,7 @@ def chunked_logprobs(model, rollout: Rollout, g) -> torch.Tensor:
     """Log-probs of all G completions, backward_chunk at a time, without grad.  -> [G, T]"""
     chunk = g.backward_chunk or rollout.size
     pieces = [
-        completion_logprobs(model, rollout.prompt, *rollout.chunk(s, s + chunk), g.logprob_chunk)
+        completion_logprobs(model, rollout.prompt, *rollout.chunk(s, s + chunk), g.logprob_chunk, g.temperature)
         for s in range(0, rollout.size, chunk)
     ]
     return torch.cat(pieces)

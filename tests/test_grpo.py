@@ -99,6 +99,16 @@ def test_token_logprobs_in_chunks_equal_full_log_softmax_values_and_gradients():
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_token_logprobs_score_under_the_sampling_temperature():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 3, 8), torch.randn(11, 8)
+    targets = torch.randint(0, 11, (2, 3))
+    tempered = grpo.token_logprobs(hidden, weight, targets, chunk_size=2, temperature=0.5)
+    expected = grpo.selective_logprobs_reference((hidden @ weight.T) / 0.5, targets)
+    assert torch.allclose(tempered, expected, atol=1e-5)
+    assert not torch.allclose(tempered, grpo.token_logprobs(hidden, weight, targets), atol=1e-3)
+
+
 class _Accelerator:
     sync_gradients = True
     num_processes = 1
