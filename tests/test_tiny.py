@@ -36,8 +36,6 @@ def test_tiny_model_round_trips_through_from_pretrained(tmp_path):
 
 
 def test_real_presets_have_the_published_shapes():
-    from transformers import AutoTokenizer  # noqa: F401  (the config needs only the tokenizer's ids)
-
     tok = tiny.build_tokenizer()
     for name, hidden, vocab in (("qwen2-vl-2b", 1536, 151936), ("qwen2-vl-7b", 3584, 152064)):
         cfg = tiny.build_config(PRESETS[name], tok)
