@@ -65,9 +65,9 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | None = Non
 
         shutil.rmtree(out)  # the demo always starts afresh (use `qlora-rft train` for resumable runs)
 
-    console.rule("[bold]1. warm-up: a short supervised pass so the tiny base writes the answer format")
+    console.rule("[bold]1. warm-up: the tiny base learns the answer format")
     base = warmed_base(cfg, console)
-    console.rule("[bold]2. evaluate the base (4-bit) on the held-out split")
+    console.rule("[bold]2. evaluate the 4-bit base on held-out images")
     before = evaluate_run(cfg, base, adapter=None)
     console.print(f"{before.metric} before GRPO: {before.value:.3f}")
     console.rule("[bold]3. QLoRA GRPO")
