@@ -35,7 +35,7 @@ class DemoSummary:
 def evaluate_run(cfg: Config, base_path: str, adapter: Path | None):
     """Held-out metric of the 4-bit base, with the trained adapter when given (same loading for both)."""
     from qlora_rft.data import load_split
-    from qlora_rft.evaluation import evaluate
+    from qlora_rft.evaluation.runner import evaluate
     from qlora_rft.model import load_policy, reference_mode
     from qlora_rft.tasks import get_task
 
