@@ -48,6 +48,37 @@ def cmd_demo(args) -> None:
     run_demo(args.config, args.overrides, out=args.out)
 
 
+def cmd_eval(args) -> None:
+    from qlora_rft.config import load_config
+    from qlora_rft.evaluation.runner import run_eval
+
+    run = run_eval(load_config(args.config, args.overrides))
+    print(f"predictions in {run.predictions}; metrics in {run.output_dir / 'metrics.json'}")
+
+
+def cmd_score(args) -> None:
+    from rich.console import Console
+
+    from qlora_rft.evaluation.runner import metrics_table
+    from qlora_rft.evaluation.scoring import score_file, write_metrics
+    from qlora_rft.tasks import get_task
+
+    get_task(args.task)
+    if args.task == "detection" and not args.annotations:
+        raise UserError("score detection needs --annotations: the COCO- or LVIS-format JSON of the images")
+    metrics = score_file(args.task, args.predictions, args.annotations, args.classes)
+    write_metrics(metrics, args.out)
+    Console().print(metrics_table(metrics, Path(args.predictions).name))
+    print(f"metrics written to {args.out}")
+
+
+def cmd_report(args) -> None:
+    from qlora_rft.evaluation.report import make_report
+
+    report = make_report(args.run_dir)
+    print(f"report in {report.folder}: {report.summary.name} and {len(report.files)} files")
+
+
 def cmd_tiny_model(args) -> None:
     from qlora_rft.tiny import write_model
 
@@ -82,6 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="another config instead of configs/tiny_demo.yaml")
     p.add_argument("--out", default="runs/demo", help="where summary.json and the run go")
     p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("eval", help="greedy evaluation of a base (+ eval.adapter): predictions.jsonl, metrics.json")
+    p.add_argument("config", help="YAML file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.adapter=runs/x/adapter")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("score", help="recompute metrics from a predictions file alone (no model)")
+    p.add_argument("task", help="detection | classification | grounding")
+    p.add_argument("--predictions", required=True, help="predictions.jsonl")
+    p.add_argument("--annotations", default=None, help="detection: COCO- or LVIS-format JSON")
+    p.add_argument("--classes", default=None, help="detection: named set, 'all', or comma-separated names")
+    p.add_argument("--out", default="metrics.json")
+    p.set_defaults(run=cmd_score)
+
+    p = sub.add_parser("report", help="plots and markdown summaries of a run folder (training and evaluations)")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(run=cmd_report)
 
     p = sub.add_parser("tiny-model", help="write a locally built random Qwen2-VL from_pretrained folder")
     p.add_argument("--out", required=True, type=Path)

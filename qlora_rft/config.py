@@ -81,7 +81,6 @@ class DataConfig:
     train_split: str = _f("train", "Split of `train` to train on.")
     eval: str = _f("", "Held-out data, same forms as `train`; empty: same source as `train`.")
     eval_split: str = _f("test", "Split of `eval` to evaluate on.")
-    eval_limit: int = _f(0, "Evaluate on at most this many held-out rows (0: all).")
     image_root: str = _f("", "Folder that relative image paths of a LISA-style JSON are under; empty: the JSON's.")
     min_pixels: int = _f(3136, "Smallest image area after resizing (qwen-vl-utils rule), in pixels.")
     max_pixels: int = _f(401408, "Largest image area after resizing; 401408 = 512 visual tokens.")
@@ -143,6 +142,33 @@ class WarmupConfig:
 
 
 @dataclass
+class EvalConfig:
+    adapter: str = _f("", "A peft adapter folder to evaluate on top of the base; empty: the base alone.")
+    output_dir: str = _f("runs/eval", "Where predictions.jsonl, metrics.json and eval_info.json are written.")
+    label: str = _f("", "Name of this evaluation in reports; empty: 'adapter' with an adapter, else 'base'.")
+    batch_size: int = _f(16, "Prompts per generate call (left-padded, greedy).")
+    max_new_tokens: int = _f(256, "Tokens generated per answer at most.")
+    limit: int = _f(0, "Evaluate at most this many prompts (0: all).")
+    annotations: str = _f(
+        "",
+        "Detection: a COCO- or LVIS-format JSON; the evaluation set is its images x the evaluated classes. "
+        "Empty: prompts come from data.eval like the other tasks.",
+    )
+    images: str = _f("", "Detection: the folder the annotation file's image file_names are relative to.")
+    classes: str = _f(
+        "all",
+        "Detection classes evaluated: a named set (coco_fewshot8, coco_ov15, lvis_fewshot6, lvis_ov13), 'all' "
+        "the annotation file's categories, or comma-separated names.",
+    )
+    protocol: str = _f(
+        "all_classes",
+        "Which (image, class) pairs are asked: every evaluated class for every image (honest, the default), or "
+        "only the classes present in each image's ground truth.",
+        ("all_classes", "present_classes"),
+    )
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = _f("runs/train", "Where metrics.jsonl, checkpoint-STEP/ and adapter/ are written.")
     max_steps: int = _f(200, "Optimizer steps.")
@@ -171,6 +197,7 @@ SECTIONS: dict[str, type] = {
     "grpo": GRPOConfig,
     "warmup": WarmupConfig,
     "train": TrainConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -183,6 +210,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -312,7 +340,10 @@ def validate(cfg: Config) -> None:
     need(d.min_pixels >= 28 * 28, "data.min_pixels must be >= 784 (one 28x28 merged patch)")
     need(d.max_pixels >= d.min_pixels, f"data.max_pixels={d.max_pixels} must be >= data.min_pixels={d.min_pixels}")
     need(d.max_prompt_length >= 16, "data.max_prompt_length must be >= 16")
-    need(d.eval_limit >= 0, "data.eval_limit must be >= 0")
+    e = cfg.eval
+    need(e.batch_size >= 1, "eval.batch_size must be >= 1")
+    need(e.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1")
+    need(e.limit >= 0, "eval.limit must be >= 0 (0: all)")
 
     w = cfg.warmup
     need(w.steps >= 0, "warmup.steps must be >= 0")

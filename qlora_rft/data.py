@@ -47,16 +47,17 @@ class Dataset:
 
 
 def resolve_source(source: str) -> str:
-    """`synthetic:NAME` -> its folder in the cache (written on first use); anything else unchanged."""
+    """`synthetic:NAME[/PATH]` -> its folder in the cache (written on first use), or PATH inside it; anything
+    else unchanged."""
     if source.startswith("synthetic:"):
         from qlora_rft.tasks import synthetic
         from qlora_rft.tiny import cache_dir
 
-        name = source.split(":", 1)[1]
+        name, _, inside = source.split(":", 1)[1].partition("/")
         folder = cache_dir() / "data" / f"{name}-{synthetic.fingerprint(name)}"
         if not folder.is_dir():
             synthetic.write_dataset(name, folder)
-        return str(folder)
+        return str(folder / inside) if inside else str(folder)
     return source
 
 
@@ -67,6 +68,9 @@ def _load_table(source: str, split: str):
     try:
         if path.is_file():
             table = datasets.load_dataset("parquet", data_files={split: str(path)}, split=split)
+        elif path.is_dir() and _split_parquet(path, split):
+            files = [str(f) for f in _split_parquet(path, split)]
+            table = datasets.load_dataset("parquet", data_files={split: files}, split=split)
         elif path.is_dir():
             table = datasets.load_dataset(str(path), split=split)
         else:
@@ -76,6 +80,12 @@ def _load_table(source: str, split: str):
     except ConnectionError as e:
         raise DataError(f"{source} is neither a local file/folder nor reachable: {e}") from None
     return table
+
+
+def _split_parquet(folder: Path, split: str) -> list[Path]:
+    """Parquet files of one split in a folder: SPLIT.parquet, SPLIT-*.parquet, or data/SPLIT-*.parquet (hub layout)."""
+    patterns = (f"{split}.parquet", f"{split}-*.parquet", f"data/{split}.parquet", f"data/{split}-*.parquet")
+    return sorted({f for pattern in patterns for f in folder.glob(pattern)})
 
 
 def _json_source(source: str, split: str) -> Path | None:

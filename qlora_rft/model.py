@@ -158,6 +158,29 @@ def load_policy(model_cfg: ModelConfig, lora: LoraSettings, adapter: str | Path 
     return Policy(model=model, processor=processor, device=device, dtype=dtype, tokens=tokens)
 
 
+def load_for_inference(model_cfg: ModelConfig, adapter: str | Path | None = None) -> Policy:
+    """The base (4-bit in qlora mode) in eval mode, with a saved peft adapter applied when given (not merged)."""
+    from transformers import AutoProcessor
+
+    path = resolve_model_path(model_cfg.name_or_path)
+    device = pick_device(model_cfg.device)
+    dtype = compute_dtype(model_cfg.dtype, device)
+    model = load_base(path, model_cfg, device, dtype)
+    if adapter:
+        from peft import PeftModel
+
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"{adapter} is not a peft adapter folder (no adapter_config.json): pass the adapter/ "
+                            "folder of a run, or a checkpoint-STEP/adapter folder")
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    model.eval()
+    processor = AutoProcessor.from_pretrained(str(path))
+    processor.tokenizer.padding_side = "left"
+    return Policy(model=model, processor=processor, device=device, dtype=dtype,
+                  tokens=SpecialTokens.of(model.get_base_model() if adapter else model, processor.tokenizer))
+
+
 @contextlib.contextmanager
 def reference_mode(model):
     """The reference policy: the same base with adapters disabled, no gradients."""

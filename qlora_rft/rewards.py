@@ -38,8 +38,8 @@ def iou_reward(completions: list, solution: list[str], **kwargs) -> list[float]:
     """Detection: predictions sorted by confidence each take the unmatched true box of highest IoU; a match counts
     when IoU > 0.5; sum of matched IoUs / max(#truth, #predictions).  'No Objects' for an empty truth: 1.  [0, 1].
 
-    >>> iou_reward(["<answer>[{'Position': [0, 0, 10, 10], 'Confidence': 0.9}]</answer>"],
-    ...            ["<answer>[{'Position': [0, 0, 10, 10], 'Confidence': 1.0}, {'Position': [50, 50, 90, 90]}]</answer>"])
+    >>> truth = "<answer>[{'Position': [0, 0, 10, 10], 'Confidence': 1.0}, {'Position': [50, 50, 90, 90]}]</answer>"
+    >>> iou_reward(["<answer>[{'Position': [0, 0, 10, 10], 'Confidence': 0.9}]</answer>"], [truth])
     [0.5]
     """
     return [detection.iou_reward(completion_text(c), s) for c, s in zip(completions, solution)]

@@ -14,7 +14,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +80,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
 
     # Model: the (warmed) base in 4-bit with LoRA adapters; the reference is the same model, adapters off.
     base_path = warmed_base(cfg, console)
-    model_cfg = type(cfg.model)(**{**vars(cfg.model), "name_or_path": base_path})
+    model_cfg = replace(cfg.model, name_or_path=base_path)
     seed_everything(cfg.train.seed)  # after the warm-up, which seeds itself: same start whether it ran or was cached
     policy = load_policy(model_cfg, cfg.lora)
     accelerator = Accelerator(cpu=policy.device.type == "cpu")

@@ -87,7 +87,9 @@ def run_warmup(cfg: Config, out: Path, console=None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        with RunLogger(tmp / "warmup.jsonl", cfg.warmup.steps, console=console, description="warm-up", shown=("loss",)) as log:
+        logger = RunLogger(tmp / "warmup.jsonl", cfg.warmup.steps, console=console, description="warm-up",
+                           shown=("loss",))
+        with logger as log:
             for step in range(1, cfg.warmup.steps + 1):
                 examples = rng.sample(data.examples, min(cfg.warmup.batch_size, len(data.examples)))
                 loss = model(**supervised_batch(processor, task, examples, cfg.data, device)).loss

@@ -83,7 +83,8 @@ def test_backward_chunks_give_the_same_gradient_as_the_whole_group(tiny_override
     grads = []
     for how in ("sequence", "token"):
         for chunk in (4, 2, 1):
-            g = load_config(None, [*tiny_overrides, f"grpo.backward_chunk={chunk}", f"grpo.loss_aggregation={how}"]).grpo
+            overrides = [*tiny_overrides, f"grpo.backward_chunk={chunk}", f"grpo.loss_aggregation={how}"]
+            g = load_config(None, overrides).grpo
             group = Group(rollout, {}, total, grpo.group_advantages(total))
             with reference_mode(policy.model):
                 group.ref_logp = chunked_logprobs(policy.model, rollout, g)

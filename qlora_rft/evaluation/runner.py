@@ -1,56 +1,189 @@
-"""Greedy evaluation of a model (optionally with adapters) on a held-out split, scored by the task's own parser.
+"""Evaluation runs: greedy, batched inference of a base (with an optional adapter) into predictions.jsonl, then the
+metrics from that file alone (`scoring`), so `qlora-rft score` reproduces them without a model.
 
-Batched generation with left padding and explicit settings; the same image resizing as in training.
+Resumable: each line is written as soon as its batch is done, and a rerun skips the prompts already written.
+Detection asks every (image, class) pair of an annotation file, or only the classes present (`eval.protocol`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
-from qlora_rft.data import Dataset, encode_prompts
-from qlora_rft.rollout import Sampling, SpecialTokens
-from qlora_rft.tasks import Task
+from qlora_rft.config import Config
+from qlora_rft.data import Example, encode_prompts, load_split, resolve_source
+from qlora_rft.errors import DataError, UserError
+from qlora_rft.rollout import Sampling
+from qlora_rft.tasks import Task, detection, get_task
+from qlora_rft.tasks.boxes import to_scale
+
+PREDICTIONS, METRICS, INFO = "predictions.jsonl", "metrics.json", "eval_info.json"
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    key: str  # unique per prompt: a rerun skips keys already in predictions.jsonl
+    example: Example
+    record: dict  # the identifying fields written next to the completion
 
 
 @dataclass
-class Prediction:
-    index: int
-    completion: str
-    parsed: object
-    score: float
+class EvalRun:
+    output_dir: Path
+    predictions: Path
+    metrics: dict
+    label: str
 
 
-@dataclass
-class EvalResult:
-    metric: str  # e.g. "accuracy"
-    value: float  # mean score in [0, 1]
-    predictions: list[Prediction]
+# ----------------------------------------------------------------------------- what is asked
+
+
+def detection_items(cfg: Config) -> list[EvalItem]:
+    """Every image of a COCO/LVIS annotation file x the evaluated classes (or only those present)."""
+    from qlora_rft.evaluation.class_sets import resolve_classes
+
+    path = Path(resolve_source(cfg.eval.annotations))
+    if not path.is_file():
+        raise DataError(f"eval.annotations={path} not found: pass a COCO- or LVIS-format JSON")
+    coco = json.loads(path.read_text())
+    names = {c["id"]: c["name"] for c in coco.get("categories", [])}
+    classes = resolve_classes(cfg.eval.classes, list(names.values()))
+    root = Path(resolve_source(cfg.eval.images)) if cfg.eval.images else path.parent
+    truth: dict[tuple[int, str], list] = {}
+    for ann in coco.get("annotations", []):
+        truth.setdefault((ann["image_id"], names[ann["category_id"]]), []).append(ann["bbox"])
+    items = []
+    for image in coco.get("images", []):
+        w, h = image["width"], image["height"]
+        for name in classes:
+            boxes = [to_scale((x, y, x + bw, y + bh), w, h) for x, y, bw, bh in truth.get((image["id"], name), [])]
+            if cfg.eval.protocol == "present_classes" and not boxes:
+                continue
+            example = Example(
+                index=image["id"],
+                problem=detection.problem(name),
+                solution=detection.solution([tuple(b) for b in boxes]),
+                image={"bytes": None, "path": str(root / image["file_name"])},
+            )
+            items.append(EvalItem(f"{image['id']}|{name}", example, {"image_id": image["id"], "category": name}))
+    return items
+
+
+def dataset_items(cfg: Config, task: Task) -> list[EvalItem]:
+    """Each usable row of data.eval (default: data.train's source) at data.eval_split."""
+    source = cfg.data.eval or cfg.data.train
+    data = load_split(source, cfg.data.eval_split, task, cfg.data.on_bad_row, cfg.data.image_root)
+    return [EvalItem(str(ex.index), ex, {"id": ex.index, "solution": ex.solution}) for ex in data.examples]
+
+
+def eval_items(cfg: Config, task: Task) -> list[EvalItem]:
+    items = detection_items(cfg) if task.name == "detection" and cfg.eval.annotations else dataset_items(cfg, task)
+    return items[: cfg.eval.limit] if cfg.eval.limit else items
+
+
+# ----------------------------------------------------------------------------- inference
 
 
 @torch.no_grad()
-def evaluate(
-    model, processor, task: Task, dataset: Dataset, data_cfg, device: torch.device, tokens: SpecialTokens,
-    max_new_tokens: int = 64, batch_size: int = 16, limit: int = 0,
-) -> EvalResult:
-    examples = dataset.examples[:limit] if limit else dataset.examples
-    config = Sampling(max_new_tokens=max_new_tokens, do_sample=False).generation_config(tokens)
-    was_training = model.training
-    model.eval()
-    predictions = []
-    try:
-        for start in range(0, len(examples), batch_size):
-            batch_examples = examples[start : start + batch_size]
-            batch = encode_prompts(
-                processor, task, batch_examples, data_cfg.min_pixels, data_cfg.max_pixels,
-                data_cfg.max_prompt_length, device,
-            )
-            out = model.generate(**batch, generation_config=config)  # [b, P + t]
-            texts = processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            for ex, text in zip(batch_examples, texts):
-                predictions.append(Prediction(ex.index, text, task.parse(text), task.score(text, ex.solution)))
-    finally:
-        model.train(was_training)
-    value = sum(p.score for p in predictions) / max(len(predictions), 1)
-    return EvalResult(metric=task.metric, value=value, predictions=predictions)
+def generate(policy, task: Task, items: list[EvalItem], cfg: Config) -> Iterator[tuple[list[EvalItem], list[str]]]:
+    """Greedy completions, one batch at a time (left padding, explicit settings, the training image rules)."""
+    config = Sampling(max_new_tokens=cfg.eval.max_new_tokens, do_sample=False).generation_config(policy.tokens)
+    policy.model.eval()
+    for start in range(0, len(items), cfg.eval.batch_size):
+        batch_items = items[start : start + cfg.eval.batch_size]
+        batch = encode_prompts(policy.processor, task, [it.example for it in batch_items], cfg.data.min_pixels,
+                               cfg.data.max_pixels, cfg.data.max_prompt_length, policy.device)
+        out = policy.model.generate(**batch, generation_config=config)  # [b, P + t]
+        texts = policy.processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        yield batch_items, texts
+
+
+def done_keys(path: Path, detection_task: bool) -> set[str]:
+    """Keys already in a predictions file; a last line cut by a crash is removed so appending stays valid."""
+    if not path.exists():
+        return set()
+    keys, good = set(), []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        keys.add(f"{row['image_id']}|{row['category']}" if detection_task else str(row["id"]))
+        good.append(line)
+    path.write_text("".join(line + "\n" for line in good))
+    return keys
+
+
+def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
+    """Evaluate `model.name_or_path` (+ `eval.adapter`) and write predictions.jsonl, metrics.json, eval_info.json."""
+    from qlora_rft.evaluation.scoring import score_file, write_metrics
+    from qlora_rft.model import load_for_inference
+
+    console = console or Console()
+    task = get_task(cfg.data.task)
+    out = Path(cfg.eval.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    label = cfg.eval.label or ("adapter" if cfg.eval.adapter else "base")
+    info = {"label": label, "task": task.name, "model": cfg.model.name_or_path, "mode": cfg.model.mode,
+            "adapter": cfg.eval.adapter or None, "annotations": cfg.eval.annotations or None,
+            "classes": cfg.eval.classes, "protocol": cfg.eval.protocol, "data": cfg.data.eval or cfg.data.train,
+            "split": cfg.data.eval_split, "max_pixels": cfg.data.max_pixels}
+    if (out / INFO).exists():
+        before = json.loads((out / INFO).read_text())
+        changed = [k for k in ("model", "adapter", "task", "annotations", "data", "split") if before.get(k) != info[k]]
+        if changed and (out / PREDICTIONS).exists():
+            raise UserError(f"{out} holds predictions of another evaluation ({', '.join(changed)} differ): choose "
+                            "another eval.output_dir, or delete it to start afresh")
+    (out / INFO).write_text(json.dumps(info, indent=2))
+
+    items = eval_items(cfg, task)
+    predictions = out / PREDICTIONS
+    done = done_keys(predictions, task.name == "detection")
+    todo = [it for it in items if it.key not in done]
+    if todo:
+        policy = load_for_inference(cfg.model, cfg.eval.adapter or None)
+        progress = Progress(TextColumn(f"[bold]eval {label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TimeRemainingColumn(), console=console)
+        with progress, predictions.open("a") as f:
+            bar = progress.add_task("eval", total=len(items), completed=len(items) - len(todo))
+            for batch_items, texts in generate(policy, task, todo, cfg):
+                for item, text in zip(batch_items, texts):
+                    f.write(json.dumps({**item.record, "completion": text}) + "\n")
+                f.flush()
+                progress.advance(bar, len(batch_items))
+
+    annotations = resolve_source(cfg.eval.annotations) if cfg.eval.annotations else None
+    classes = cfg.eval.classes if annotations else None
+    metrics = score_file(task.name, predictions, annotations, classes)
+    write_metrics(metrics, out / METRICS)
+    console.print(metrics_table(metrics, label))
+    return EvalRun(out, predictions, metrics, label)
+
+
+def main_metric(metrics: dict) -> tuple[str, float]:
+    """The headline number of a metrics dict: mAP, accuracy or mIoU (percent)."""
+    for key in ("mAP", "accuracy", "mIoU"):
+        if key in metrics:
+            return key, metrics[key]
+    raise KeyError("no mAP, accuracy or mIoU in the metrics")
+
+
+def metrics_table(metrics: dict, label: str) -> Table:
+    table = Table(title=f"{metrics.get('task', '')} evaluation: {label}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("mAP", "accuracy", "mIoU", "acc@0.5"):
+        if key in metrics:
+            table.add_row(f"{key} (%)", f"{metrics[key]:.2f}")
+    for name, value in (metrics.get("per_class") or {}).items():
+        table.add_row(f"  AP {name}", "n/a" if value is None else f"{value:.2f}")
+    table.add_row("predictions", str(metrics.get("num_predictions", "")))
+    table.add_row("skipped lines", str(metrics.get("skipped", 0)))
+    return table

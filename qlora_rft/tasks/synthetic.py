@@ -155,29 +155,61 @@ def classification_rows(spec: ShapesSpec, split: str) -> list[dict]:
     return rows
 
 
-def detection_rows(spec: ShapesSpec, split: str) -> list[dict]:
-    """Each image holds 1-3 shapes; every category of the spec is asked about, present or not."""
+@dataclass
+class Scene:
+    image_id: int
+    image: Image.Image
+    boxes: list[tuple[int, int, int, int]]  # pixels, x1 y1 x2 y2
+    kinds: list[str]
+
+
+def detection_scenes(spec: ShapesSpec, split: str) -> list[Scene]:
+    """Images of 1-3 shapes each, kinds drawn from the spec's shapes (so some categories are absent)."""
     images = spec.train_per_class if split == "train" else spec.test_per_class
     rng = random.Random(f"{spec.seed}-{split}-detection")
-    rows = []
+    scenes = []
     for image_id in range(images):
         boxes = _scene(rng, spec.size, rng.randint(1, 3))
         kinds = [rng.choice(spec.shapes) for _ in boxes]
         image = _canvas(rng, spec.size)
         for box, kind in zip(boxes, kinds):
             _paint(image, rng, rng.choice(spec.colours), kind, box)
+        scenes.append(Scene(image_id, image, boxes, kinds))
+    return scenes
+
+
+def detection_rows(spec: ShapesSpec, scenes: list[Scene]) -> list[dict]:
+    """One row per (image, category), every category asked, present or not (ViRFT_COCO schema + ids)."""
+    rows = []
+    for scene in scenes:
         for category in spec.shapes:
-            truth = [tuple(to_scale(b, spec.size, spec.size)) for b, k in zip(boxes, kinds) if k == category]
+            boxes = [b for b, kind in zip(scene.boxes, scene.kinds) if kind == category]
+            truth = [tuple(to_scale(b, spec.size, spec.size)) for b in boxes]
             rows.append(
                 {
-                    "image": image,
+                    "image": scene.image,
                     "problem": detection.problem(category),
                     "solution": detection.solution(truth),
-                    "image_id": image_id,
+                    "image_id": scene.image_id,
                     "category": category,
                 }
             )
     return rows
+
+
+def coco_annotations(spec: ShapesSpec, scenes: list[Scene], split: str, image_dir: Path) -> dict:
+    """The same scenes as a COCO-format annotation file, images saved under image_dir (for mAP evaluation)."""
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(spec.shapes)]
+    ids = {c["name"]: c["id"] for c in categories}
+    images, annotations = [], []
+    for scene in scenes:
+        name = f"{split}-{scene.image_id:05d}.png"
+        scene.image.save(image_dir / name)
+        images.append({"id": scene.image_id, "file_name": name, "width": spec.size, "height": spec.size})
+        for (x1, y1, x2, y2), kind in zip(scene.boxes, scene.kinds):
+            annotations.append({"id": len(annotations) + 1, "image_id": scene.image_id, "category_id": ids[kind],
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    return {"images": images, "annotations": annotations, "categories": categories}
 
 
 def grounding_records(spec: ShapesSpec, split: str, image_dir: Path) -> list[dict]:
@@ -237,7 +269,8 @@ def fingerprint(name: str) -> str:
 def write_dataset(name: str, out: Path) -> Path:
     """Write `name`'s splits (train, test) into `out`, atomically: a half-written folder never shows.
 
-    Parquet datasets get train.parquet / test.parquet; grounding gets train.json / test.json and images/.
+    Parquet datasets get train.parquet / test.parquet (detection also SPLIT_coco.json with images/, for mAP);
+    grounding gets train.json / test.json and images/.
     """
     if name not in DATASETS:
         raise DataError(f"unknown synthetic dataset {name!r}: choose one of {', '.join(DATASETS)}")
@@ -249,7 +282,11 @@ def write_dataset(name: str, out: Path) -> Path:
             if spec.task == "classification":
                 write_parquet(classification_rows(spec, split), tmp / f"{split}.parquet")
             elif spec.task == "detection":
-                write_parquet(detection_rows(spec, split), tmp / f"{split}.parquet")
+                scenes = detection_scenes(spec, split)
+                write_parquet(detection_rows(spec, scenes), tmp / f"{split}.parquet")
+                (tmp / "images").mkdir(exist_ok=True)
+                coco = coco_annotations(spec, scenes, split, tmp / "images")
+                (tmp / f"{split}_coco.json").write_text(json.dumps(coco))
             else:
                 (tmp / "images").mkdir(exist_ok=True)
                 records = grounding_records(spec, split, tmp / "images")

@@ -1,0 +1,111 @@
+"""The evaluation runner: what is asked, predictions.jsonl, resume, and re-scoring that reproduces the metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qlora_rft.config import load_config
+from qlora_rft.errors import UserError
+from qlora_rft.evaluation import runner
+from qlora_rft.evaluation.scoring import score_file
+from qlora_rft.tasks import get_task
+
+DETECTION = [
+    "model.name_or_path=tiny:tiny",
+    "data.task=detection",
+    "data.max_pixels=12544",
+    "data.max_prompt_length=256",
+    "eval.annotations=synthetic:shapes-detection/test_coco.json",
+    "eval.images=synthetic:shapes-detection/images",
+    "eval.max_new_tokens=12",
+    "eval.batch_size=4",
+]
+
+
+def test_detection_protocols_ask_every_class_or_only_present_ones():
+    every = runner.eval_items(load_config(None, DETECTION), get_task("detection"))
+    present = runner.eval_items(load_config(None, [*DETECTION, "eval.protocol=present_classes"]),
+                                get_task("detection"))
+    coco = json.loads(open(runner.resolve_source("synthetic:shapes-detection/test_coco.json")).read())
+    assert len(every) == len(coco["images"]) * len(coco["categories"])
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    assert {it.key for it in present} == {f"{a['image_id']}|{names[a['category_id']]}" for a in coco["annotations"]}
+    absent = next(it for it in every if it.key not in {p.key for p in present})
+    assert absent.example.solution == "<answer>No Objects</answer>"
+    subset = runner.eval_items(load_config(None, [*DETECTION, "eval.classes=circle,cross"]), get_task("detection"))
+    assert {it.record["category"] for it in subset} == {"circle", "cross"}
+
+
+def test_detection_eval_writes_predictions_resumes_and_rescoring_matches(tmp_path, monkeypatch):
+    out = tmp_path / "eval"
+    first = runner.run_eval(load_config(None, [*DETECTION, "eval.limit=4", f"eval.output_dir={out}"]))
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and {"image_id", "category", "completion"} <= json.loads(lines[0]).keys()
+    assert "mAP" in first.metrics and json.loads((out / "eval_info.json").read_text())["label"] == "base"
+
+    # A crash mid-line, then a longer rerun: the cut line is dropped and only missing prompts are generated.
+    with (out / "predictions.jsonl").open("a") as f:
+        f.write('{"image_id": 1, "categ')
+    asked = []
+    real_generate = runner.generate
+    monkeypatch.setattr(runner, "generate", lambda policy, task, items, cfg: (
+        asked.extend(items) or real_generate(policy, task, items, cfg)))
+    second = runner.run_eval(load_config(None, [*DETECTION, "eval.limit=6", f"eval.output_dir={out}"]))
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(asked) == 2 and len(rows) == 6
+    assert len({(r["image_id"], r["category"]) for r in rows}) == 6
+
+    rescored = score_file("detection", out / "predictions.jsonl",
+                          runner.resolve_source("synthetic:shapes-detection/test_coco.json"), "all")
+    assert rescored == second.metrics
+    assert json.loads((out / "metrics.json").read_text()) == second.metrics
+
+
+def test_classification_eval_and_another_model_in_the_same_folder(tmp_path):
+    overrides = ["model.name_or_path=tiny:tiny", "data.max_pixels=3136", "eval.limit=5", "eval.max_new_tokens=8",
+                 f"eval.output_dir={tmp_path}"]
+    run = runner.run_eval(load_config(None, overrides))
+    assert run.label == "base" and set(run.metrics) >= {"accuracy", "num_predictions", "skipped"}
+    assert run.metrics["num_predictions"] == 5
+    assert score_file("classification", run.predictions) == run.metrics
+    with pytest.raises(UserError, match="holds predictions of another evaluation"):
+        runner.run_eval(load_config(None, [*overrides, "model.name_or_path=tiny:cpu-small"]))
+
+
+def test_train_eval_base_and_adapter_then_report(tiny_overrides, tmp_path):
+    from qlora_rft.evaluation.report import make_report
+    from qlora_rft.trainer import train
+
+    run = tmp_path / "run"
+    result = train(load_config(None, [*tiny_overrides, f"train.output_dir={run / 'train'}"]))
+    common = [*tiny_overrides, "eval.limit=4", "eval.max_new_tokens=8"]
+    runner.run_eval(load_config(None, [*common, f"eval.output_dir={run / 'eval_base'}"]))
+    runner.run_eval(load_config(None, [*common, f"eval.adapter={result.adapter_dir}",
+                                       f"eval.output_dir={run / 'eval_adapter'}"]))
+    report = make_report(run)
+    summary = report.summary.read_text()
+    assert "base" in summary and "adapter" in summary and "accuracy" in summary
+    for name in ("rewards.png", "completion_length.png"):
+        png = report.folder / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+
+
+def test_score_and_report_commands(tmp_path, capsys):
+    from qlora_rft.cli import main
+
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text(
+        '{"id": 1, "completion": "<answer>red square</answer>", "solution": "<answer>red square</answer>"}\n'
+        "not json\n"
+        '{"id": 2, "completion": "<answer>blue</answer>", "solution": "<answer>red cross</answer>"}\n'
+    )
+    out = tmp_path / "m.json"
+    assert main(["score", "classification", "--predictions", str(predictions), "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["accuracy"] == 50.0 and metrics["skipped"] == 1 and metrics["skipped_lines"][0]["line"] == 2
+    assert main(["score", "detection", "--predictions", str(predictions)]) == 2
+    assert "needs --annotations" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
