@@ -35,10 +35,10 @@ def _quiet() -> None:
 
 def cmd_train(args) -> None:
     from qlora_rft.config import load_config
-    from qlora_rft.trainer import train
+    from qlora_rft.trainer import fit
 
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume)
+    overrides = [*args.overrides, "train.method=sft"] if args.command == "sft" else args.overrides
+    result = fit(load_config(args.config, overrides), resume=args.resume)
     print(f"adapter saved to {result.adapter_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
 
 
@@ -102,9 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="GRPO fine-tuning from a YAML config")
+    p = sub.add_parser("train", help="GRPO fine-tuning from a YAML config (or train.method=sft)")
     p.add_argument("config", help="YAML file (see configs/)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("sft", help="the supervised baseline: same base, adapters and data (train.method=sft)")
+    p.add_argument("config", help="YAML file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
     p.set_defaults(run=cmd_train)
 

@@ -170,9 +170,17 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
+    method: str = _f(
+        "grpo",
+        "grpo: Visual-RFT (GRPO with the rewards); sft: the supervised baseline on the same data's solutions, "
+        "same base, adapters and schedule (what `qlora-rft sft` runs).",
+        ("grpo", "sft"),
+    )
     output_dir: str = _f("runs/train", "Where metrics.jsonl, checkpoint-STEP/ and adapter/ are written.")
     max_steps: int = _f(200, "Optimizer steps.")
-    prompts_per_step: int = _f(1, "Prompts (groups) per optimizer step: gradient accumulation over prompts.")
+    prompts_per_step: int = _f(
+        1, "Prompts (groups) per optimizer step: gradient accumulation over prompts (sft: examples per step)."
+    )
     learning_rate: float = _f(1e-5, "Peak learning rate of the adapters.")
     lr_scheduler: str = _f("linear", "Decay after warm-up.", ("linear", "cosine", "constant"))
     warmup_ratio: float = _f(0.05, "Fraction of max_steps spent warming the learning rate up from 0.")

@@ -24,7 +24,7 @@ from qlora_rft import checkpoint, grpo
 from qlora_rft.config import Config, dump
 from qlora_rft.data import encode_prompt, load_split
 from qlora_rft.errors import UserError
-from qlora_rft.model import Policy, load_policy, reference_mode
+from qlora_rft.model import Policy, load_policy, reference_mode, resolve_model_path
 from qlora_rft.rewards import default_weights, score
 from qlora_rft.rollout import Rollout, Sampling, completion_logprobs, sample_groups
 from qlora_rft.runlog import NullLogger, RunLogger
@@ -62,34 +62,76 @@ class TrainResult:
     skipped_rows: int
 
 
-def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> TrainResult:
+@dataclass
+class Run:
+    """Everything a training loop needs, set up the same way for GRPO and for the supervised baseline."""
+
+    cfg: Config
+    out: Path
+    task: object  # tasks.Task
+    data: object  # data.Dataset
+    base_path: str  # the (warmed) base the adapters sit on
+    policy: Policy
+    accelerator: object
+    model: torch.nn.Module  # as prepared by accelerate
+    unwrapped: torch.nn.Module  # the PeftModel
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    start_step: int  # 0, or the step of the checkpoint resumed from
+    order: "PromptOrder"
+
+    def examples(self, step: int) -> list:
+        """The training rows of an optimizer step: decided by the step alone, so a resumed run continues exactly."""
+        first = (step - 1) * self.cfg.train.prompts_per_step
+        return [self.data.examples[self.order.index(first + i)] for i in range(self.cfg.train.prompts_per_step)]
+
+    def logger(self, console, log: bool, shown: tuple[str, ...] | None = None):
+        if not (log and self.accelerator.is_main_process):
+            return NullLogger()
+        kwargs = {"shown": shown} if shown else {}
+        return RunLogger(self.out / "metrics.jsonl", self.cfg.train.max_steps, self.start_step, console, **kwargs)
+
+    def checkpoint(self, step: int) -> None:
+        cfg = self.cfg.train
+        if cfg.save_steps and step % cfg.save_steps == 0 and self.accelerator.is_main_process:
+            checkpoint.save(self.out, step, self.unwrapped, self.optimizer, self.scheduler,
+                            {"data_skipped": len(self.data.skipped)}, keep=cfg.save_total_limit)
+
+    def finish(self, metrics: list[dict], seconds: float) -> TrainResult:
+        """Save the adapter (peft format, with the processor) and train_summary.json."""
+        adapter_dir = self.out / "adapter"
+        if self.accelerator.is_main_process:
+            self.unwrapped.save_pretrained(adapter_dir)
+            self.policy.processor.save_pretrained(adapter_dir)
+            summary = {"method": self.cfg.train.method, "steps": self.cfg.train.max_steps, "base": self.base_path,
+                       "data_rows": len(self.data.examples), "data_skipped": [vars(b) for b in self.data.skipped],
+                       "seconds": seconds}
+            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        return TrainResult(self.out, adapter_dir, self.cfg.train.max_steps, metrics, len(self.data.skipped))
+
+
+def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
+    """Data, the (warmed) base in 4-bit with fresh LoRA adapters, optimizer and schedule on accelerate, and the
+    state of the newest checkpoint when resuming."""
     from accelerate import Accelerator
     from transformers import get_scheduler
 
     from qlora_rft.warmup import warmed_base
 
     out = Path(cfg.train.output_dir)
-    g = cfg.grpo
-    G = g.num_generations
-
-    # Data, task and rewards.
     task = get_task(cfg.data.task)
     data = load_split(cfg.data.train, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root)
-    weights = cfg.rewards.weights or default_weights(task.name)
     report_skipped(data, console)
 
-    # Model: the (warmed) base in 4-bit with LoRA adapters; the reference is the same model, adapters off.
-    base_path = warmed_base(cfg, console)
-    model_cfg = replace(cfg.model, name_or_path=base_path)
-    seed_everything(cfg.train.seed)  # after the warm-up, which seeds itself: same start whether it ran or was cached
-    policy = load_policy(model_cfg, cfg.lora)
+    base_path = str(resolve_model_path(warmed_base(cfg, console)))  # builds a tiny: model if not cached yet
+    seed_everything(cfg.train.seed)  # after building and warm-up: the same start whether they ran or were cached
+    policy = load_policy(replace(cfg.model, name_or_path=base_path), cfg.lora)
     accelerator = Accelerator(cpu=policy.device.type == "cpu")
     optimizer = make_optimizer(policy, cfg)
     warmup_steps = math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps)
     scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, warmup_steps, cfg.train.max_steps)
     model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
-    sampling = Sampling(g.max_completion_length, g.temperature, g.top_p, g.top_k)
 
     start_step = 0
     if resume:
@@ -103,17 +145,35 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         dump(cfg, out / "config.yaml")
+    return Run(cfg, out, task, data, base_path, policy, accelerator, model, unwrapped, optimizer, scheduler,
+               start_step, PromptOrder(len(data.examples), cfg.train.seed))
 
-    order = PromptOrder(len(data.examples), cfg.train.seed)
-    logger = RunLogger(out / "metrics.jsonl", cfg.train.max_steps, start_step, console) if (
-        log and accelerator.is_main_process) else NullLogger()
+
+def fit(cfg: Config, resume: bool = False, console=None, log: bool = True) -> TrainResult:
+    """Train with the method the config names: GRPO (`train`) or the supervised baseline (`sft.train_sft`)."""
+    if cfg.train.method == "sft":
+        from qlora_rft.sft import train_sft
+
+        return train_sft(cfg, resume, console, log)
+    return train(cfg, resume, console, log)
+
+
+def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> TrainResult:
+    """GRPO with verifiable rewards (Visual-RFT)."""
+    run = prepare_run(cfg, resume, console)
+    policy, accelerator, model, unwrapped = run.policy, run.accelerator, run.model, run.unwrapped
+    optimizer, scheduler, task = run.optimizer, run.scheduler, run.task
+    g = cfg.grpo
+    G = g.num_generations
+    weights = cfg.rewards.weights or default_weights(task.name)
+    sampling = Sampling(g.max_completion_length, g.temperature, g.top_p, g.top_k)
+    logger = run.logger(console, log)
     metrics = []
     started = time.perf_counter()
     with logger:
-        for step in range(start_step + 1, cfg.train.max_steps + 1):
+        for step in range(run.start_step + 1, cfg.train.max_steps + 1):
             step_start = time.perf_counter()
-            first = (step - 1) * cfg.train.prompts_per_step
-            examples = [data.examples[order.index(first + i)] for i in range(cfg.train.prompts_per_step)]
+            examples = run.examples(step)
             prompts = [encode_prompt(policy.processor, task, ex, cfg.data, policy.device) for ex in examples]
 
             # 1. Sample G completions per prompt, generation_chunk completions per generate call.
@@ -157,18 +217,9 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
                                 time.perf_counter() - step_start, time.perf_counter() - started)
             metrics.append(line)
             logger.log(line, write=step % cfg.train.logging_steps == 0 or step == cfg.train.max_steps)
-            if cfg.train.save_steps and step % cfg.train.save_steps == 0 and accelerator.is_main_process:
-                checkpoint.save(out, step, unwrapped, optimizer, scheduler, {"data_skipped": len(data.skipped)},
-                                keep=cfg.train.save_total_limit)
+            run.checkpoint(step)
 
-    adapter_dir = out / "adapter"
-    if accelerator.is_main_process:
-        unwrapped.save_pretrained(adapter_dir)
-        policy.processor.save_pretrained(adapter_dir)
-        summary = {"steps": cfg.train.max_steps, "base": base_path, "data_rows": len(data.examples),
-                   "data_skipped": [vars(b) for b in data.skipped], "seconds": time.perf_counter() - started}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    return TrainResult(out, adapter_dir, cfg.train.max_steps, metrics, len(data.skipped))
+    return run.finish(metrics, time.perf_counter() - started)
 
 
 def backward_group(model, accelerator, group: Group, g, prompts_per_step: int, stats: StepStats) -> None:

@@ -1,0 +1,62 @@
+"""Exact resume: a run killed with SIGKILL and resumed ends with the same adapter, to the bit, as one never stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_rft import checkpoint
+
+sys.path.insert(0, str(Path(__file__).parent))
+import resume_job  # noqa: E402
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["grpo", "sft"])
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(tiny_overrides, tmp_path, method):
+    steps = ["train.max_steps=5", "train.save_steps=1", "train.save_total_limit=2", f"train.method={method}",
+             "train.prompts_per_step=2"]
+    whole = tmp_path / "whole"
+    resume_job.run([*tiny_overrides, *steps, f"train.output_dir={whole}"])
+
+    killed = tmp_path / "killed"
+    args = [*tiny_overrides, *steps, f"train.output_dir={killed}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    proc = subprocess.Popen([sys.executable, str(Path(resume_job.__file__)), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint-2" / checkpoint.STATE_FILE).exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "the job never wrote checkpoint-2"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "adapter").exists()
+    assert checkpoint.latest(killed).name in ("checkpoint-2", "checkpoint-3")
+
+    resume_job.run(args, resume=True)
+    a, b = _adapter(whole), _adapter(killed)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert any(t.abs().sum() > 0 for n, t in a.items() if "lora_B" in n)  # the run did learn something
+
+
+def test_a_half_written_checkpoint_is_never_picked(tmp_path):
+    (tmp_path / "checkpoint-4").mkdir()  # no state file: written by a run killed mid-save
+    (tmp_path / ".checkpoint-5.abc").mkdir()
+    done = tmp_path / "checkpoint-3"
+    done.mkdir()
+    (done / checkpoint.STATE_FILE).write_text('{"step": 3}')
+    assert checkpoint.latest(tmp_path) == done
