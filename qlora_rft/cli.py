@@ -79,6 +79,24 @@ def cmd_report(args) -> None:
     print(f"report in {report.folder}: {report.summary.name} and {len(report.files)} files")
 
 
+def cmd_sweep(args) -> None:
+    from qlora_rft.sweep import run_sweep
+
+    result = run_sweep(args.config, args.grid, out=args.out, eval_config=args.eval, overrides=args.overrides)
+    print(f"results in {result.table}, {result.csv.name} and {result.plot.name}")
+
+
+def cmd_merge(args) -> None:
+    from qlora_rft.export import merge_adapter
+
+    report = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"merged model written to {report.out} ({report.dtype}, {report.lora_modules} LoRA modules merged)")
+    print(f"max |logits(merged) - logits(base + adapter)| = {report.max_abs_diff_merged:.3g}; reloaded with plain "
+          f"transformers: {report.max_abs_diff_reloaded:.3g} (tolerance {report.tolerance:.3g})")
+    if not report.ok:
+        raise UserError("the merged model's logits are outside the tolerance: do not use it")
+
+
 def cmd_tiny_model(args) -> None:
     from qlora_rft.tiny import write_model
 
@@ -136,6 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots and markdown summaries of a run folder (training and evaluations)")
     p.add_argument("run_dir", type=Path)
     p.set_defaults(run=cmd_report)
+
+    p = sub.add_parser("sweep", help="train and evaluate every combination of a grid; results table and plot")
+    p.add_argument("config", help="YAML file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value applied to every setting")
+    p.add_argument("--grid", nargs="+", required=True, help="section.key=v1,v2 (several: the cartesian product)")
+    p.add_argument("--eval", default=None, help="a config whose data/eval settings evaluate each setting")
+    p.add_argument("--out", default=None, help="sweep folder (default runs/sweep-CONFIGNAME)")
+    p.set_defaults(run=cmd_sweep)
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter into a full-precision copy of the base, verified")
+    p.add_argument("--base", required=True, help="the base model folder (or tiny:PRESET)")
+    p.add_argument("--adapter", required=True, help="a peft adapter folder (a run's adapter/)")
+    p.add_argument("--out", required=True, help="the merged from_pretrained folder to write")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.set_defaults(run=cmd_merge)
 
     p = sub.add_parser("tiny-model", help="write a locally built random Qwen2-VL from_pretrained folder")
     p.add_argument("--out", required=True, type=Path)

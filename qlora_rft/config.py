@@ -139,6 +139,7 @@ class WarmupConfig:
     )
     learning_rate: float = _f(3e-3, "Warm-up learning rate.")
     batch_size: int = _f(16, "Warm-up examples per step.")
+    data: str = _f("", "Data the warm-up learns from (same forms as data.train); empty: data.train.")
 
 
 @dataclass

@@ -47,7 +47,8 @@ def warmup_key(cfg: Config) -> str:
     decided_by = {
         "model": cfg.model.name_or_path,
         "warmup": vars(cfg.warmup),
-        "data": [cfg.data.task, cfg.data.train, cfg.data.train_split, cfg.data.min_pixels, cfg.data.max_pixels],
+        "data": [cfg.data.task, cfg.warmup.data or cfg.data.train, cfg.data.train_split, cfg.data.min_pixels,
+                 cfg.data.max_pixels],
         "seed": cfg.train.seed,
     }
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:16]
@@ -72,7 +73,8 @@ def run_warmup(cfg: Config, out: Path, console=None) -> Path:
     from qlora_rft.runlog import RunLogger
 
     task = get_task(cfg.data.task)
-    data = load_split(cfg.data.train, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root)
+    source = cfg.warmup.data or cfg.data.train
+    data = load_split(source, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root)
     path = resolve_model_path(cfg.model.name_or_path)
     device = pick_device(cfg.model.device)
     model = Qwen2VLForConditionalGeneration.from_pretrained(

@@ -60,6 +60,8 @@ DATASETS: dict[str, ShapesSpec] = {
     # The demo: a square covers ~1.8x the area of a cross of the same size, so colour and kind both show in the
     # average colour of patches, which even a small vision tower passes on.
     "shapes": ShapesSpec(shapes=("square", "cross"), side=(0.45, 0.6)),
+    # The demo's classes in a few-shot set (4 per class, other images): for RFT-vs-SFT on a warmed base.
+    "shapes-4shot": ShapesSpec(shapes=("square", "cross"), side=(0.45, 0.6), train_per_class=4, seed=1),
     "shapes-fine": ShapesSpec(colours=tuple(COLOURS), shapes=SHAPES, train_per_class=4, test_per_class=8),
     "shapes-detection": ShapesSpec(task="detection", shapes=SHAPES, train_per_class=48, test_per_class=24, size=112),
     "shapes-grounding": ShapesSpec(task="grounding", colours=tuple(COLOURS), shapes=SHAPES, train_per_class=96,

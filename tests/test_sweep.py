@@ -1,0 +1,37 @@
+"""Sweeps: the grid's settings, each trained and evaluated, a results table, and finished settings skipped."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora_rft.errors import ConfigError
+from qlora_rft.sweep import parse_grid, run_sweep
+
+
+def test_grid_is_the_cartesian_product_in_order():
+    settings = parse_grid(["train.method=grpo,sft", "lora.r=4,8"])
+    assert [s.name for s in settings] == [
+        "train.method=grpo,lora.r=4", "train.method=grpo,lora.r=8", "train.method=sft,lora.r=4",
+        "train.method=sft,lora.r=8",
+    ]
+    with pytest.raises(ConfigError, match="section.key=v1,v2"):
+        parse_grid(["method"])
+
+
+def test_sweep_trains_evaluates_tabulates_and_skips_finished_settings(tiny_overrides, tmp_path, monkeypatch):
+    import qlora_rft.trainer as trainer
+
+    out = tmp_path / "sweep"
+    overrides = [*tiny_overrides, "eval.limit=4", "eval.max_new_tokens=6", "train.save_steps=0"]
+    result = run_sweep(None, ["train.method=grpo,sft"], out=out, overrides=overrides)
+    assert [r.setting for r in result.rows] == ["base", "train.method=grpo", "train.method=sft"]
+    assert all(r.metric == "accuracy" for r in result.rows)
+    table = result.table.read_text()
+    assert "| train.method=sft |" in table and "| base |" in table
+    assert result.csv.read_text().splitlines()[0] == "setting,metric,value,steps,train_seconds"
+    assert result.plot.read_bytes()[:4] == b"\x89PNG"
+
+    calls = []
+    monkeypatch.setattr(trainer, "fit", lambda *a, **k: calls.append(a))
+    again = run_sweep(None, ["train.method=grpo,sft"], out=out, overrides=overrides)
+    assert calls == [] and [r.value for r in again.rows] == [r.value for r in result.rows]
