@@ -94,8 +94,10 @@ class Run:
     def checkpoint(self, step: int) -> None:
         cfg = self.cfg.train
         if cfg.save_steps and step % cfg.save_steps == 0 and self.accelerator.is_main_process:
-            checkpoint.save(self.out, step, self.unwrapped, self.optimizer, self.scheduler,
-                            {"data_skipped": len(self.data.skipped)}, keep=cfg.save_total_limit)
+            position = {"prompts_seen": step * cfg.prompts_per_step, "data_rows": len(self.data.examples),
+                        "data_skipped": len(self.data.skipped)}  # the order itself follows from the step and seed
+            checkpoint.save(self.out, step, self.unwrapped, self.optimizer, self.scheduler, position,
+                            keep=cfg.save_total_limit)
 
     def finish(self, metrics: list[dict], seconds: float) -> TrainResult:
         """Save the adapter (peft format, with the processor) and train_summary.json."""
