@@ -110,6 +110,9 @@ class GRPOConfig:
     )
     backward_chunk: int = _f(0, "Completions per forward/backward (must divide G); 0: all G at once.")
     max_completion_length: int = _f(256, "Tokens sampled per completion at most.")
+    min_completion_length: int = _f(
+        0, "EOS is suppressed until this many tokens (benchmarks set it to max_completion_length: fixed lengths)."
+    )
     temperature: float = _f(1.0, "Sampling temperature (set explicitly; a checkpoint's own is ignored).")
     top_p: float = _f(1.0, "Nucleus sampling mass (1.0: off).")
     top_k: int = _f(0, "Top-k sampling (0: off).")
@@ -320,6 +323,8 @@ def validate(cfg: Config) -> None:
          f"grpo.generation_chunk={chunk} must divide grpo.num_generations={G} (one of {_divisors(G)}) or be a "
          f"multiple of it dividing G * train.prompts_per_step (one of {packs}); 0 means G")
     need(g.max_completion_length >= 1, "grpo.max_completion_length must be >= 1")
+    need(0 <= g.min_completion_length <= g.max_completion_length,
+         "grpo.min_completion_length must be in [0, grpo.max_completion_length]")
     need(g.temperature > 0, "grpo.temperature must be > 0 (sampling; greedy groups have no variance)")
     need(0 < g.top_p <= 1, "grpo.top_p must be in (0, 1]")
     need(g.top_k >= 0, "grpo.top_k must be >= 0 (0: off)")

@@ -22,6 +22,7 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     do_sample: bool = True
+    min_new_tokens: int = 0
 
     def generation_config(self, tokens: "SpecialTokens"):
         """Every setting explicit. Vision placeholder tokens are suppressed: one in a completion would be taken
@@ -30,6 +31,7 @@ class Sampling:
 
         common = dict(
             max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
             eos_token_id=tokens.eos,
             pad_token_id=tokens.pad,
             suppress_tokens=tokens.vision,

@@ -168,7 +168,8 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     g = cfg.grpo
     G = g.num_generations
     weights = cfg.rewards.weights or default_weights(task.name)
-    sampling = Sampling(g.max_completion_length, g.temperature, g.top_p, g.top_k)
+    sampling = Sampling(g.max_completion_length, g.temperature, g.top_p, g.top_k,
+                        min_new_tokens=g.min_completion_length)
     logger = run.logger(console, log)
     metrics = []
     started = time.perf_counter()
