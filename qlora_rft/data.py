@@ -194,20 +194,32 @@ class PromptInputs:
     mm_token_type_ids: torch.Tensor  # [1, P]
     pixel_values: torch.Tensor  # [patches, C*t*p*p]
     image_grid_thw: torch.Tensor  # [1, 3]
+    vision: tuple[torch.Tensor, ...] | None = None  # the image's features ([tokens, H] each), once computed
 
     @property
     def length(self) -> int:
         return self.input_ids.shape[1]
 
     def repeated(self, n: int) -> dict:
-        """Model kwargs for n copies of this prompt."""
-        return dict(
+        """Model kwargs for n copies of this prompt; shared vision features instead of pixels when present."""
+        kwargs = dict(
             input_ids=self.input_ids.expand(n, -1),
             attention_mask=self.attention_mask.expand(n, -1),
             mm_token_type_ids=self.mm_token_type_ids.expand(n, -1),
-            pixel_values=self.pixel_values.repeat(n, 1),
             image_grid_thw=self.image_grid_thw.repeat(n, 1),
         )
+        if self.vision is None:
+            kwargs["pixel_values"] = self.pixel_values.repeat(n, 1)
+        else:
+            kwargs["mm_encoder_outputs"] = shared_features(self.vision * n)
+        return kwargs
+
+
+def shared_features(features: tuple[torch.Tensor, ...]) -> dict:
+    """Precomputed image features in the form Qwen2-VL's forward takes instead of pixel_values."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
 
 
 def messages(task: Task, problem: str) -> list[dict]:
@@ -240,4 +252,4 @@ def encode_prompt(processor, task: Task, example: Example, data_cfg, device: tor
     batch = encode_prompts(
         processor, task, [example], data_cfg.min_pixels, data_cfg.max_pixels, data_cfg.max_prompt_length, device
     )
-    return PromptInputs(**{k: batch[k] for k in PromptInputs.__dataclass_fields__})
+    return PromptInputs(**{k: batch[k] for k in PromptInputs.__dataclass_fields__ if k != "vision"})

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from qlora_rft import grpo
-from qlora_rft.data import PromptInputs
+from qlora_rft.data import PromptInputs, shared_features
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,16 @@ def sample_group(model, processor, prompt: PromptInputs, group_size: int, chunk:
                          tokens)[0]
 
 
+@torch.no_grad()
+def share_vision(model, prompt: PromptInputs) -> PromptInputs:
+    """Run the (frozen) vision tower once for this prompt; generation and every log-prob pass reuse the result
+    instead of running it again for each of the G completions and each pass."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    features = base.model.get_image_features(prompt.pixel_values, prompt.image_grid_thw, return_dict=True)
+    prompt.vision = tuple(f.detach() for f in features.pooler_output)
+    return prompt
+
+
 def left_pad(prompts: list[PromptInputs], pad_id: int, repeat: int) -> tuple[dict, int]:
     """Model kwargs for several prompts, each repeated `repeat` times, left-padded to one width."""
     width = max(p.length for p in prompts)
@@ -127,8 +137,11 @@ def left_pad(prompts: list[PromptInputs], pad_id: int, repeat: int) -> tuple[dic
         rows["attention_mask"].append(torch.nn.functional.pad(p.attention_mask, (gap, 0), value=0))
         rows["mm_token_type_ids"].append(torch.nn.functional.pad(p.mm_token_type_ids, (gap, 0), value=0))
     batch = {k: torch.cat(v).repeat_interleave(repeat, dim=0) for k, v in rows.items()}  # [k * repeat, width]
-    batch["pixel_values"] = torch.cat([p.pixel_values.repeat(repeat, 1) for p in prompts])
     batch["image_grid_thw"] = torch.cat([p.image_grid_thw.repeat(repeat, 1) for p in prompts])
+    if all(p.vision is not None for p in prompts):
+        batch["mm_encoder_outputs"] = shared_features(tuple(f for p in prompts for f in p.vision * repeat))
+    else:
+        batch["pixel_values"] = torch.cat([p.pixel_values.repeat(repeat, 1) for p in prompts])
     return batch, width
 
 
@@ -152,16 +165,15 @@ def completion_logprobs(
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     B, T = completion_ids.shape
     inputs = prompt.repeated(B)
-    input_ids = torch.cat([inputs["input_ids"], completion_ids], dim=1)  # [B, P+T]
-    attention_mask = torch.cat([inputs["attention_mask"], mask.to(inputs["attention_mask"].dtype)], dim=1)
-    mm_types = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1)
+    input_ids = torch.cat([inputs.pop("input_ids"), completion_ids], dim=1)  # [B, P+T]
+    attention_mask = torch.cat([inputs.pop("attention_mask"), mask.to(prompt.attention_mask.dtype)], dim=1)
+    mm_types = torch.cat([inputs.pop("mm_token_type_ids"), torch.zeros_like(completion_ids)], dim=1)
     hidden = base.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        mm_token_type_ids=mm_types.to(inputs["mm_token_type_ids"].dtype),
-        pixel_values=inputs["pixel_values"],
-        image_grid_thw=inputs["image_grid_thw"],
+        mm_token_type_ids=mm_types.to(prompt.mm_token_type_ids.dtype),
         use_cache=False,
+        **inputs,  # image_grid_thw, and pixel_values or the shared vision features
     ).last_hidden_state  # [B, P+T, H]
     P = prompt.length
     predicting = hidden[:, P - 1 : P + T - 1]  # [B, T, H]: the state before each completion token

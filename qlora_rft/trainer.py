@@ -26,7 +26,7 @@ from qlora_rft.data import encode_prompt, load_split
 from qlora_rft.errors import UserError
 from qlora_rft.model import Policy, load_policy, reference_mode, resolve_model_path
 from qlora_rft.rewards import default_weights, score
-from qlora_rft.rollout import Rollout, Sampling, completion_logprobs, sample_groups
+from qlora_rft.rollout import Rollout, Sampling, completion_logprobs, sample_groups, share_vision
 from qlora_rft.runlog import NullLogger, RunLogger
 from qlora_rft.tasks import get_task
 
@@ -178,6 +178,8 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
             step_start = time.perf_counter()
             examples = run.examples(step)
             prompts = [encode_prompt(policy.processor, task, ex, cfg.data, policy.device) for ex in examples]
+            if not cfg.lora.train_vision:  # a frozen vision tower: encode each image once for all passes
+                prompts = [share_vision(unwrapped, p) for p in prompts]
 
             # 1. Sample G completions per prompt, generation_chunk completions per generate call.
             t0 = time.perf_counter()
