@@ -97,6 +97,16 @@ def cmd_merge(args) -> None:
         raise UserError("the merged model's logits are outside the tolerance: do not use it")
 
 
+def cmd_bench(args) -> None:
+    from qlora_rft.bench import run_bench
+
+    result = run_bench(args.preset, compare=args.compare, steps=args.steps, out=args.out,
+                       num_generations=args.num_generations, max_completion_length=args.max_completion_length)
+    ours, theirs = result["ours"], result["trl"]
+    print(f"step seconds: ours {ours['step_seconds']:.3f}, trl {theirs['step_seconds']:.3f} "
+          f"(ratio {result['ratio']:.3f})")
+
+
 def cmd_tiny_model(args) -> None:
     from qlora_rft.tiny import write_model
 
@@ -170,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("bench", help="time our GRPO step against TRL's GRPOTrainer on identical settings")
+    p.add_argument("--preset", default="cpu-small", help="tiny | cpu-small | qwen2-vl-2b | qwen2-vl-7b")
+    p.add_argument("--compare", default="trl")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per side (after one warm-up step)")
+    p.add_argument("--num-generations", type=int, default=8)
+    p.add_argument("--max-completion-length", type=int, default=32)
+    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/PRESET-DEVICE.json)")
+    p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("tiny-model", help="write a locally built random Qwen2-VL from_pretrained folder")
     p.add_argument("--out", required=True, type=Path)

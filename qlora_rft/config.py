@@ -285,6 +285,11 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     kind = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}[f.type]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-05 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if kind is list and isinstance(value, str):

@@ -48,6 +48,11 @@ def test_validation_names_the_problem_and_the_fix(override, message):
         load_config(None, [override])
 
 
+def test_floats_in_exponent_form_without_a_dot():
+    cfg = load_config(None, ["train.learning_rate=1e-05", "grpo.beta=4e-2"])
+    assert cfg.train.learning_rate == 1e-5 and cfg.grpo.beta == 0.04
+
+
 def test_generation_chunk_may_pack_whole_prompts():
     cfg = load_config(None, ["grpo.num_generations=4", "train.prompts_per_step=4", "grpo.generation_chunk=8"])
     assert cfg.grpo.generation_chunk == 8

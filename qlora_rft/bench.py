@@ -1,0 +1,432 @@
+"""Time one GRPO optimizer step of ours against TRL's GRPOTrainer on identical settings (model, data, G, lengths).
+
+Each side runs in its own subprocess (`python -m qlora_rft.bench --side ours|trl`), so peak memory is per side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from qlora_rft.errors import UserError
+
+SIDES = ("ours", "trl")
+SMALL_PRESETS = ("tiny", "cpu-small")
+REWARD_WEIGHTS = {"format": 1.0, "classification": 1.0}
+
+
+@dataclass
+class BenchSettings:
+    """Everything both sides share; written into the results JSON."""
+
+    preset: str
+    model_path: str  # the preset's cached random-weight folder
+    device: str  # cpu | cuda
+    dtype: str  # compute dtype: float32 on the CPU, bfloat16 on CUDA
+    steps: int  # measured optimizer steps (after one warm-up step)
+    warmup_steps: int = 1
+    num_generations: int = 8
+    prompts_per_step: int = 1
+    max_completion_length: int = 32
+    min_completion_length: int = 32  # = max: EOS ignored, every completion the same length
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    beta: float = 0.04
+    num_iterations: int = 1
+    epsilon: float = 0.2
+    learning_rate: float = 1e-5
+    lr_scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw"  # adamw on the CPU, paged_adamw_8bit on CUDA
+    quantization: str = "nf4, double quant, 4-bit (vision tower and lm_head kept in full precision)"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_regex: str = ""
+    gradient_checkpointing: bool = False
+    data: str = "synthetic:shapes"
+    split: str = "train"
+    task: str = "classification"
+    min_pixels: int = 3136
+    max_pixels: int = 7056
+    max_prompt_length: int = 1024
+    rewards: tuple = ("format_reward", "classification_reward")
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- the parent
+
+
+def run_bench(
+    preset: str,
+    compare: str = "trl",
+    steps: int = 3,
+    out: str | Path | None = None,
+    num_generations: int = 8,
+    max_completion_length: int = 32,
+    beta: float = 0.04,
+    temperature: float = 1.0,
+    learning_rate: float = 1e-5,
+    gradient_checkpointing: bool | None = None,
+    max_pixels: int | None = None,
+    timeout: float | None = None,
+) -> dict:
+    """Run each side in its own subprocess on identical settings; return and write the comparison JSON.
+
+    `gradient_checkpointing` / `max_pixels` None: off / 7056 (84x84) for the tiny presets, on / 401408 otherwise.
+    """
+    import torch
+
+    from qlora_rft import tiny
+    from qlora_rft.config import LoraSettings
+    from qlora_rft.data import load_split
+    from qlora_rft.model import lora_target_regex
+    from qlora_rft.tasks import get_task
+
+    if compare != "trl":
+        raise UserError(f"bench --compare {compare!r}: only 'trl' (TRL's GRPOTrainer) is supported")
+    if steps < 1:
+        raise UserError("bench --steps must be >= 1")
+    if num_generations < 2:
+        raise UserError("bench --num-generations must be >= 2")
+    if preset not in tiny.PRESETS:
+        raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(tiny.PRESETS)}")
+    small = preset in SMALL_PRESETS
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+
+    model_path = tiny.cached_model(preset)  # built here once, so neither side pays for it
+    settings = BenchSettings(
+        preset=preset,
+        model_path=str(model_path),
+        device=device,
+        dtype="bfloat16" if cuda else "float32",
+        steps=steps,
+        num_generations=num_generations,
+        max_completion_length=max_completion_length,
+        min_completion_length=max_completion_length,
+        temperature=temperature,
+        beta=beta,
+        learning_rate=learning_rate,
+        optimizer="paged_adamw_8bit" if cuda else "adamw",
+        lora_target_regex=lora_target_regex(LoraSettings()),
+        gradient_checkpointing=(not small) if gradient_checkpointing is None else gradient_checkpointing,
+        max_pixels=max_pixels or (7056 if small else 401408),
+    )
+    load_split(settings.data, settings.split, get_task(settings.task))  # generate the data once, here
+
+    out = Path(out) if out is not None else Path("benchmarks/results") / f"{preset}-{device}.json"
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="qlora-rft-bench-") as tmp:
+        for side in SIDES:
+            results[side] = _run_side(side, settings, Path(tmp), timeout)
+
+    command = (f"qlora-rft bench --preset {preset} --compare {compare} --steps {steps} "
+               f"--num-generations {num_generations} --max-completion-length {max_completion_length} "
+               f"--out {shlex.quote(str(out))}")
+    report = {
+        "ours": results["ours"],
+        "trl": results["trl"],
+        "ratio": results["ours"]["step_seconds"] / results["trl"]["step_seconds"],
+        "device": device_name(cuda),
+        "versions": versions(),
+        "settings": asdict(settings),
+        "command": command,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2)
+    out.write_text(text + "\n")
+    return json.loads(text)  # exactly what the file holds (tuples as lists)
+
+
+def _run_side(side: str, settings: BenchSettings, tmp: Path, timeout: float | None) -> dict:
+    """One side in a fresh interpreter: `python -m qlora_rft.bench --side SIDE`; its result JSON back."""
+    settings_file, result_file = tmp / f"{side}-settings.json", tmp / f"{side}-result.json"
+    settings_file.write_text(json.dumps(asdict(settings)))
+    cmd = [sys.executable, "-m", "qlora_rft.bench", "--side", side, "--settings", str(settings_file),
+           "--result", str(result_file), "--workdir", str(tmp / side)]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    if proc.returncode != 0 or not result_file.is_file():
+        tail = (proc.stderr or proc.stdout or "")[-4000:]
+        raise RuntimeError(f"bench side {side!r} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(result_file.read_text())
+
+
+def device_name(cuda: bool) -> str:
+    if cuda:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores visible)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "qlora_rft"):
+        try:
+            found[name] = version(name.replace("_", "-"))
+        except PackageNotFoundError:
+            found[name] = None
+    found["python"] = platform.python_version()
+    return found
+
+
+# ----------------------------------------------------------------------------- the sides (subprocesses)
+
+
+def peak_memory() -> tuple[int, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"  # KB on Linux
+
+
+def measured_rows(s: BenchSettings) -> list:
+    """The prompts of steps 1..warmup+steps, in the order our trainer visits them (same seed, same order)."""
+    from qlora_rft.data import load_split
+    from qlora_rft.tasks import get_task
+    from qlora_rft.trainer import PromptOrder
+
+    data = load_split(s.data, s.split, get_task(s.task))
+    order = PromptOrder(len(data.examples), s.seed)
+    count = (s.warmup_steps + s.steps) * s.prompts_per_step
+    return [data.examples[order.index(i)] for i in range(count)]
+
+
+def _num(x: float) -> str:
+    """A float as YAML reads it back as a float ('1e-05' is a string to YAML 1.1; '1.000000e-05' is not)."""
+    text = repr(float(x))
+    return text if "e" not in text else f"{x:.6e}"
+
+
+def side_ours(s: BenchSettings, workdir: Path) -> dict:
+    from qlora_rft.config import load_config
+    from qlora_rft.trainer import train
+
+    overrides = [
+        f"model.name_or_path={s.model_path}", "model.mode=qlora", f"model.device={s.device}",
+        f"model.gradient_checkpointing={str(s.gradient_checkpointing).lower()}",
+        f"lora.r={s.lora_r}", f"lora.alpha={s.lora_alpha}", f"lora.dropout={_num(s.lora_dropout)}",
+        f"data.task={s.task}", f"data.train={s.data}", f"data.train_split={s.split}",
+        f"data.min_pixels={s.min_pixels}", f"data.max_pixels={s.max_pixels}",
+        f"data.max_prompt_length={s.max_prompt_length}",
+        "rewards.weights={" + ", ".join(f"{k}: {v}" for k, v in REWARD_WEIGHTS.items()) + "}",
+        f"grpo.num_generations={s.num_generations}", "grpo.generation_chunk=0", "grpo.backward_chunk=0",
+        f"grpo.max_completion_length={s.max_completion_length}",
+        f"grpo.min_completion_length={s.min_completion_length}",
+        f"grpo.temperature={_num(s.temperature)}", f"grpo.top_p={_num(s.top_p)}", f"grpo.top_k={s.top_k}",
+        f"grpo.beta={_num(s.beta)}", f"grpo.num_iterations={s.num_iterations}", f"grpo.epsilon={_num(s.epsilon)}",
+        "grpo.loss_aggregation=sequence", "warmup.steps=0",
+        f"train.output_dir={workdir}", f"train.max_steps={s.warmup_steps + s.steps}",
+        f"train.prompts_per_step={s.prompts_per_step}", f"train.learning_rate={_num(s.learning_rate)}",
+        f"train.lr_scheduler={s.lr_scheduler}", "train.warmup_ratio=0.0", f"train.optimizer={s.optimizer}",
+        f"train.max_grad_norm={_num(s.max_grad_norm)}", "train.save_steps=0", f"train.seed={s.seed}",
+    ]
+    result = train(load_config(None, overrides), log=False)
+    lines = result.metrics[s.warmup_steps:]
+    return {
+        "step_seconds": statistics.median(m["step_seconds"] for m in lines),
+        "step_seconds_all": [m["step_seconds"] for m in result.metrics],
+        "generation_tokens_per_second": statistics.median(m["tokens_per_second"] for m in lines),
+        "completion_length": statistics.mean(m["completion_length"] for m in lines),
+    }
+
+
+def side_trl(s: BenchSettings, workdir: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoProcessor, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from qlora_rft.config import ModelConfig
+    from qlora_rft.data import open_image, resize_image
+    from qlora_rft.model import keep_training_layout, load_base
+    from qlora_rft.rewards import classification_reward, format_reward
+    from qlora_rft.tasks import get_task
+
+    task = get_task(s.task)
+    device, dtype = torch.device(s.device), getattr(torch, s.dtype)
+    # The model as a TRL user would load it: from_pretrained with the same BitsAndBytesConfig (NF4, double quant).
+    model = load_base(Path(s.model_path), ModelConfig(name_or_path=s.model_path, mode="qlora"), device, dtype)
+    keep_training_layout(model)  # on the CPU, bitsandbytes would otherwise repack weights in eval mode
+    processor = AutoProcessor.from_pretrained(s.model_path)
+    processor.tokenizer.padding_side = "left"
+
+    rows = measured_rows(s)
+    dataset = Dataset.from_dict({
+        "image": [resize_image(open_image(ex), s.min_pixels, s.max_pixels) for ex in rows],
+        "prompt": [[{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": task.prompt(ex.problem)}]}]
+                   for ex in rows],
+        "solution": [ex.solution for ex in rows],
+    })
+
+    cuda = s.device == "cuda"
+    args = GRPOConfig(
+        output_dir=str(workdir),
+        per_device_train_batch_size=s.num_generations * s.prompts_per_step,  # one prompt's group per step
+        gradient_accumulation_steps=1,
+        num_generations=s.num_generations,
+        max_completion_length=s.max_completion_length,
+        generation_kwargs={"min_new_tokens": s.min_completion_length},  # EOS ignored: fixed lengths
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        beta=s.beta,
+        num_iterations=s.num_iterations,
+        epsilon=s.epsilon,
+        loss_type="grpo",  # per-sequence mean, then over the group: ours' grpo.loss_aggregation=sequence
+        scale_rewards="group",
+        learning_rate=s.learning_rate,
+        lr_scheduler_type=s.lr_scheduler,
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=s.max_grad_norm,
+        optim="paged_adamw_8bit" if s.optimizer == "paged_adamw_8bit" else "adamw_torch",
+        max_steps=s.warmup_steps + s.steps,
+        gradient_checkpointing=s.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_cpu=not cuda,
+        bf16=cuda,
+        seed=s.seed,
+        shuffle_dataset=False,  # rows already in our trainer's order
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        log_completions=False,
+        dataloader_num_workers=0,
+    )
+    peft_config = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+                             target_modules=s.lora_target_regex, bias="none", task_type="CAUSAL_LM")
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.last, self.seconds = None, []
+
+        def on_train_begin(self, *args, **kwargs):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            now = time.perf_counter()
+            self.seconds.append(now - self.last)
+            self.last = now
+
+    timer = StepTimer()
+    trainer = GRPOTrainer(model=model, reward_funcs=[format_reward, classification_reward], args=args,
+                          train_dataset=dataset, processing_class=processor, peft_config=peft_config,
+                          callbacks=[timer])
+
+    # Generation time: wrap the generate of the model TRL unwraps for generation (the PeftModel here).
+    gen = {"seconds": 0.0, "tokens": 0, "per_step": []}
+    target = trainer.accelerator.unwrap_model(trainer.model)
+    original = target.generate
+
+    def timed_generate(*a, **kw):
+        prompt_length = kw["input_ids"].shape[1] if "input_ids" in kw else a[0].shape[1]
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        output = original(*a, **kw)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        tokens = output.shape[0] * (output.shape[1] - prompt_length)
+        gen["seconds"] += seconds
+        gen["tokens"] += tokens
+        gen["per_step"].append(tokens / max(seconds, 1e-9))
+        return output
+
+    target.generate = timed_generate
+    trainer.train()
+
+    if len(timer.seconds) != s.warmup_steps + s.steps or len(gen["per_step"]) != s.warmup_steps + s.steps:
+        raise RuntimeError(f"TRL ran {len(timer.seconds)} steps and {len(gen['per_step'])} generate calls; "
+                           f"expected {s.warmup_steps + s.steps} of each")
+    lengths = [entry.get("completions/mean_length") for entry in trainer.state.log_history
+               if "completions/mean_length" in entry]
+    return {
+        "step_seconds": statistics.median(timer.seconds[s.warmup_steps:]),
+        "step_seconds_all": timer.seconds,
+        "generation_tokens_per_second": statistics.median(gen["per_step"][s.warmup_steps:]),
+        "completion_length": statistics.mean(lengths[s.warmup_steps:]) if lengths else None,
+    }
+
+
+def run_side(side: str, settings: BenchSettings, workdir: Path) -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    load_before = os.getloadavg()[0]
+    result = (side_ours if side == "ours" else side_trl)(settings, workdir)
+    result["peak_memory_bytes"], result["peak_memory_kind"] = peak_memory()
+    # The CPU may be shared: the 1-minute load average around the run says how busy the machine was.
+    result["load_average_1min"] = [load_before, os.getloadavg()[0]]
+    result["torch_threads"] = torch.get_num_threads()
+    return result
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m qlora_rft.bench --preset P [--steps N --out FILE]`; with `--side` it is one side's subprocess."""
+    parser = argparse.ArgumentParser(prog="python -m qlora_rft.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="cpu-small")
+    parser.add_argument("--compare", default="trl")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--max-completion-length", type=int, default=32)
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.side:
+        raw = json.loads(Path(args.settings).read_text())
+        raw["rewards"] = tuple(raw["rewards"])
+        result = run_side(args.side, BenchSettings(**raw), Path(args.workdir))
+        Path(args.result).write_text(json.dumps(result))
+        return 0
+
+    report = run_bench(args.preset, args.compare, args.steps, args.out, num_generations=args.num_generations,
+                       max_completion_length=args.max_completion_length)
+    for side in SIDES:
+        r = report[side]
+        print(f"{side:>4}: {r['step_seconds']:.3f} s/step, {r['generation_tokens_per_second']:.1f} gen tok/s, "
+              f"peak {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']})")
+    print(f"ratio ours/trl: {report['ratio']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
