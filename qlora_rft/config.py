@@ -131,6 +131,7 @@ class GRPOConfig:
         True, "Skip the backward of a group whose rewards are all equal when beta = 0 (no gradient)."
     )
     logprob_chunk: int = _f(1024, "Completion positions per LM-head chunk when computing log-probs.")
+    share_prefill: bool = _f(True, "Run each prompt through the model once and repeat its KV cache for the group.")
 
 
 @dataclass

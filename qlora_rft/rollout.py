@@ -7,6 +7,7 @@ Log-probs come from the last hidden states of completion positions through the L
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -80,12 +81,14 @@ class Rollout:
 @torch.no_grad()
 def sample_groups(
     model, processor, prompts: list[PromptInputs], group_size: int, chunk: int, sampling: Sampling,
-    tokens: SpecialTokens,
+    tokens: SpecialTokens, share_prefill: bool = True,
 ) -> list[Rollout]:
     """G completions for each prompt, `chunk` completions per generate call.
 
     chunk < G: each group is sampled in G / chunk calls (peak memory follows the chunk);
     chunk = k * G: k prompts share a call (left-padded), which is how a small model keeps the device busy.
+    share_prefill: the prompt is run through the model once and its KV cache repeated for the completions,
+    instead of being prefilled again for each of them.
     """
     config = sampling.generation_config(tokens)
     chunk = chunk or group_size
@@ -95,13 +98,20 @@ def sample_groups(
     try:
         if chunk <= group_size:
             for i, prompt in enumerate(prompts):
+                prefix = prefill(model, prompt.repeated(1)) if share_prefill else None
                 for _ in range(group_size // chunk):
-                    out = model.generate(**prompt.repeated(chunk), generation_config=config)  # [chunk, P + t]
+                    kwargs = prompt.repeated(chunk)
+                    if prefix is not None:
+                        kwargs = _from_prefix(model, kwargs, copy.deepcopy(prefix), chunk)
+                    out = model.generate(**kwargs, generation_config=config)  # [chunk, P + t]
                     pieces[i].append(out[:, prompt.length :])
         else:
             per_call = chunk // group_size
             for first in range(0, len(prompts), per_call):
-                batch, width = left_pad([p for p in prompts[first : first + per_call]], tokens.pad, group_size)
+                group = prompts[first : first + per_call]
+                batch, width = left_pad(group, tokens.pad, group_size)
+                if share_prefill:
+                    batch = _from_prefix(model, batch, prefill(model, left_pad(group, tokens.pad, 1)[0]), group_size)
                 out = model.generate(**batch, generation_config=config)  # [k * G, width + t]
                 for j in range(out.shape[0] // group_size):
                     pieces[first + j].append(out[j * group_size : (j + 1) * group_size, width:])
@@ -110,11 +120,42 @@ def sample_groups(
     return [_rollout(prompt, p, processor, tokens) for prompt, p in zip(prompts, pieces)]
 
 
+@dataclass
+class Prefix:
+    """A prompt batch run once: its KV cache and Qwen2-VL's M-RoPE offsets, one row per prompt."""
+
+    cache: object  # transformers Cache
+    rope_deltas: torch.Tensor  # [rows, 1]
+
+
+def prefill(model, kwargs: dict) -> Prefix:
+    """Every prompt token but the last through the model, once (the last one starts generation)."""
+    prefix = {k: v[:, :-1] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
+              for k, v in kwargs.items()}
+    cache = model(**prefix, use_cache=True, logits_to_keep=1).past_key_values
+    return Prefix(cache, _core(model).rope_deltas)
+
+
+def _from_prefix(model, kwargs: dict, prefix: Prefix, repeat: int) -> dict:
+    """Generate kwargs that continue from a prefill: each row repeated `repeat` times, the image already in the
+    cache (only the last prompt token and the completion are computed)."""
+    prefix.cache.batch_repeat_interleave(repeat)
+    _core(model).rope_deltas = prefix.rope_deltas.repeat_interleave(repeat, dim=0)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "mm_encoder_outputs")}
+    return {**kwargs, "past_key_values": prefix.cache}
+
+
+def _core(model):
+    """The Qwen2VLModel inside (where M-RoPE offsets live between calls)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
+
+
 def sample_group(model, processor, prompt: PromptInputs, group_size: int, chunk: int, sampling: Sampling,
-                 tokens: SpecialTokens) -> Rollout:
+                 tokens: SpecialTokens, share_prefill: bool = True) -> Rollout:
     """G completions of one prompt (see `sample_groups`)."""
     return sample_groups(model, processor, [prompt], group_size, min(chunk or group_size, group_size), sampling,
-                         tokens)[0]
+                         tokens, share_prefill)[0]
 
 
 @torch.no_grad()

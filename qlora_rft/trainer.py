@@ -184,7 +184,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
             # 1. Sample G completions per prompt, generation_chunk completions per generate call.
             t0 = time.perf_counter()
             rollouts = sample_groups(unwrapped, policy.processor, prompts, G, g.generation_chunk, sampling,
-                                     policy.tokens)
+                                     policy.tokens, g.share_prefill)
             gen_seconds = time.perf_counter() - t0
             gen_tokens = int(sum(r.mask.sum() for r in rollouts))
 

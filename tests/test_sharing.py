@@ -73,3 +73,32 @@ def test_the_vision_tower_runs_once_per_prompt(tiny_overrides):
     finally:
         hook.remove()
     assert len(calls) == len(prompts)  # not G per prompt, and not again for the policy or reference passes
+
+
+def test_generation_from_a_shared_prefill_equals_prefilling_every_completion(tiny_overrides):
+    policy, prompts = _setup(tiny_overrides)
+    shared = [share_vision(policy.model, copy.copy(p)) for p in prompts]
+    greedy = Sampling(8, do_sample=False)
+    for group in (prompts, shared):  # image pixels, or the shared image encoding
+        for chunk in (2, 8):  # a group in two calls, and both prompts packed in one call
+            plain = sample_groups(policy.model, policy.processor, group, 4, chunk, greedy, policy.tokens,
+                                  share_prefill=False)
+            fast = sample_groups(policy.model, policy.processor, group, 4, chunk, greedy, policy.tokens,
+                                 share_prefill=True)
+            for a, b in zip(plain, fast):
+                assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
+
+
+def test_a_shared_prefill_runs_the_prompt_once(tiny_overrides):
+    policy, prompts = _setup(tiny_overrides)
+    prompt = share_vision(policy.model, prompts[0])
+    lengths = []
+    hook = policy.base.model.language_model.register_forward_hook(
+        lambda module, args, kwargs, out: lengths.append(kwargs["inputs_embeds"].shape), with_kwargs=True)
+    try:
+        sample_groups(policy.model, policy.processor, [prompt], 4, 2, Sampling(3, do_sample=False), policy.tokens)
+    finally:
+        hook.remove()
+    prompt_rows = [shape[0] for shape in lengths if shape[1] > 1]  # calls that process prompt tokens
+    assert prompt_rows[0] == 1  # the prompt, once
+    assert all(shape[1] == 1 for shape in lengths[1:])  # then one token at a time (the last prompt token included)
