@@ -10,11 +10,12 @@ import json
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from qlora_rft.files import atomic_folder
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -37,20 +38,13 @@ def set_rng_state(state: dict) -> None:
 
 def save(output_dir: Path, step: int, model, optimizer, scheduler, extra: dict | None = None, keep: int = 0) -> Path:
     """Write checkpoint-STEP/ atomically; prune to the newest `keep` (0: keep all)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
-    try:
+    with atomic_folder(final) as tmp:
         model.save_pretrained(tmp / "adapter")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if keep:
         for old in all_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

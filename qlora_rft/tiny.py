@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from qlora_rft.errors import UserError
+from qlora_rft.files import atomic_folder
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -195,17 +194,10 @@ def write_model(out: str | Path, preset: str = "tiny", seed: int = 0, dtype: tor
     """Write a from_pretrained folder (config, safetensors, tokenizer, processor, chat template) atomically."""
     out = Path(out)
     model, processor = build_model(preset, seed=seed, dtype=dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "qlora_rft.json").write_text(json.dumps({"preset": preset, "seed": seed}))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

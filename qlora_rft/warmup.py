@@ -9,14 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from qlora_rft.config import Config
 from qlora_rft.data import Example, load_split, open_image, prompt_text, resize_image
+from qlora_rft.files import atomic_folder
 from qlora_rft.model import compute_dtype, pick_device, resolve_model_path
 from qlora_rft.tasks import Task, get_task
 
@@ -86,9 +85,7 @@ def run_warmup(cfg: Config, out: Path, console=None) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / cfg.warmup.steps)
     model.train()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         logger = RunLogger(tmp / "warmup.jsonl", cfg.warmup.steps, console=console, description="warm-up",
                            shown=("loss",))
         with logger as log:
@@ -103,9 +100,4 @@ def run_warmup(cfg: Config, out: Path, console=None) -> Path:
                 log.log({"step": step, "loss": loss.item()})
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -1,4 +1,4 @@
-"""Task families of Visual-RFT. Each owns its prompt, its answer parser, its metric and its default rewards.
+"""Task families of Visual-RFT. Each owns its prompt, its answer parser, its per-sample score and default rewards.
 
 `get_task(name)` returns a `Task`; rewards and evaluation both go through the task's own parser.
 """
@@ -19,8 +19,7 @@ class Task:
     prompt: Callable[[str], str]  # dataset problem -> user text
     parse: Callable[[str], object]  # completion -> parsed answer (None when unusable)
     parse_solution: Callable[[str], object]  # a dataset's solution -> parsed answer (None: a bad row)
-    score: Callable[[str, str], float]  # (completion, solution) -> the per-sample evaluation metric
-    metric: str  # what the mean of score() is called
+    score: Callable[[str, str], float]  # (completion, solution) -> per-sample score (accuracy, IoU, ...)
     thought: str  # fixed reasoning for the supervised warm-up target
     default_rewards: dict = field(default_factory=dict)
 
@@ -36,37 +35,16 @@ def solution_answer(solution: str) -> str:
     return found if found is not None else solution.strip()
 
 
+def _task(name: str, module, default_rewards: dict[str, float]) -> Task:
+    """A Task from a task module: every one defines prompt, parse, parse_solution, score and THOUGHT."""
+    return Task(name, module.prompt, module.parse, module.parse_solution, module.score, module.THOUGHT,
+                default_rewards)
+
+
 TASKS: dict[str, Task] = {
-    "classification": Task(
-        name="classification",
-        prompt=classification.prompt,
-        parse=classification.parse,
-        parse_solution=classification.parse_solution,
-        score=classification.score,
-        metric="accuracy",
-        thought=classification.THOUGHT,
-        default_rewards={"format": 1.0, "classification": 1.0},
-    ),
-    "detection": Task(
-        name="detection",
-        prompt=detection.prompt,
-        parse=detection.parse,
-        parse_solution=detection.parse_solution,
-        score=detection.score,
-        metric="iou_reward",
-        thought=detection.THOUGHT,
-        default_rewards={"format": 1.0, "iou": 1.0, "confidence": 1.0},
-    ),
-    "grounding": Task(
-        name="grounding",
-        prompt=grounding.prompt,
-        parse=grounding.parse,
-        parse_solution=grounding.parse_solution,
-        score=grounding.score,
-        metric="mIoU",
-        thought=grounding.THOUGHT,
-        default_rewards={"format": 1.0, "grounding": 1.0},
-    ),
+    "classification": _task("classification", classification, {"format": 1.0, "classification": 1.0}),
+    "detection": _task("detection", detection, {"format": 1.0, "iou": 1.0, "confidence": 1.0}),
+    "grounding": _task("grounding", grounding, {"format": 1.0, "grounding": 1.0}),
 }
 
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from qlora_rft.errors import DataError
+from qlora_rft.files import atomic_folder
 from qlora_rft.tasks import detection, grounding
 from qlora_rft.tasks.boxes import to_scale
 
@@ -277,9 +276,7 @@ def write_dataset(name: str, out: Path) -> Path:
     if name not in DATASETS:
         raise DataError(f"unknown synthetic dataset {name!r}: choose one of {', '.join(DATASETS)}")
     spec = DATASETS[name]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         for split in ("train", "test"):
             if spec.task == "classification":
                 write_parquet(classification_rows(spec, split), tmp / f"{split}.parquet")
@@ -293,9 +290,4 @@ def write_dataset(name: str, out: Path) -> Path:
                 (tmp / "images").mkdir(exist_ok=True)
                 records = grounding_records(spec, split, tmp / "images")
                 (tmp / f"{split}.json").write_text(json.dumps(records, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
