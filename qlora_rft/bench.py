@@ -218,12 +218,6 @@ def measured_rows(s: BenchSettings) -> list:
     return [data.examples[order.index(i)] for i in range(count)]
 
 
-def _num(x: float) -> str:
-    """A float as YAML reads it back as a float ('1e-05' is a string to YAML 1.1; '1.000000e-05' is not)."""
-    text = repr(float(x))
-    return text if "e" not in text else f"{x:.6e}"
-
-
 def side_ours(s: BenchSettings, workdir: Path) -> dict:
     from qlora_rft.config import load_config
     from qlora_rft.trainer import train
@@ -231,7 +225,7 @@ def side_ours(s: BenchSettings, workdir: Path) -> dict:
     overrides = [
         f"model.name_or_path={s.model_path}", "model.mode=qlora", f"model.device={s.device}",
         f"model.gradient_checkpointing={str(s.gradient_checkpointing).lower()}",
-        f"lora.r={s.lora_r}", f"lora.alpha={s.lora_alpha}", f"lora.dropout={_num(s.lora_dropout)}",
+        f"lora.r={s.lora_r}", f"lora.alpha={s.lora_alpha}", f"lora.dropout={s.lora_dropout}",
         f"data.task={s.task}", f"data.train={s.data}", f"data.train_split={s.split}",
         f"data.min_pixels={s.min_pixels}", f"data.max_pixels={s.max_pixels}",
         f"data.max_prompt_length={s.max_prompt_length}",
@@ -239,13 +233,13 @@ def side_ours(s: BenchSettings, workdir: Path) -> dict:
         f"grpo.num_generations={s.num_generations}", "grpo.generation_chunk=0", "grpo.backward_chunk=0",
         f"grpo.max_completion_length={s.max_completion_length}",
         f"grpo.min_completion_length={s.min_completion_length}",
-        f"grpo.temperature={_num(s.temperature)}", f"grpo.top_p={_num(s.top_p)}", f"grpo.top_k={s.top_k}",
-        f"grpo.beta={_num(s.beta)}", f"grpo.num_iterations={s.num_iterations}", f"grpo.epsilon={_num(s.epsilon)}",
+        f"grpo.temperature={s.temperature}", f"grpo.top_p={s.top_p}", f"grpo.top_k={s.top_k}",
+        f"grpo.beta={s.beta}", f"grpo.num_iterations={s.num_iterations}", f"grpo.epsilon={s.epsilon}",
         "grpo.loss_aggregation=sequence", "warmup.steps=0",
         f"train.output_dir={workdir}", f"train.max_steps={s.warmup_steps + s.steps}",
-        f"train.prompts_per_step={s.prompts_per_step}", f"train.learning_rate={_num(s.learning_rate)}",
+        f"train.prompts_per_step={s.prompts_per_step}", f"train.learning_rate={s.learning_rate}",
         f"train.lr_scheduler={s.lr_scheduler}", "train.warmup_ratio=0.0", f"train.optimizer={s.optimizer}",
-        f"train.max_grad_norm={_num(s.max_grad_norm)}", "train.save_steps=0", f"train.seed={s.seed}",
+        f"train.max_grad_norm={s.max_grad_norm}", "train.save_steps=0", f"train.seed={s.seed}",
     ]
     result = train(load_config(None, overrides), log=False)
     lines = result.metrics[s.warmup_steps:]

@@ -9,14 +9,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from qlora_rft.errors import UserError
+from qlora_rft.files import atomic_folder
 from qlora_rft.model import pick_device, resolve_model_path
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -174,10 +173,7 @@ def merge_adapter(
         diff_merged = _max_abs_diff(verification_logits(model, processor), reference)
         tolerance = RELATIVE_TOLERANCE[short] * max(1.0, reference.abs().max().item())
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _sibling(out, "merge")
-        tmp.mkdir()  # not mkdtemp: the folder keeps the umask's permissions once renamed to `out`
-        try:
+        with atomic_folder(out) as tmp:
             model.save_pretrained(tmp)  # safetensors
             processor.save_pretrained(tmp)
             del model
@@ -198,9 +194,6 @@ def merge_adapter(
                 adapter_effect=adapter_effect,
             )
             (tmp / INFO_FILE).write_text(json.dumps(_info(report, base, base_path, adapter_path), indent=2) + "\n")
-            _replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 
@@ -281,26 +274,6 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to `out`; an existing `out` is removed only once the new one is in place."""
-    old = None
-    if out.exists():
-        old = _sibling(out, "old")
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _sibling(out: Path, tag: str) -> Path:
-    return out.parent / f".{out.name}.{tag}-{uuid.uuid4().hex[:8]}"
 
 
 def _info(report: MergeReport, base_arg, base: Path, adapter: Path) -> dict:

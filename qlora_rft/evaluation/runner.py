@@ -106,19 +106,16 @@ def generate(policy, task: Task, items: list[EvalItem], cfg: Config) -> Iterator
 
 
 def done_keys(path: Path, detection_task: bool) -> set[str]:
-    """Keys already in a predictions file; a last line cut by a crash is removed so appending stays valid."""
+    """Keys already in a predictions file. Lines the scorer would skip (e.g. the last one, cut by a crash) are
+    dropped from the file, so appending stays valid and those prompts are asked again."""
+    from qlora_rft.evaluation.scoring import read_predictions
+
     if not path.exists():
         return set()
-    keys, good = set(), []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        keys.add(f"{row['image_id']}|{row['category']}" if detection_task else str(row["id"]))
-        good.append(line)
-    path.write_text("".join(line + "\n" for line in good))
-    return keys
+    required = ("image_id", "category", "completion") if detection_task else ("id", "completion")
+    rows = read_predictions(path, required).rows
+    path.write_text("".join(json.dumps(row.record) + "\n" for row in rows))
+    return {f"{r.record['image_id']}|{r.record['category']}" if detection_task else str(r.record["id"]) for r in rows}
 
 
 def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
