@@ -132,6 +132,14 @@ class GRPOConfig:
     )
     logprob_chunk: int = _f(1024, "Completion positions per LM-head chunk when computing log-probs.")
     share_prefill: bool = _f(True, "Run each prompt through the model once and repeat its KV cache for the group.")
+    sampling_weights: str = _f(
+        "auto",
+        "What sampling runs on. adapters: the base (4-bit in qlora mode) plus the LoRA adapters, as trained; "
+        "merged: each adapted layer dequantized with its LoRA delta merged in, once per step (one matmul per layer "
+        "and token instead of a 4-bit kernel plus two adapter matmuls, for a full-precision copy of those weights "
+        "while sampling); auto: merged on the CPU, adapters on CUDA (where that copy would cost GPU memory).",
+        ("auto", "adapters", "merged"),
+    )
 
 
 @dataclass

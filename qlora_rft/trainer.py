@@ -24,7 +24,7 @@ from qlora_rft import checkpoint, grpo
 from qlora_rft.config import Config, dump
 from qlora_rft.data import encode_prompt, load_split
 from qlora_rft.errors import UserError
-from qlora_rft.model import Policy, load_policy, reference_mode, resolve_model_path
+from qlora_rft.model import Policy, load_policy, merge_for_sampling, merged_weights, reference_mode, resolve_model_path
 from qlora_rft.rewards import default_weights, score
 from qlora_rft.rollout import Rollout, Sampling, completion_logprobs, sample_groups, share_vision
 from qlora_rft.runlog import NullLogger, RunLogger
@@ -183,8 +183,9 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
 
             # 1. Sample G completions per prompt, generation_chunk completions per generate call.
             t0 = time.perf_counter()
-            rollouts = sample_groups(unwrapped, policy.processor, prompts, G, g.generation_chunk, sampling,
-                                     policy.tokens, g.share_prefill)
+            with merged_weights(unwrapped, merge_for_sampling(g.sampling_weights, policy.device)):
+                rollouts = sample_groups(unwrapped, policy.processor, prompts, G, g.generation_chunk, sampling,
+                                         policy.tokens, g.share_prefill)
             gen_seconds = time.perf_counter() - t0
             gen_tokens = int(sum(r.mask.sum() for r in rollouts))
 

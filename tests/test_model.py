@@ -47,7 +47,7 @@ def test_reference_is_the_base_with_adapters_disabled(tiny_overrides):
         if "lora_B" in name:  # LoRA B starts at zero; make the adapters matter
             torch.nn.init.normal_(p, std=0.5)
     prompt = _prompt(cfg, policy)
-    ids = torch.randint(3, 200, (2, 5))
+    ids = torch.randint(7, 200, (2, 5))  # above the special and vision placeholder ids
     mask = torch.ones(2, 5)
     with torch.no_grad():
         with_adapters = completion_logprobs(policy.model, prompt, ids, mask, 1024)

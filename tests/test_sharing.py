@@ -1,4 +1,5 @@
-"""Sharing the prompt's image encoding across the group: same numbers, and the vision tower runs once per prompt."""
+"""Sharing the prompt across the group (its image encoding, its prefill) and sampling with merged weights: the
+same numbers as without, and the shared parts run once."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from qlora_rft.config import load_config
 from qlora_rft.data import encode_prompt, load_split
-from qlora_rft.model import load_policy, reference_mode
+from qlora_rft.model import load_policy, merged_weights, reference_mode
 from qlora_rft.rollout import Sampling, completion_logprobs, sample_groups, share_vision
 from qlora_rft.tasks import get_task
 
@@ -25,12 +26,19 @@ def _setup(tiny_overrides):
     return policy, prompts
 
 
+def _completions(policy, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed completion ids, above the special and vision placeholder ids (0-6 in the tiny vocabulary), and an
+    all-ones mask."""
+    assert max(policy.tokens.vision) < 7
+    ids = torch.randint(7, 300, (rows, length), generator=torch.Generator().manual_seed(rows * 100 + length))
+    return ids, torch.ones(rows, length)
+
+
 def test_logprobs_and_greedy_samples_with_shared_vision_equal_those_without(tiny_overrides):
     policy, prompts = _setup(tiny_overrides)
     shared = [share_vision(policy.model, copy.copy(p)) for p in prompts]
     assert shared[0].vision is not None and prompts[0].vision is None
-    ids = torch.randint(3, 300, (4, 6))
-    mask = torch.ones(4, 6)
+    ids, mask = _completions(policy, 4, 6)
     for plain, fast in zip(prompts, shared):
         with torch.no_grad():
             assert torch.allclose(completion_logprobs(policy.model, plain, ids, mask, 1024),
@@ -47,7 +55,7 @@ def test_logprobs_and_greedy_samples_with_shared_vision_equal_those_without(tiny
 
 def test_gradients_through_shared_vision_equal_those_without(tiny_overrides):
     policy, prompts = _setup(tiny_overrides)
-    ids, mask = torch.randint(3, 300, (2, 5)), torch.ones(2, 5)
+    ids, mask = _completions(policy, 2, 5)
     grads = []
     for prompt in (prompts[0], share_vision(policy.model, copy.copy(prompts[0]))):
         policy.model.zero_grad()
@@ -102,3 +110,41 @@ def test_a_shared_prefill_runs_the_prompt_once(tiny_overrides):
     prompt_rows = [shape[0] for shape in lengths if shape[1] > 1]  # calls that process prompt tokens
     assert prompt_rows[0] == 1  # the prompt, once
     assert all(shape[1] == 1 for shape in lengths[1:])  # then one token at a time (the last prompt token included)
+
+
+def test_sampling_with_merged_weights_equals_the_4bit_model_with_adapters(tiny_overrides):
+    policy, prompts = _setup(tiny_overrides)  # qlora mode: every adapted layer is a 4-bit base plus LoRA
+    prompt = share_vision(policy.model, prompts[0])
+    ids, mask = _completions(policy, 4, 6)
+    linears = []
+    with torch.no_grad():
+        plain = completion_logprobs(policy.model, prompt, ids, mask, 1024)
+        with merged_weights(policy.model):
+            hook = torch.nn.modules.module.register_module_forward_hook(
+                lambda module, args, out: linears.append(type(module).__module__))
+            try:
+                merged = completion_logprobs(policy.model, prompt, ids, mask, 1024)
+            finally:
+                hook.remove()
+        again = completion_logprobs(policy.model, prompt, ids, mask, 1024)
+    assert linears and not any(m.startswith("bitsandbytes") for m in linears)  # no 4-bit kernel ran while merged
+    assert not torch.equal(plain, merged)  # a different computation (the adapters are not zero)...
+    assert torch.allclose(plain, merged, atol=1e-4)  # ...with the same result
+    assert torch.equal(plain, again)  # and everything is back as it was on exit
+
+    greedy = Sampling(8, do_sample=False)
+    a = sample_groups(policy.model, policy.processor, [prompt], 4, 4, greedy, policy.tokens)[0]
+    with merged_weights(policy.model):
+        b = sample_groups(policy.model, policy.processor, [prompt], 4, 4, greedy, policy.tokens)[0]
+    assert a.texts == b.texts
+
+
+def test_merged_weights_follow_the_adapters_switch(tiny_overrides):
+    policy, prompts = _setup(tiny_overrides)
+    prompt = share_vision(policy.model, prompts[0])
+    ids, mask = _completions(policy, 2, 5)
+    with reference_mode(policy.model):
+        reference = completion_logprobs(policy.model, prompt, ids, mask, 1024)
+        with merged_weights(policy.model):  # merged while the adapters are off: the base alone
+            merged = completion_logprobs(policy.model, prompt, ids, mask, 1024)
+    assert torch.allclose(reference, merged, atol=1e-4)
