@@ -1,7 +1,9 @@
 """Checkpoints that resume: adapter (peft format), optimizer, scheduler, step and every RNG state.
 
 A checkpoint is written into a temporary folder and renamed into place, so `checkpoint-STEP/` exists only when
-complete; `latest()` ignores anything else. The newest `keep` checkpoints are kept.
+complete; `latest()` ignores anything else. The newest `keep` checkpoints are kept. Under DeepSpeed the weights and
+optimizer state are sharded over the processes, so each writes its own part (`save_sharded`, accelerate's
+save_state) and the state file, written last, marks the folder complete.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qlora_rft.errors import UserError
 from qlora_rft.files import atomic_folder
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -79,3 +82,29 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return json.loads((path / STATE_FILE).read_text())
+
+
+def save_sharded(accelerator, output_dir: Path, step: int, extra: dict | None = None, keep: int = 0) -> Path:
+    """Every process writes its shards and RNG states into checkpoint-STEP/; then the main process marks it
+    complete and prunes to the newest `keep`."""
+    final = output_dir / f"checkpoint-{step}"
+    accelerator.save_state(str(final))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (final / STATE_FILE).write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
+        if keep:
+            for old in all_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_sharded(accelerator, path: Path, world_size: int) -> dict:
+    """Restore a `save_sharded` checkpoint; it resumes under the launch config that wrote it."""
+    state = json.loads((path / STATE_FILE).read_text())
+    written_by = state.get("world_size", world_size)
+    if written_by != world_size:
+        raise UserError(f"{path} was written by {written_by} processes and this launch has {world_size}: resume "
+                        f"with the same launch config (num_processes={written_by})")
+    accelerator.load_state(str(path))
+    return state

@@ -39,7 +39,9 @@ def cmd_train(args) -> None:
 
     overrides = [*args.overrides, "train.method=sft"] if args.command == "sft" else args.overrides
     result = fit(load_config(args.config, overrides), resume=args.resume)
-    print(f"adapter saved to {result.adapter_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
+    saved = "model" if result.adapter_dir.name == "model" else "adapter"
+    if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`, the main process speaks
+        print(f"{saved} saved to {result.adapter_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
 
 
 def cmd_demo(args) -> None:

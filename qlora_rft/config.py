@@ -36,7 +36,10 @@ class ModelConfig:
         "(presets: tiny, cpu-small, qwen2-vl-2b, qwen2-vl-7b).",
     )
     mode: str = _f(
-        "qlora", "qlora: 4-bit NF4 base + LoRA; lora: full-precision base + LoRA.", ("qlora", "lora")
+        "qlora",
+        "qlora: 4-bit NF4 base + LoRA; lora: full-precision base + LoRA; full: every weight trained (the paper's "
+        "multi-GPU setup, the reference a frozen copy of the base; lora.* unused except lora.train_vision).",
+        ("qlora", "lora", "full"),
     )
     dtype: str = _f(
         "auto",
@@ -63,7 +66,11 @@ class LoraSettings:
     alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r).")
     dropout: float = _f(0.05, "Dropout on the LoRA input.")
     target_modules: list = _f(LANGUAGE_LINEAR, "Linear layers of the language model that get adapters.")
-    train_vision: bool = _f(False, "Also put adapters on the vision tower's linear layers (frozen otherwise).")
+    train_vision: bool = _f(
+        False,
+        "Also train the vision tower (frozen otherwise): adapters on its linear layers, or in model.mode=full all "
+        "its weights, as the paper does.",
+    )
 
 
 @dataclass
@@ -128,7 +135,9 @@ class GRPOConfig:
         ("sequence", "token"),
     )
     skip_uniform_groups: bool = _f(
-        True, "Skip the backward of a group whose rewards are all equal when beta = 0 (no gradient)."
+        True,
+        "Skip the backward of a group whose rewards are all equal when beta = 0 (no gradient). Single process "
+        "only: under a multi-process launch every process runs every backward, to stay in step with the others.",
     )
     logprob_chunk: int = _f(1024, "Completion positions per LM-head chunk when computing log-probs.")
     share_prefill: bool = _f(True, "Run each prompt through the model once and repeat its KV cache for the group.")
@@ -192,7 +201,9 @@ class TrainConfig:
     output_dir: str = _f("runs/train", "Where metrics.jsonl, checkpoint-STEP/ and adapter/ are written.")
     max_steps: int = _f(200, "Optimizer steps.")
     prompts_per_step: int = _f(
-        1, "Prompts (groups) per optimizer step: gradient accumulation over prompts (sft: examples per step)."
+        1,
+        "Prompts (groups) per optimizer step and process: gradient accumulation over prompts (sft: examples per "
+        "step). Under a launch of N processes a step sees N times as many.",
     )
     learning_rate: float = _f(1e-5, "Peak learning rate of the adapters.")
     lr_scheduler: str = _f("linear", "Decay after warm-up.", ("linear", "cosine", "constant"))
@@ -201,7 +212,8 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
     optimizer: str = _f(
         "auto",
-        "auto: paged 8-bit AdamW on CUDA, AdamW on the CPU.",
+        "auto: paged 8-bit AdamW on CUDA in qlora/lora mode, AdamW otherwise (on the CPU, and in full mode, "
+        "where DeepSpeed shards it).",
         ("auto", "adamw", "paged_adamw_8bit"),
     )
     save_steps: int = _f(50, "Write checkpoint-STEP/ every this many steps (0: only the final adapter).")
@@ -386,6 +398,9 @@ def validate(cfg: Config) -> None:
     weights = cfg.rewards.weights or default_weights(d.task)
     need(any(w != 0 for w in weights.values()), "rewards.weights: at least one reward needs a non-zero weight")
 
+    if cfg.model.mode == "full":
+        need(t.optimizer != "paged_adamw_8bit", "train.optimizer=paged_adamw_8bit is for the adapters of qlora/lora "
+             "mode: use train.optimizer=adamw (or auto) with model.mode=full")
     if cfg.model.attn_implementation == "flash_attention_2":
         import importlib.util
 

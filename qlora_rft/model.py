@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("model.device=cuda but no CUDA device is visible: use model.device=auto or cpu")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":  # under `accelerate launch` each process has its own GPU
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
 
 
@@ -68,9 +71,12 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_base(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, mode: str | None = None):
     """Qwen2VLForConditionalGeneration from a folder: NF4 + double quant in qlora mode, else at `dtype`."""
     from transformers import BitsAndBytesConfig, GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     mode = mode or cfg.mode
     kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, device_map={"": str(device)})
+    if is_deepspeed_zero3_enabled():  # under a ZeRO-3 launch the weights are sharded as they load: no device map
+        kwargs.pop("device_map")
     if mode == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -137,14 +143,22 @@ def attach_lora(model, lora: LoraSettings, gradient_checkpointing: bool):
 
 
 def load_policy(model_cfg: ModelConfig, lora: LoraSettings, adapter: str | Path | None = None) -> Policy:
-    """Base + fresh LoRA adapters (or the adapters saved in `adapter`, trainable)."""
+    """Base + fresh LoRA adapters (or the adapters saved in `adapter`, trainable); in full mode the base itself,
+    every weight trainable but the vision tower's (unless lora.train_vision)."""
     from transformers import AutoProcessor
 
     path = resolve_model_path(model_cfg.name_or_path)
     device = pick_device(model_cfg.device)
     dtype = compute_dtype(model_cfg.dtype, device)
     base = load_base(path, model_cfg, device, dtype)
-    if adapter is not None:
+    if model_cfg.mode == "full":
+        model = base
+        model.requires_grad_(True)
+        if not lora.train_vision:
+            model.model.visual.requires_grad_(False)
+        if model_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif adapter is not None:
         from peft import PeftModel
 
         if model_cfg.gradient_checkpointing:
@@ -157,6 +171,13 @@ def load_policy(model_cfg: ModelConfig, lora: LoraSettings, adapter: str | Path 
     processor.tokenizer.padding_side = "left"
     tokens = SpecialTokens.of(base, processor.tokenizer)
     return Policy(model=model, processor=processor, device=device, dtype=dtype, tokens=tokens)
+
+
+def load_reference(model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """Full mode's reference policy: a frozen copy of the base, in eval mode."""
+    model = load_base(resolve_model_path(model_cfg.name_or_path), model_cfg, device, dtype)
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def load_for_inference(model_cfg: ModelConfig, adapter: str | Path | None = None) -> Policy:
@@ -184,7 +205,7 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | Path | None = None
 
 @contextlib.contextmanager
 def reference_mode(model):
-    """The reference policy: the same base with adapters disabled, no gradients."""
+    """The reference policy of qlora/lora mode: the same base with adapters disabled, no gradients."""
     disable = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with disable, torch.no_grad():
         yield

@@ -219,3 +219,29 @@ def completion_logprobs(
     P = prompt.length
     predicting = hidden[:, P - 1 : P + T - 1]  # [B, T, H]: the state before each completion token
     return grpo.token_logprobs(predicting, base.lm_head.weight, completion_ids, logprob_chunk, temperature)
+
+
+class CompletionScorer(torch.nn.Module):
+    """The policy as one module whose forward gives completion log-probs (`completion_logprobs`).
+
+    This is what accelerate prepares: every log-prob pass then runs through the engine's own forward (DDP's
+    gradient hooks, DeepSpeed's gathering of sharded weights), not around it. `policy` is the PeftModel, or the
+    plain Qwen2-VL model in full mode.
+    """
+
+    def __init__(self, policy: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, prompt: PromptInputs, completion_ids: torch.Tensor, mask: torch.Tensor, logprob_chunk: int,
+                temperature: float = 1.0) -> torch.Tensor:
+        return completion_logprobs(self.policy, prompt, completion_ids, mask, logprob_chunk, temperature)
+
+    @property
+    def config(self):
+        """The model's config (DeepSpeed helpers size their buffers from it)."""
+        return self.policy.config
+
+    def head_weight(self) -> torch.nn.Parameter:
+        base = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
+        return base.lm_head.weight

@@ -12,7 +12,7 @@ import torch
 
 from qlora_rft import grpo
 from qlora_rft.config import Config
-from qlora_rft.trainer import TrainResult, clip_gradients, prepare_run
+from qlora_rft.trainer import TrainResult, prepare_run
 from qlora_rft.warmup import supervised_batch
 
 
@@ -47,11 +47,8 @@ def train_sft(cfg: Config, resume: bool = False, console=None, log: bool = True)
             batch = supervised_batch(policy.processor, run.task, run.examples(step), cfg.data, policy.device)
             model.train()
             loss, tokens = sft_loss(model, batch, cfg.grpo.logprob_chunk)
-            run.accelerator.backward(loss)
-            grad_norm = clip_gradients(run.accelerator, run.model, cfg.train.max_grad_norm)
-            run.optimizer.step()
-            run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
+            run.updates.backward(loss)
+            grad_norm = run.updates.step()
             seconds = time.perf_counter() - step_start
             line = {"step": step, "loss": loss.item(), "grad_norm": grad_norm,
                     "learning_rate": run.scheduler.get_last_lr()[0], "target_tokens": tokens,

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -23,10 +24,20 @@ import torch
 from qlora_rft import checkpoint, grpo
 from qlora_rft.config import Config, dump
 from qlora_rft.data import encode_prompt, load_split
+from qlora_rft.distributed import Launch, Updates, check_launch, gather_mean, make_accelerator, sampling_model
 from qlora_rft.errors import UserError
-from qlora_rft.model import Policy, load_policy, merge_for_sampling, merged_weights, reference_mode, resolve_model_path
+from qlora_rft.model import (
+    Policy,
+    load_policy,
+    load_reference,
+    merge_for_sampling,
+    merged_weights,
+    pick_device,
+    reference_mode,
+    resolve_model_path,
+)
 from qlora_rft.rewards import default_weights, score
-from qlora_rft.rollout import Rollout, Sampling, completion_logprobs, sample_groups, share_vision
+from qlora_rft.rollout import CompletionScorer, Rollout, Sampling, sample_groups, share_vision
 from qlora_rft.runlog import NullLogger, RunLogger
 from qlora_rft.tasks import get_task
 
@@ -67,23 +78,38 @@ class Run:
     """Everything a training loop needs, set up the same way for GRPO and for the supervised baseline."""
 
     cfg: Config
+    launch: Launch
     out: Path
     task: object  # tasks.Task
     data: object  # data.Dataset
     base_path: str  # the (warmed) base the adapters sit on
     policy: Policy
     accelerator: object
-    model: torch.nn.Module  # as prepared by accelerate
-    unwrapped: torch.nn.Module  # the PeftModel
+    model: torch.nn.Module  # the CompletionScorer around the policy, as prepared by accelerate (DDP, DeepSpeed)
+    unwrapped: torch.nn.Module  # the policy itself: the PeftModel, or the Qwen2-VL model in full mode
     optimizer: torch.optim.Optimizer
     scheduler: object
+    updates: Updates
+    reference_model: torch.nn.Module | None  # full mode: the frozen copy's scorer (prepared); else None
     start_step: int  # 0, or the step of the checkpoint resumed from
     order: "PromptOrder"
 
     def examples(self, step: int) -> list:
-        """The training rows of an optimizer step: decided by the step alone, so a resumed run continues exactly."""
-        first = (step - 1) * self.cfg.train.prompts_per_step
-        return [self.data.examples[self.order.index(first + i)] for i in range(self.cfg.train.prompts_per_step)]
+        """This process's training rows of an optimizer step: decided by the step and the process alone, so a
+        resumed run continues exactly and no two processes take the same row."""
+        per_process = self.cfg.train.prompts_per_step
+        first = ((step - 1) * self.launch.world_size + self.launch.rank) * per_process
+        return [self.data.examples[self.order.index(first + i)] for i in range(per_process)]
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The module that scores under the reference policy: the adapters-disabled policy, or full mode's copy."""
+        if self.reference_model is not None:
+            with torch.no_grad():
+                yield self.reference_model
+        else:
+            with reference_mode(self.unwrapped):
+                yield self.model
 
     def logger(self, console, log: bool, shown: tuple[str, ...] | None = None):
         if not (log and self.accelerator.is_main_process):
@@ -93,62 +119,117 @@ class Run:
 
     def checkpoint(self, step: int) -> None:
         cfg = self.cfg.train
-        if cfg.save_steps and step % cfg.save_steps == 0 and self.accelerator.is_main_process:
-            position = {"prompts_seen": step * cfg.prompts_per_step, "data_rows": len(self.data.examples),
-                        "data_skipped": len(self.data.skipped)}  # the order itself follows from the step and seed
+        if not (cfg.save_steps and step % cfg.save_steps == 0):
+            return
+        position = {"prompts_seen": step * cfg.prompts_per_step * self.launch.world_size,
+                    "data_rows": len(self.data.examples), "data_skipped": len(self.data.skipped),
+                    "world_size": self.launch.world_size}  # the order itself follows from the step and seed
+        if self.updates.engine is not None:  # sharded states: every process writes its own part
+            checkpoint.save_sharded(self.accelerator, self.out, step, position, keep=cfg.save_total_limit)
+        elif self.accelerator.is_main_process:
             checkpoint.save(self.out, step, self.unwrapped, self.optimizer, self.scheduler, position,
                             keep=cfg.save_total_limit)
+        self.accelerator.wait_for_everyone()
 
     def finish(self, metrics: list[dict], seconds: float) -> TrainResult:
-        """Save the adapter (peft format, with the processor) and train_summary.json."""
-        adapter_dir = self.out / "adapter"
+        """Save the adapter (peft format) or, in full mode, the model (from_pretrained folder), each with the
+        processor, and train_summary.json."""
+        full = self.cfg.model.mode == "full"
+        folder = self.out / ("model" if full else "adapter")
+        state = self.accelerator.get_state_dict(self.model) if self.launch.deepspeed else None  # every process
         if self.accelerator.is_main_process:
-            self.unwrapped.save_pretrained(adapter_dir)
-            self.policy.processor.save_pretrained(adapter_dir)
-            summary = {"method": self.cfg.train.method, "steps": self.cfg.train.max_steps, "base": self.base_path,
-                       "data_rows": len(self.data.examples), "data_skipped": [vars(b) for b in self.data.skipped],
-                       "seconds": seconds}
+            # Full mode writes the current names ("model.language_model.*"): a model loaded sharded under ZeRO-3
+            # cannot be mapped back to the names it was loaded from.
+            extra = {"save_original_format": False} if full else {}
+            if state is not None:  # gathered from the shards; the scorer's keys start with "policy."
+                state = {k.removeprefix("policy."): v for k, v in state.items()}
+                self.unwrapped.save_pretrained(folder, state_dict=state, **extra)
+            else:
+                self.unwrapped.save_pretrained(folder, **extra)
+            self.policy.processor.save_pretrained(folder)
+            summary = {"method": self.cfg.train.method, "mode": self.cfg.model.mode,
+                       "steps": self.cfg.train.max_steps, "base": self.base_path,
+                       "processes": self.launch.world_size, "data_rows": len(self.data.examples),
+                       "data_skipped": [vars(b) for b in self.data.skipped], "seconds": seconds}
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        return TrainResult(self.out, adapter_dir, self.cfg.train.max_steps, metrics, len(self.data.skipped))
+        self.accelerator.wait_for_everyone()
+        return TrainResult(self.out, folder, self.cfg.train.max_steps, metrics, len(self.data.skipped))
 
 
 def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
-    """Data, the (warmed) base in 4-bit with fresh LoRA adapters, optimizer and schedule on accelerate, and the
-    state of the newest checkpoint when resuming."""
-    from accelerate import Accelerator
+    """Data, the (warmed) base with fresh LoRA adapters (or, in full mode, the base itself and a frozen reference
+    copy), optimizer and schedule prepared by accelerate, and the state of the newest checkpoint when resuming."""
     from transformers import get_scheduler
 
     from qlora_rft.warmup import warmed_base
 
+    launch = Launch.from_env()
+    check_launch(cfg, launch)  # before anything loads
+    accelerator = make_accelerator(cfg, launch, pick_device(cfg.model.device))
     out = Path(cfg.train.output_dir)
     task = get_task(cfg.data.task)
-    data = load_split(cfg.data.train, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root)
-    report_skipped(data, console)
+    with accelerator.main_process_first():  # data, tiny models and warm-ups are built once, then read from the cache
+        data = load_split(cfg.data.train, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root)
+        base_path = str(resolve_model_path(warmed_base(cfg, console)))
+    check_launch(cfg, launch, rows=len(data.examples))
+    if accelerator.is_main_process:
+        report_skipped(data, console)
 
-    base_path = str(resolve_model_path(warmed_base(cfg, console)))  # builds a tiny: model if not cached yet
     seed_everything(cfg.train.seed)  # after building and warm-up: the same start whether they ran or were cached
-    policy = load_policy(replace(cfg.model, name_or_path=base_path), cfg.lora)
-    accelerator = Accelerator(cpu=policy.device.type == "cpu")
+    model_cfg = replace(cfg.model, name_or_path=base_path)
+    policy = load_policy(model_cfg, cfg.lora)
     optimizer = make_optimizer(policy, cfg)
     warmup_steps = math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps)
     scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, warmup_steps, cfg.train.max_steps)
-    model, optimizer, scheduler = accelerator.prepare(policy.model, optimizer, scheduler)
-    unwrapped = accelerator.unwrap_model(model)
+    scorer = CompletionScorer(policy.model)
+    if launch.zero_stage == 3:
+        from qlora_rft.distributed import register_head
+
+        register_head(scorer)
+    # The schedule is stepped once per optimizer step by `Updates` (accelerate's wrapper would step it once per
+    # process); under DeepSpeed the checkpoints still carry it.
+    model, optimizer = accelerator.prepare(scorer, optimizer)
+    if launch.deepspeed:
+        accelerator.register_for_checkpointing(scheduler)
+    reference_model = None
+    if cfg.model.mode == "full" and cfg.grpo.beta != 0:
+        reference_model = prepare_reference(accelerator, launch, model_cfg, policy)
+    if launch.world_size > 1:
+        torch.manual_seed(cfg.train.seed + 1000 * launch.rank)  # same initial weights, each its own samples
+    updates = Updates(accelerator, model, optimizer, scheduler, cfg.train.max_grad_norm)
 
     start_step = 0
     if resume:
         found = checkpoint.latest(out)
         if found is None:
             raise UserError(f"--resume: no complete checkpoint in {out}; run without --resume to start afresh")
-        start_step = checkpoint.load(found, unwrapped, optimizer, scheduler)["step"]
+        if updates.engine is not None:
+            start_step = checkpoint.load_sharded(accelerator, found, launch.world_size)["step"]
+        else:
+            start_step = checkpoint.load(found, policy.model, optimizer, scheduler)["step"]
     elif checkpoint.latest(out) is not None:
         raise UserError(f"{out} already holds checkpoints: pass --resume to continue, or choose another "
                         "train.output_dir")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         dump(cfg, out / "config.yaml")
-    return Run(cfg, out, task, data, base_path, policy, accelerator, model, unwrapped, optimizer, scheduler,
-               start_step, PromptOrder(len(data.examples), cfg.train.seed))
+    return Run(cfg, launch, out, task, data, base_path, policy, accelerator, model, policy.model, optimizer,
+               scheduler, updates, reference_model, start_step, PromptOrder(len(data.examples), cfg.train.seed))
+
+
+def prepare_reference(accelerator, launch: Launch, model_cfg, policy: Policy) -> torch.nn.Module:
+    """Full mode's reference: a frozen copy of the base in a scorer; under DeepSpeed an engine of its own (sharded
+    like the policy under ZeRO-3, no optimizer), so there is never a second unsharded copy."""
+    reference = CompletionScorer(load_reference(model_cfg, policy.device, policy.dtype))
+    if not launch.deepspeed:
+        return reference
+    from trl.models.utils import prepare_deepspeed
+
+    if launch.zero_stage == 3:
+        from qlora_rft.distributed import register_head
+
+        register_head(reference)
+    return prepare_deepspeed(reference, accelerator)
 
 
 def fit(cfg: Config, resume: bool = False, console=None, log: bool = True) -> TrainResult:
@@ -163,33 +244,35 @@ def fit(cfg: Config, resume: bool = False, console=None, log: bool = True) -> Tr
 def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> TrainResult:
     """GRPO with verifiable rewards (Visual-RFT)."""
     run = prepare_run(cfg, resume, console)
-    policy, accelerator, model, unwrapped = run.policy, run.accelerator, run.model, run.unwrapped
-    optimizer, scheduler, task = run.optimizer, run.scheduler, run.task
+    policy, accelerator, model, task = run.policy, run.accelerator, run.model, run.task
     g = cfg.grpo
     G = g.num_generations
     weights = cfg.rewards.weights or default_weights(task.name)
     sampling = Sampling(g.max_completion_length, g.temperature, g.top_p, g.top_k,
                         min_new_tokens=g.min_completion_length)
+    skip_uniform = g.skip_uniform_groups and g.beta == 0 and accelerator.num_processes == 1
     logger = run.logger(console, log)
     metrics = []
     started = time.perf_counter()
     with logger:
         for step in range(run.start_step + 1, cfg.train.max_steps + 1):
             step_start = time.perf_counter()
-            examples = run.examples(step)
+            examples = run.examples(step)  # this process's prompts
             prompts = [encode_prompt(policy.processor, task, ex, cfg.data, policy.device) for ex in examples]
-            if not cfg.lora.train_vision:  # a frozen vision tower: encode each image once for all passes
-                prompts = [share_vision(unwrapped, p) for p in prompts]
 
             # 1. Sample G completions per prompt, generation_chunk completions per generate call.
             t0 = time.perf_counter()
-            with merged_weights(unwrapped, merge_for_sampling(g.sampling_weights, policy.device)):
-                rollouts = sample_groups(unwrapped, policy.processor, prompts, G, g.generation_chunk, sampling,
-                                         policy.tokens, g.share_prefill)
+            with sampling_model(accelerator, model) as scorer:  # under ZeRO-3: the weights gathered whole
+                sampler = scorer.policy
+                if not cfg.lora.train_vision:  # a frozen vision tower: encode each image once for all passes
+                    prompts = [share_vision(sampler, p) for p in prompts]
+                with merged_weights(sampler, merge_for_sampling(g.sampling_weights, policy.device)):
+                    rollouts = sample_groups(sampler, policy.processor, prompts, G, g.generation_chunk, sampling,
+                                             policy.tokens, g.share_prefill)
             gen_seconds = time.perf_counter() - t0
             gen_tokens = int(sum(r.mask.sum() for r in rollouts))
 
-            # 2. Score with the verifiable rewards; 3. advantages over each whole group.
+            # 2. Score with the verifiable rewards; 3. advantages over each whole group (never across processes).
             groups = []
             for example, rollout in zip(examples, rollouts):
                 rewards = score(rollout.texts, example.solution, weights)
@@ -197,30 +280,28 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
                 advantages = grpo.group_advantages(total, g.scale_rewards, g.advantage_eps).to(policy.device)
                 groups.append(Group(rollout, rewards, total, advantages))
 
-            # 4. Fixed log-probs, no grad: the reference (adapters off) and, for mu > 1, the old policy.
+            # 4. Fixed log-probs, no grad: the reference (adapters off, or full mode's frozen copy) and, for
+            #    mu > 1, the old policy.
             for group in groups:
                 if g.beta != 0:
-                    with reference_mode(unwrapped):
-                        group.ref_logp = chunked_logprobs(unwrapped, group.rollout, g)
+                    with run.reference() as reference:
+                        group.ref_logp = chunked_logprobs(reference, group.rollout, g)
                 if g.num_iterations > 1:
-                    with torch.no_grad():
-                        group.old_logp = chunked_logprobs(unwrapped, group.rollout, g)
+                    group.old_logp = chunked_logprobs(model, group.rollout, g)
 
             # 5-6. Policy loss and backward in chunks, then the optimizer step (mu times per batch of rollouts).
             stats = StepStats()
             for _ in range(g.num_iterations):
-                for group in groups:
-                    if g.beta == 0 and g.skip_uniform_groups and bool((group.total == group.total[0]).all()):
-                        stats.skipped_groups += 1  # all advantages are 0: no gradient at all
-                        continue
-                    backward_group(unwrapped, accelerator, group, g, cfg.train.prompts_per_step, stats)
-                grad_norm = clip_gradients(accelerator, model, cfg.train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                todo = [grp for grp in groups if not (skip_uniform and bool((grp.total == grp.total[0]).all()))]
+                stats.skipped_groups += len(groups) - len(todo)  # all advantages 0: no gradient at all
+                for i, group in enumerate(todo):
+                    backward_group(model, run.updates, group, g, cfg.train.prompts_per_step, stats,
+                                   last_group=i == len(todo) - 1)
+                grad_norm = run.updates.step()
 
-            line = step_metrics(step, groups, stats, weights, cfg, scheduler, grad_norm, gen_tokens, gen_seconds,
+            line = step_metrics(step, groups, stats, weights, cfg, run.scheduler, grad_norm, gen_tokens, gen_seconds,
                                 time.perf_counter() - step_start, time.perf_counter() - started)
+            line.update(gather_mean(accelerator, {k: line[k] for k in line if k in AVERAGED}))
             metrics.append(line)
             logger.log(line, write=step % cfg.train.logging_steps == 0 or step == cfg.train.max_steps)
             run.checkpoint(step)
@@ -228,7 +309,13 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     return run.finish(metrics, time.perf_counter() - started)
 
 
-def backward_group(model, accelerator, group: Group, g, prompts_per_step: int, stats: StepStats) -> None:
+# Metrics of each process's own groups, averaged over the processes of a launch.
+AVERAGED = ("loss", "reward", "reward_std", "kl", "clip_ratio", "completion_length", "skipped_groups",
+            "tokens_per_second")
+
+
+def backward_group(model, updates: Updates, group: Group, g, prompts_per_step: int, stats: StepStats,
+                   last_group: bool = True) -> None:
     """Loss of one group, backward_chunk completions per forward/backward; shares add up to the group loss."""
     rollout = group.rollout
     G = rollout.size
@@ -236,12 +323,13 @@ def backward_group(model, accelerator, group: Group, g, prompts_per_step: int, s
     num_tokens = float(rollout.mask.sum())
     for start in range(0, G, chunk):
         ids, mask = rollout.chunk(start, start + chunk)  # [c, T] each
-        logp = completion_logprobs(model, rollout.prompt, ids, mask, g.logprob_chunk, g.temperature)  # [c, T]
-        old = group.old_logp[start : start + chunk] if group.old_logp is not None else logp.detach()
-        ref = group.ref_logp[start : start + chunk] if group.ref_logp is not None else None
-        terms = grpo.token_loss(logp, old, ref, group.advantages[start : start + chunk], g.beta, g.epsilon)
-        loss = grpo.aggregate(terms.loss, mask, g.loss_aggregation, G, num_tokens) / prompts_per_step
-        accelerator.backward(loss)
+        with updates.accumulating(last=last_group and start + chunk >= G):
+            logp = model(rollout.prompt, ids, mask, g.logprob_chunk, g.temperature)  # [c, T]
+            old = group.old_logp[start : start + chunk] if group.old_logp is not None else logp.detach()
+            ref = group.ref_logp[start : start + chunk] if group.ref_logp is not None else None
+            terms = grpo.token_loss(logp, old, ref, group.advantages[start : start + chunk], g.beta, g.epsilon)
+            loss = grpo.aggregate(terms.loss, mask, g.loss_aggregation, G, num_tokens) / prompts_per_step
+            updates.backward(loss)
         stats.loss += loss.item()
         if terms.kl is not None:
             stats.kl.append(grpo.masked_mean(terms.kl.detach(), mask).item())
@@ -250,29 +338,18 @@ def backward_group(model, accelerator, group: Group, g, prompts_per_step: int, s
 
 @torch.no_grad()
 def chunked_logprobs(model, rollout: Rollout, g) -> torch.Tensor:
-    """Log-probs of all G completions, backward_chunk at a time, without grad.  -> [G, T]"""
+    """Log-probs of all G completions from a CompletionScorer, backward_chunk at a time, without grad. -> [G, T]"""
     chunk = g.backward_chunk or rollout.size
-    pieces = [
-        completion_logprobs(model, rollout.prompt, *rollout.chunk(s, s + chunk), g.logprob_chunk, g.temperature)
-        for s in range(0, rollout.size, chunk)
-    ]
+    pieces = [model(rollout.prompt, *rollout.chunk(s, s + chunk), g.logprob_chunk, g.temperature)
+              for s in range(0, rollout.size, chunk)]
     return torch.cat(pieces)
-
-
-def clip_gradients(accelerator, model, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-    if not params:
-        return 0.0
-    if max_norm > 0:
-        return float(accelerator.clip_grad_norm_(params, max_norm))
-    return float(torch.norm(torch.stack([p.grad.norm() for p in params])))
 
 
 def make_optimizer(policy: Policy, cfg: Config) -> torch.optim.Optimizer:
     params = [p for p in policy.model.parameters() if p.requires_grad]
     name = cfg.train.optimizer
-    if name == "auto":
-        name = "paged_adamw_8bit" if policy.device.type == "cuda" else "adamw"
+    if name == "auto":  # 8-bit paged state for the adapters on one GPU; full mode's state is DeepSpeed's to shard
+        name = "paged_adamw_8bit" if policy.device.type == "cuda" and cfg.model.mode != "full" else "adamw"
     if name == "paged_adamw_8bit":
         if policy.device.type != "cuda":
             raise UserError("train.optimizer=paged_adamw_8bit needs CUDA: use train.optimizer=adamw on the CPU")

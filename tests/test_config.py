@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,10 @@ import pytest
 from qlora_rft.config import describe, load_config
 from qlora_rft.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+CONFIG_DIR = ROOT / "configs"
+LAUNCH_CONFIGS = sorted((CONFIG_DIR / "accelerate").glob("*.yaml"))
+CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p not in LAUNCH_CONFIGS)
 
 
 def test_defaults_are_valid_and_overrides_are_typed():
@@ -24,6 +28,20 @@ def test_defaults_are_valid_and_overrides_are_typed():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     load_config(path)
+
+
+@pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=lambda p: p.name)
+def test_every_launch_config_is_read_by_accelerate(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    launch = ClusterConfig.from_yaml_file(str(path))
+    assert launch.num_processes >= 1
+    if launch.distributed_type == "DEEPSPEED":
+        ds = launch.deepspeed_config
+        if "deepspeed_config_file" in ds:  # a DeepSpeed file (relative to the repository root) holds the stage
+            ds = {"zero_stage": json.loads((ROOT / ds["deepspeed_config_file"]).read_text())["zero_optimization"]
+                  ["stage"]}
+        assert ds["zero_stage"] in (2, 3)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -61,11 +62,13 @@ def test_backward_chunks_give_the_same_gradient_as_the_whole_group(tiny_override
     from qlora_rft import grpo
     from qlora_rft.data import encode_prompt, load_split
     from qlora_rft.model import load_policy, reference_mode
-    from qlora_rft.rollout import Sampling, sample_group
+    from qlora_rft.rollout import CompletionScorer, Sampling, sample_group
     from qlora_rft.tasks import get_task
     from qlora_rft.trainer import Group, StepStats, backward_group, chunked_logprobs
 
-    class Acc:
+    class Updates:  # a single process without an engine: plain backward
+        accumulating = staticmethod(lambda last: contextlib.nullcontext())
+
         def backward(self, loss):
             loss.backward()
 
@@ -86,10 +89,11 @@ def test_backward_chunks_give_the_same_gradient_as_the_whole_group(tiny_override
             overrides = [*tiny_overrides, f"grpo.backward_chunk={chunk}", f"grpo.loss_aggregation={how}"]
             g = load_config(None, overrides).grpo
             group = Group(rollout, {}, total, grpo.group_advantages(total))
+            scorer = CompletionScorer(policy.model)
             with reference_mode(policy.model):
-                group.ref_logp = chunked_logprobs(policy.model, rollout, g)
+                group.ref_logp = chunked_logprobs(scorer, rollout, g)
             policy.model.zero_grad()
-            backward_group(policy.model, Acc(), group, g, 1, StepStats())
+            backward_group(scorer, Updates(), group, g, 1, StepStats())
             grads.append([p.grad.clone() for p in policy.model.parameters() if p.requires_grad])
         for other in grads[-2:]:
             for a, b in zip(grads[-3], other):

@@ -1,0 +1,224 @@
+"""The same trainer under `accelerate launch`: one process, DDP, DeepSpeed ZeRO-2/3, one machine or several.
+
+Nothing here is a second trainer. `trainer.train` reads the launch (`Launch.from_env`), refuses bad ones before any
+model loads (`check_launch`), and goes through three small seams that do nothing special in a single process:
+`Updates` (backward passes and optimizer steps), `sampling_model` (the policy, gathered whole under ZeRO-3, for
+generate) and `gather_mean` (metrics averaged over processes). Each process samples its own prompts and scores
+its own groups; a group never spans processes, and gradients are averaged by the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlora_rft.config import Config
+from qlora_rft.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What `accelerate launch` put in the environment, read before anything is loaded."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    deepspeed: bool = False
+    zero_stage: int = 0  # 0 without DeepSpeed
+    deepspeed_config_file: str = ""  # a DeepSpeed JSON named by the launch config, if any
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> "Launch":
+        env = os.environ if env is None else env
+        deepspeed = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "") if deepspeed else ""
+        stage = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0) if deepspeed else 0
+        if deepspeed and config_file and "ACCELERATE_DEEPSPEED_ZERO_STAGE" not in env:
+            stage = int(_read_json(config_file).get("zero_optimization", {}).get("stage", 0))
+        return cls(
+            world_size=int(env.get("WORLD_SIZE", "1")),
+            rank=int(env.get("RANK", "0")),
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            deepspeed=deepspeed,
+            zero_stage=stage,
+            deepspeed_config_file=config_file,
+        )
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or self.deepspeed
+
+
+def _read_json(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"DeepSpeed config file {path} could not be read: {e}") from None
+
+
+def micro_batch(cfg: Config) -> int:
+    """Completions per forward/backward: grpo.backward_chunk, or the whole group."""
+    return cfg.grpo.backward_chunk or cfg.grpo.num_generations
+
+
+def backwards_per_step(cfg: Config) -> int:
+    """Forward/backward passes of one optimizer step in each process (every group, every chunk)."""
+    return cfg.train.prompts_per_step * cfg.grpo.num_generations // micro_batch(cfg)
+
+
+def check_launch(cfg: Config, launch: Launch, rows: int | None = None) -> None:
+    """Name a launch this trainer cannot run, before any model loads, saying what to change.
+
+    `rows` (the training rows, once the data is read) adds the check that the processes split them evenly.
+    """
+    problems = []
+    mode = cfg.model.mode
+    if launch.deepspeed and mode == "qlora":
+        problems.append(
+            f"model.mode=qlora under DeepSpeed ZeRO-{launch.zero_stage}: DeepSpeed cannot shard 4-bit NF4 weights; "
+            "use model.mode=full (the paper's setup) or model.mode=lora with a DeepSpeed config, or keep qlora "
+            "with configs/accelerate/ddp.yaml or single_gpu.yaml"
+        )
+    if launch.world_size > 1 and cfg.train.method == "sft":
+        problems.append("train.method=sft runs in one process: launch it without accelerate (qlora-rft sft CONFIG)")
+    if launch.deepspeed and launch.deepspeed_config_file:
+        ds = _read_json(launch.deepspeed_config_file)
+        wanted = {"train_micro_batch_size_per_gpu": micro_batch(cfg),
+                  "gradient_accumulation_steps": backwards_per_step(cfg)}
+        for key, value in wanted.items():
+            given = ds.get(key, "auto")
+            if given != "auto" and given != value:
+                problems.append(
+                    f"{launch.deepspeed_config_file}: {key}={given} does not fit the groups: each process runs "
+                    f"{backwards_per_step(cfg)} forward/backward passes of {micro_batch(cfg)} completions per step "
+                    f"(train.prompts_per_step={cfg.train.prompts_per_step}, grpo.num_generations="
+                    f"{cfg.grpo.num_generations}, grpo.backward_chunk={cfg.grpo.backward_chunk}); set {key} to "
+                    f"\"auto\" (the trainer fills it in) or {value}"
+                )
+    if rows is not None and launch.world_size > 1 and rows % launch.world_size:
+        fits = [n for n in range(1, min(rows, 64) + 1) if rows % n == 0]
+        problems.append(
+            f"{rows} training rows do not split evenly over {launch.world_size} processes: launch a number of "
+            f"processes that divides {rows} (e.g. {', '.join(map(str, fits[-4:]))}), or add or drop rows"
+        )
+    if problems:
+        raise ConfigError("this launch cannot run:\n  - " + "\n  - ".join(problems))
+
+
+def make_accelerator(cfg: Config, launch: Launch, device: torch.device):
+    """The Accelerator of a run; under DeepSpeed its config gets the batch sizes, accumulation and clipping that
+    follow from the run config (nothing is prepared yet, so every "auto" is resolved here)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = []
+    if launch.world_size > 1 and device.type == "cpu":
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # accelerate picks no CPU backend under DeepSpeed
+    accelerator = Accelerator(cpu=device.type == "cpu" and not launch.deepspeed, kwargs_handlers=handlers)
+    if launch.deepspeed:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = micro_batch(cfg)
+        ds["gradient_accumulation_steps"] = backwards_per_step(cfg)
+        ds["train_batch_size"] = micro_batch(cfg) * backwards_per_step(cfg) * accelerator.num_processes
+        ds["gradient_clipping"] = cfg.train.max_grad_norm
+    return accelerator
+
+
+def deepspeed_engine(accelerator):
+    """The DeepSpeed engine the model was prepared into, or None."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    return wrapped.engine if wrapped is not None else None
+
+
+class Updates:
+    """Backward passes and optimizer steps: the same three calls in one process, under DDP and under DeepSpeed.
+
+    with updates.accumulating(last):  # around each chunk's forward and backward
+        updates.backward(loss)        # the loss's share of the step, never rescaled here
+    grad_norm = updates.step()        # clip, step the optimizer and the schedule, zero the gradients
+    """
+
+    def __init__(self, accelerator, model, optimizer, scheduler, max_grad_norm: float):
+        self.accelerator, self.model = accelerator, model
+        self.optimizer, self.scheduler, self.max_grad_norm = optimizer, scheduler, max_grad_norm
+        self.engine = deepspeed_engine(accelerator)
+
+    @contextlib.contextmanager
+    def accumulating(self, last: bool):
+        """Gradients are averaged over processes at the last backward of a step only."""
+        if self.engine is not None:
+            self.engine.set_gradient_accumulation_boundary(last)
+            yield
+        elif last or self.accelerator.num_processes == 1:
+            yield
+        else:
+            with self.accelerator.no_sync(self.model):
+                yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.engine is not None:
+            self.engine.backward(loss, scale_wrt_gas=False)  # our shares already add up to the step's loss
+        else:
+            self.accelerator.backward(loss)
+
+    def step(self) -> float:
+        if self.engine is not None:  # clipping (gradient_clipping), optimizer, schedule and zeroing in one call
+            self.engine.step()
+            self.scheduler.step()  # ours, not the engine's
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else 0.0
+        norm = clip_gradients(self.accelerator, self.model, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+
+def clip_gradients(accelerator, model, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    return float(torch.norm(torch.stack([p.grad.norm() for p in params])))
+
+
+@contextlib.contextmanager
+def sampling_model(accelerator, model):
+    """The policy for generate: unwrapped, and under ZeRO-3 with its shards gathered whole (and the engine's hooks
+    lifted) for the duration, so that each process can sample its own prompts to its own lengths."""
+    if deepspeed_engine(accelerator) is not None and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            remove_hooks(model)  # no per-layer gathering (a collective) at each decoded token
+            try:
+                yield accelerator.unwrap_model(model)
+            finally:
+                add_hooks(model)
+    else:
+        yield accelerator.unwrap_model(model)
+
+
+def gather_mean(accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Per-process metrics averaged over the processes (every process calls this, with the same keys)."""
+    if accelerator.num_processes == 1:
+        return values
+    keys = sorted(values)
+    local = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="mean")
+    return dict(zip(keys, total.tolist()))
+
+
+def register_head(scorer) -> None:
+    """ZeRO-3 gathers a layer's weights when that layer runs; the scorer reads the LM head's weight directly (its
+    chunked log-probs), so tell DeepSpeed to gather it for the scorer's forward and backward too."""
+    import deepspeed
+
+    deepspeed.zero.register_external_parameter(scorer, scorer.head_weight())

@@ -1,0 +1,49 @@
+"""A GRPO run on fixed completions (teacher-forced, no sampling) for the distributed tests: launched with
+`accelerate launch ... tests/dist_job.py OVERRIDES`, or run as a plain script for the one-process side.
+
+Every prompt gets the same G completion texts, some well-formed and right for one class, some not, so rewards and
+advantages differ inside each group and the update is the same whichever process holds the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+import qlora_rft.trainer as trainer
+from qlora_rft import grpo
+from qlora_rft.config import load_config
+from qlora_rft.rollout import Rollout
+
+TEXTS = [
+    "<think>it has four sides</think><answer>square</answer>",
+    "<think>two bars</think><answer>cross</answer>",
+    "<think>no idea</think>",
+    "<answer>square</answer>",
+]
+
+
+def fixed_groups(model, processor, prompts, group_size, chunk, sampling, tokens, share_prefill=True):
+    texts = [TEXTS[k % len(TEXTS)] for k in range(group_size)]
+    rows = [processor.tokenizer(t, add_special_tokens=False)["input_ids"] + [tokens.eos[0]] for t in texts]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tokens.pad] * (width - len(r)) for r in rows])
+    mask = grpo.completion_mask(ids, tokens.eos)
+    decoded = processor.batch_decode(ids, skip_special_tokens=True)
+    return [Rollout(prompt=p, completion_ids=ids.to(p.input_ids.device), mask=mask.to(p.input_ids.device),
+                    texts=decoded) for p in prompts]
+
+
+def main(argv: list[str]) -> None:
+    config, *overrides = argv
+    trainer.sample_groups = fixed_groups
+    result = trainer.fit(load_config(config, overrides), log=False)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (result.output_dir / "job_metrics.json").write_text(json.dumps(result.metrics))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
