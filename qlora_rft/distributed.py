@@ -129,6 +129,23 @@ def make_accelerator(cfg: Config, launch: Launch, device: torch.device):
     return accelerator
 
 
+@contextlib.contextmanager
+def whole_models(accelerator):
+    """Inside, from_pretrained and model construction make plain whole models even under a ZeRO-3 launch: for
+    what the main process builds alone (a tiny random model, a warm-up), where sharding at construction would wait
+    forever for the other processes."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
 def deepspeed_engine(accelerator):
     """The DeepSpeed engine the model was prepared into, or None."""
     wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)

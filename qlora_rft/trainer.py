@@ -24,7 +24,15 @@ import torch
 from qlora_rft import checkpoint, grpo
 from qlora_rft.config import Config, dump
 from qlora_rft.data import encode_prompt, load_split
-from qlora_rft.distributed import Launch, Updates, check_launch, gather_mean, make_accelerator, sampling_model
+from qlora_rft.distributed import (
+    Launch,
+    Updates,
+    check_launch,
+    gather_mean,
+    make_accelerator,
+    sampling_model,
+    whole_models,
+)
 from qlora_rft.errors import UserError
 from qlora_rft.model import (
     Policy,
@@ -168,7 +176,8 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
     accelerator = make_accelerator(cfg, launch, pick_device(cfg.model.device))
     out = Path(cfg.train.output_dir)
     task = get_task(cfg.data.task)
-    with accelerator.main_process_first():  # data, tiny models and warm-ups are built once, then read from the cache
+    # Data, tiny models and warm-ups are built once by the main process, then read from the cache by the others.
+    with accelerator.main_process_first(), whole_models(accelerator):
         data = load_split(cfg.data.train, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root)
         base_path = str(resolve_model_path(warmed_base(cfg, console)))
     check_launch(cfg, launch, rows=len(data.examples))

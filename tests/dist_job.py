@@ -1,5 +1,5 @@
 """A GRPO run on fixed completions (teacher-forced, no sampling) for the distributed tests: launched with
-`accelerate launch ... tests/dist_job.py OVERRIDES`, or run as a plain script for the one-process side.
+`accelerate launch ... tests/dist_job.py CONFIG [OVERRIDES] [--resume]`, or as a plain script for one process.
 
 Every prompt gets the same G completion texts, some well-formed and right for one class, some not, so rewards and
 advantages differ inside each group and the update is the same whichever process holds the prompt.
@@ -38,9 +38,10 @@ def fixed_groups(model, processor, prompts, group_size, chunk, sampling, tokens,
 
 
 def main(argv: list[str]) -> None:
-    config, *overrides = argv
+    resume = "--resume" in argv
+    config, *overrides = [a for a in argv if a != "--resume"]
     trainer.sample_groups = fixed_groups
-    result = trainer.fit(load_config(config, overrides), log=False)
+    result = trainer.fit(load_config(config, overrides), resume=resume, log=False)
     if int(os.environ.get("RANK", "0")) == 0:
         (result.output_dir / "job_metrics.json").write_text(json.dumps(result.metrics))
 

@@ -98,6 +98,25 @@ def test_two_zero3_processes_update_the_weights_exactly_as_one_process(tmp_path)
     assert (gap > 1e-7).float().mean() < 1e-4, f"{int((gap > 1e-7).sum())} elements differ by more than 1e-7"
 
 
+@pytest.mark.slow
+def test_a_resumed_zero3_run_equals_an_uninterrupted_one(tmp_path):
+    """Sharded checkpoints (weights, Adam state, schedule and each process's RNG) resume under the same launch."""
+    steps = ["train.lr_scheduler=constant", "train.save_steps=1", "train.save_total_limit=1"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _launch(str(JOB), str(PAPER), *steps, "train.max_steps=3", f"train.output_dir={whole}")
+    _launch(str(JOB), str(PAPER), *steps, "train.max_steps=2", f"train.output_dir={split}")
+    assert [p.name for p in split.glob("checkpoint-*")] == ["checkpoint-2"]  # pruned to the newest
+    _launch(str(JOB), str(PAPER), *steps, "train.max_steps=3", f"train.output_dir={split}", "--resume")
+
+    a, b = _weights(whole / "model"), _weights(split / "model")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    whole_lines = json.loads((whole / "job_metrics.json").read_text())
+    resumed_lines = json.loads((split / "job_metrics.json").read_text())
+    assert [line["step"] for line in resumed_lines] == [3]
+    assert resumed_lines[0]["loss"] == whole_lines[2]["loss"]
+
+
 def _cfg(*overrides: str):
     return load_config(PAPER, list(overrides))
 
