@@ -74,7 +74,9 @@ def backwards_per_step(cfg: Config) -> int:
 def check_launch(cfg: Config, launch: Launch, rows: int | None = None) -> None:
     """Name a launch this trainer cannot run, before any model loads, saying what to change.
 
-    `rows` (the training rows, once the data is read) adds the check that the processes split them evenly.
+    `rows` (the training rows, once the data is read) adds the check that one step's prompts are distinct rows.
+    Any other row count works: the prompt order is one seeded permutation per epoch, walked by all processes
+    together, so an epoch may end inside a step and every row is still seen once per epoch.
     """
     problems = []
     mode = cfg.model.mode
@@ -100,11 +102,13 @@ def check_launch(cfg: Config, launch: Launch, rows: int | None = None) -> None:
                     f"{cfg.grpo.num_generations}, grpo.backward_chunk={cfg.grpo.backward_chunk}); set {key} to "
                     f"\"auto\" (the trainer fills it in) or {value}"
                 )
-    if rows is not None and launch.world_size > 1 and rows % launch.world_size:
-        fits = [n for n in range(1, min(rows, 64) + 1) if rows % n == 0]
+    per_step = launch.world_size * cfg.train.prompts_per_step
+    if rows is not None and rows < per_step:
         problems.append(
-            f"{rows} training rows do not split evenly over {launch.world_size} processes: launch a number of "
-            f"processes that divides {rows} (e.g. {', '.join(map(str, fits[-4:]))}), or add or drop rows"
+            f"{rows} training rows cannot be divided among {launch.world_size} processes x "
+            f"train.prompts_per_step={cfg.train.prompts_per_step}: a step would give the same prompt to two of "
+            f"them; launch at most {max(rows // cfg.train.prompts_per_step, 1)} processes or lower "
+            "train.prompts_per_step"
         )
     if problems:
         raise ConfigError("this launch cannot run:\n  - " + "\n  - ".join(problems))

@@ -136,8 +136,11 @@ def test_bad_launches_are_named_before_any_model_loads(tmp_path):
     check_launch(_cfg(), zero3, rows=512)  # the paper's setup is fine
     with pytest.raises(ConfigError, match="model.mode=qlora under DeepSpeed ZeRO-3"):
         check_launch(_cfg("model.mode=qlora"), zero3)
-    with pytest.raises(ConfigError, match="100 training rows do not split evenly over 8 processes"):
-        check_launch(_cfg(), zero3, rows=100)
+    check_launch(_cfg("train.prompts_per_step=2"), zero3, rows=65)  # LVIS few-shot on 8 GPUs: uneven is fine
+    with pytest.raises(ConfigError, match="12 training rows cannot be divided among 8 processes x "
+                                          "train.prompts_per_step=2") as info:
+        check_launch(_cfg("train.prompts_per_step=2"), zero3, rows=12)
+    assert "launch at most 6 processes" in str(info.value)
     with pytest.raises(ConfigError, match="train.method=sft runs in one process"):
         check_launch(_cfg("train.method=sft"), Launch(world_size=2))
 
@@ -157,3 +160,16 @@ def test_the_cli_refuses_a_bad_launch_with_one_line_and_exit_2(tmp_path):
                            f"train.output_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "model.mode=qlora under DeepSpeed ZeRO-3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "paper").glob("*.yaml")), ids=lambda p: p.name)
+def test_paper_configs_hold_the_papers_settings_and_fit_an_8_gpu_zero3_launch(path):
+    cfg = load_config(path)
+    assert cfg.model.mode == "full" and cfg.model.dtype == "bfloat16" and cfg.lora.train_vision
+    assert cfg.train.learning_rate == 1e-6 and cfg.grpo.beta == 0.04 and cfg.train.prompts_per_step == 2
+    assert cfg.grpo.num_generations == (8 if path.name.startswith("2b") else 4)
+    assert (cfg.data.max_pixels, cfg.data.max_prompt_length, cfg.grpo.max_completion_length) == (401408, 1024, 256)
+    text = path.read_text()
+    assert f"accelerate launch --config_file configs/accelerate/zero3.yaml -m qlora_rft train configs/paper/" \
+           f"{path.name}" in text and "# Hardware:" in text
+    check_launch(cfg, Launch(world_size=8, deepspeed=True, zero_stage=3))
