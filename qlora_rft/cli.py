@@ -18,10 +18,14 @@ def _quiet() -> None:
     """Library chatter off: our own progress bars and tables say what is happening."""
     import logging
 
+    import torch
+
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not torch.cuda.is_available():  # DeepSpeed (when installed) would announce its CPU fallback on every run
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore")
-    for name in ("bitsandbytes", "accelerate", "peft", "datasets", "httpx"):
+    for name in ("bitsandbytes", "accelerate", "peft", "datasets", "httpx", "torch.utils.cpp_extension"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import datasets

@@ -99,6 +99,31 @@ def test_two_zero3_processes_update_the_weights_exactly_as_one_process(tmp_path)
 
 
 @pytest.mark.slow
+def test_two_ddp_processes_train_the_adapters_exactly_as_one_process(tmp_path):
+    """QLoRA mode under DDP (torchrun with gloo: what configs/accelerate/ddp.yaml does on GPUs): the reference is
+    the adapters-disabled base in each process, and the adapters' gradients are averaged over the processes."""
+    from safetensors.torch import load_file
+
+    qlora = ["model.mode=qlora", "lora.train_vision=false", "lora.dropout=0.0", "train.learning_rate=0.001"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, str(JOB), str(PAPER), *qlora, "train.prompts_per_step=2", f"train.output_dir={one}"])
+    torchrun = Path(sys.executable).parent / "torchrun"
+    _run([str(torchrun), "--nproc_per_node", "2", str(JOB), str(PAPER), *qlora, "train.prompts_per_step=1",
+          f"train.output_dir={two}"])
+
+    m1 = json.loads((one / "job_metrics.json").read_text())
+    m2 = json.loads((two / "job_metrics.json").read_text())
+    assert [a["loss"] for a in m1] == pytest.approx([b["loss"] for b in m2], abs=1e-7)
+    a = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max(t.abs().max().item() for k, t in a.items() if "lora_B" in k) > 1e-3  # the adapters learned...
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name  # ...the same way (measured: bit-identical)
+    assert json.loads((two / "train_summary.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
 def test_a_resumed_zero3_run_equals_an_uninterrupted_one(tmp_path):
     """Sharded checkpoints (weights, Adam state, schedule and each process's RNG) resume under the same launch."""
     steps = ["train.lr_scheduler=constant", "train.save_steps=1", "train.save_total_limit=1"]
