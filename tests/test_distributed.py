@@ -76,7 +76,8 @@ def test_two_zero3_processes_update_the_weights_exactly_as_one_process(tmp_path)
     base = _weights(resolve_model_path("tiny:tiny"))
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(JOB), str(PAPER), "train.prompts_per_step=2", f"train.output_dir={one}"])
-    _launch(str(JOB), str(PAPER), "train.prompts_per_step=1", f"train.output_dir={two}")
+    # two backward passes per step in each process: accumulation across passes is exercised too
+    _launch(str(JOB), str(PAPER), "train.prompts_per_step=1", "grpo.backward_chunk=2", f"train.output_dir={two}")
 
     m1 = json.loads((one / "job_metrics.json").read_text())
     m2 = json.loads((two / "job_metrics.json").read_text())
@@ -109,7 +110,7 @@ def test_two_ddp_processes_train_the_adapters_exactly_as_one_process(tmp_path):
     _run([sys.executable, str(JOB), str(PAPER), *qlora, "train.prompts_per_step=2", f"train.output_dir={one}"])
     torchrun = Path(sys.executable).parent / "torchrun"
     _run([str(torchrun), "--nproc_per_node", "2", str(JOB), str(PAPER), *qlora, "train.prompts_per_step=1",
-          f"train.output_dir={two}"])
+          "grpo.backward_chunk=2", f"train.output_dir={two}"])  # the first pass of each step without all-reduce
 
     m1 = json.loads((one / "job_metrics.json").read_text())
     m2 = json.loads((two / "job_metrics.json").read_text())
@@ -118,8 +119,12 @@ def test_two_ddp_processes_train_the_adapters_exactly_as_one_process(tmp_path):
     b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert max(t.abs().max().item() for k, t in a.items() if "lora_B" in k) > 1e-3  # the adapters learned...
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-6), name  # ...the same way (measured: bit-identical)
+    # ...the same way, within the rounding that Adam magnifies on near-zero gradient elements (see the ZeRO-3 test).
+    # Measured: bit-identical with one pass per step; with two, 1 of 32,768 elements differs by 1.2e-6 (chunking
+    # alone in one process does the same).
+    gap = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert gap.max() < 1e-5, f"one process vs two: max adapter difference {gap.max():.2e}"
+    assert (gap > 1e-7).float().mean() < 1e-3, f"{int((gap > 1e-7).sum())} elements differ by more than 1e-7"
     assert json.loads((two / "train_summary.json").read_text())["processes"] == 2
 
 
