@@ -30,6 +30,7 @@ from qlora_rft.distributed import (
     check_launch,
     gather_mean,
     make_accelerator,
+    register_head,
     sampling_model,
     whole_models,
 )
@@ -173,8 +174,14 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
 
     launch = Launch.from_env()
     check_launch(cfg, launch)  # before anything loads
-    accelerator = make_accelerator(cfg, launch, pick_device(cfg.model.device))
     out = Path(cfg.train.output_dir)
+    found = checkpoint.latest(out)
+    if resume and found is None:
+        raise UserError(f"--resume: no complete checkpoint in {out}; run without --resume to start afresh")
+    if not resume and found is not None:
+        raise UserError(f"{out} already holds checkpoints: pass --resume to continue, or choose another "
+                        "train.output_dir")
+    accelerator = make_accelerator(cfg, launch, pick_device(cfg.model.device))
     task = get_task(cfg.data.task)
     # Data, tiny models and warm-ups are built once by the main process, then read from the cache by the others.
     with accelerator.main_process_first(), whole_models(accelerator):
@@ -192,8 +199,6 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
     scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, warmup_steps, cfg.train.max_steps)
     scorer = CompletionScorer(policy.model)
     if launch.zero_stage == 3:
-        from qlora_rft.distributed import register_head
-
         register_head(scorer)
     # The schedule is stepped once per optimizer step by `Updates` (accelerate's wrapper would step it once per
     # process); under DeepSpeed the checkpoints still carry it.
@@ -208,17 +213,10 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
     updates = Updates(accelerator, model, optimizer, scheduler, cfg.train.max_grad_norm)
 
     start_step = 0
-    if resume:
-        found = checkpoint.latest(out)
-        if found is None:
-            raise UserError(f"--resume: no complete checkpoint in {out}; run without --resume to start afresh")
-        if updates.engine is not None:
-            start_step = checkpoint.load_sharded(accelerator, found, launch.world_size)["step"]
-        else:
-            start_step = checkpoint.load(found, policy.model, optimizer, scheduler)["step"]
-    elif checkpoint.latest(out) is not None:
-        raise UserError(f"{out} already holds checkpoints: pass --resume to continue, or choose another "
-                        "train.output_dir")
+    if resume and updates.engine is not None:
+        start_step = checkpoint.load_sharded(accelerator, found, launch.world_size)["step"]
+    elif resume:
+        start_step = checkpoint.load(found, policy.model, optimizer, scheduler)["step"]
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         dump(cfg, out / "config.yaml")
@@ -235,8 +233,6 @@ def prepare_reference(accelerator, launch: Launch, model_cfg, policy: Policy) ->
     from trl.models.utils import prepare_deepspeed
 
     if launch.zero_stage == 3:
-        from qlora_rft.distributed import register_head
-
         register_head(reference)
     return prepare_deepspeed(reference, accelerator)
 
