@@ -140,7 +140,11 @@ class GRPOConfig:
         "only: under a multi-process launch every process runs every backward, to stay in step with the others.",
     )
     logprob_chunk: int = _f(1024, "Completion positions per LM-head chunk when computing log-probs.")
-    share_prefill: bool = _f(True, "Run each prompt through the model once and repeat its KV cache for the group.")
+    share_prefill: bool = _f(
+        True,
+        "Run each prompt through the model once and continue the group's completions from its KV cache: when "
+        "sampling, and in the no-grad log-prob passes (reference, old policy).",
+    )
     sampling_weights: str = _f(
         "auto",
         "What sampling runs on. adapters: the base (4-bit in qlora mode) plus the LoRA adapters, as trained; "

@@ -197,13 +197,17 @@ def _rollout(prompt: PromptInputs, pieces: list[torch.Tensor], processor, tokens
 
 def completion_logprobs(
     model, prompt: PromptInputs, completion_ids: torch.Tensor, mask: torch.Tensor, logprob_chunk: int,
-    temperature: float = 1.0,
+    temperature: float = 1.0, share_prompt: bool = False,
 ) -> torch.Tensor:
     """log pi(token) for each completion token, under the sampling temperature.  [B, T] -> [B, T] fp32.
 
     Gradients flow when called with grad enabled (the policy pass); wrap in `reference_mode` for the reference.
+    share_prompt (no-grad passes only): the prompt runs once and the B completions continue from its KV cache,
+    instead of the prompt being computed again in each of the B rows.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if share_prompt:
+        return _logprobs_after_prefill(base, prompt, completion_ids, mask, logprob_chunk, temperature)
     B, T = completion_ids.shape
     inputs = prompt.repeated(B)
     input_ids = torch.cat([inputs.pop("input_ids"), completion_ids], dim=1)  # [B, P+T]
@@ -221,6 +225,33 @@ def completion_logprobs(
     return grpo.token_logprobs(predicting, base.lm_head.weight, completion_ids, logprob_chunk, temperature)
 
 
+@torch.no_grad()
+def _logprobs_after_prefill(base, prompt: PromptInputs, completion_ids: torch.Tensor, mask: torch.Tensor,
+                            logprob_chunk: int, temperature: float) -> torch.Tensor:
+    """`completion_logprobs` with the prompt computed once: P + B*T tokens through the model instead of B*(P+T)."""
+    B, T = completion_ids.shape
+    P = prompt.length
+    was_training = base.training
+    base.eval()  # a checkpointed layer in training mode would drop the cache
+    try:
+        first = base.model(**prompt.repeated(1), use_cache=True)  # the prompt; its last state predicts token 1
+        cache = first.past_key_values
+        cache.batch_repeat_interleave(B)
+        predicting = first.last_hidden_state[:, -1:].expand(B, -1, -1)  # [B, 1, H]
+        if T > 1:  # the completion's own tokens but the last, after the prompt in the cache
+            delta = base.model.rope_deltas  # M-RoPE: text after the image continues from the image's positions
+            positions = (torch.arange(P, P + T - 1, device=completion_ids.device) + delta).view(1, -1, T - 1)
+            attention = torch.cat([prompt.attention_mask.expand(B, -1), mask[:, :-1].to(prompt.attention_mask.dtype)],
+                                  dim=1)  # [B, P + T - 1]
+            rest = base.model(input_ids=completion_ids[:, :-1], attention_mask=attention,
+                              position_ids=positions.expand(3, B, -1), past_key_values=cache,
+                              use_cache=True).last_hidden_state  # [B, T-1, H]
+            predicting = torch.cat([predicting, rest], dim=1)  # [B, T, H]
+    finally:
+        base.train(was_training)
+    return grpo.token_logprobs(predicting, base.lm_head.weight, completion_ids, logprob_chunk, temperature)
+
+
 class CompletionScorer(torch.nn.Module):
     """The policy as one module whose forward gives completion log-probs (`completion_logprobs`).
 
@@ -234,8 +265,9 @@ class CompletionScorer(torch.nn.Module):
         self.policy = policy
 
     def forward(self, prompt: PromptInputs, completion_ids: torch.Tensor, mask: torch.Tensor, logprob_chunk: int,
-                temperature: float = 1.0) -> torch.Tensor:
-        return completion_logprobs(self.policy, prompt, completion_ids, mask, logprob_chunk, temperature)
+                temperature: float = 1.0, share_prompt: bool = False) -> torch.Tensor:
+        return completion_logprobs(self.policy, prompt, completion_ids, mask, logprob_chunk, temperature,
+                                   share_prompt)
 
     @property
     def config(self):

@@ -345,7 +345,8 @@ def backward_group(model, updates: Updates, group: Group, g, prompts_per_step: i
 def chunked_logprobs(model, rollout: Rollout, g) -> torch.Tensor:
     """Log-probs of all G completions from a CompletionScorer, backward_chunk at a time, without grad. -> [G, T]"""
     chunk = g.backward_chunk or rollout.size
-    pieces = [model(rollout.prompt, *rollout.chunk(s, s + chunk), g.logprob_chunk, g.temperature)
+    pieces = [model(rollout.prompt, *rollout.chunk(s, s + chunk), g.logprob_chunk, g.temperature,
+                    share_prompt=g.share_prefill)
               for s in range(0, rollout.size, chunk)]
     return torch.cat(pieces)
 

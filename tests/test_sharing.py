@@ -148,3 +148,35 @@ def test_merged_weights_follow_the_adapters_switch(tiny_overrides):
         with merged_weights(policy.model):  # merged while the adapters are off: the base alone
             merged = completion_logprobs(policy.model, prompt, ids, mask, 1024)
     assert torch.allclose(reference, merged, atol=1e-4)
+
+
+def test_no_grad_logprobs_after_one_prompt_prefill_equal_the_full_passes(tiny_overrides):
+    policy, prompts = _setup(tiny_overrides)
+    ids, mask = _completions(policy, 4, 7)
+    mask[1, 3:] = 0  # an early EOS: its padding is attended to by neither pass
+    mask[2, 5:] = 0
+    for prompt in (prompts[0], share_vision(policy.model, copy.copy(prompts[1]))):  # pixels, shared features
+        for context in (torch.no_grad, lambda: reference_mode(policy.model)):  # old policy, reference
+            with context():
+                full = completion_logprobs(policy.model, prompt, ids, mask, 1024)
+                shared = completion_logprobs(policy.model, prompt, ids, mask, 1024, share_prompt=True)
+            assert torch.allclose(full * mask, shared * mask, atol=1e-5)
+    with torch.no_grad():  # a one-token completion has only the prompt's last state to go on
+        one = completion_logprobs(policy.model, prompts[0], ids[:, :1], mask[:, :1], 1024)
+        assert torch.allclose(one, completion_logprobs(policy.model, prompts[0], ids[:, :1], mask[:, :1], 1024,
+                                                       share_prompt=True), atol=1e-5)
+
+
+def test_a_shared_prompt_pass_computes_the_prompt_once(tiny_overrides):
+    policy, prompts = _setup(tiny_overrides)
+    prompt = prompts[0]
+    ids, mask = _completions(policy, 4, 6)
+    shapes = []
+    hook = policy.base.model.language_model.register_forward_hook(
+        lambda module, args, kwargs, out: shapes.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
+    try:
+        with reference_mode(policy.model):
+            completion_logprobs(policy.model, prompt, ids, mask, 1024, share_prompt=True)
+    finally:
+        hook.remove()
+    assert shapes == [(1, prompt.length), (4, 5)]  # the prompt once, then the completions alone
