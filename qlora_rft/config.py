@@ -136,8 +136,8 @@ class GRPOConfig:
     )
     skip_uniform_groups: bool = _f(
         True,
-        "Skip the backward of a group whose rewards are all equal when beta = 0 (no gradient). Single process "
-        "only: under a multi-process launch every process runs every backward, to stay in step with the others.",
+        "Skip the backward of a group whose rewards are all equal when beta = 0 (no gradient). Without a launcher "
+        "only: under DDP or DeepSpeed every process runs every backward, to stay in step with the others.",
     )
     logprob_chunk: int = _f(1024, "Completion positions per LM-head chunk when computing log-probs.")
     share_prefill: bool = _f(

@@ -255,7 +255,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     weights = cfg.rewards.weights or default_weights(task.name)
     sampling = Sampling(g.max_completion_length, g.temperature, g.top_p, g.top_k,
                         min_new_tokens=g.min_completion_length)
-    skip_uniform = g.skip_uniform_groups and g.beta == 0 and accelerator.num_processes == 1
+    skip_uniform = g.skip_uniform_groups and g.beta == 0 and not run.launch.distributed  # engines step in lockstep
     logger = run.logger(console, log)
     metrics = []
     started = time.perf_counter()
