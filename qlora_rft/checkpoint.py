@@ -39,14 +39,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(output_dir: Path, step: int, model, optimizer, scheduler, extra: dict | None = None, keep: int = 0) -> Path:
-    """Write checkpoint-STEP/ atomically; prune to the newest `keep` (0: keep all)."""
+def save(output_dir: Path, step: int, model, optimizer, scheduler, extra: dict | None = None, keep: int = 0,
+         rng_states: list[dict] | None = None) -> Path:
+    """Write checkpoint-STEP/ atomically; prune to the newest `keep` (0: keep all).
+
+    `model` is the PeftModel (its adapter is saved) or, in full mode, the whole model (its state dict).
+    `rng_states`: one per process under DDP (rng.pt, rng-1.pt, ...); None: this process's.
+    """
     final = output_dir / f"checkpoint-{step}"
     with atomic_folder(final) as tmp:
-        model.save_pretrained(tmp / "adapter")
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(tmp / "adapter")
+        else:
+            torch.save(model.state_dict(), tmp / "model.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        for rank, state in enumerate(rng_states or [rng_state()]):
+            torch.save(state, tmp / _rng_file(rank))
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
     if keep:
         for old in all_checkpoints(output_dir)[:-keep]:
@@ -71,17 +80,29 @@ def latest(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore adapter weights, optimizer, scheduler and RNG states; returns the saved trainer state."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+def load(path: Path, model, optimizer, scheduler, rank: int = 0, world_size: int = 1) -> dict:
+    """Restore the adapter (or full mode's weights), optimizer, scheduler and this process's RNG states; returns the
+    saved trainer state."""
+    state = json.loads((path / STATE_FILE).read_text())
+    written_by = state.get("world_size", 1)
+    if written_by != world_size:
+        raise UserError(f"{path} was written by {written_by} process(es) and this run has {world_size}: resume "
+                        f"with the same launch (num_processes={written_by})")
+    if (path / "adapter").is_dir():
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
 
-    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
-    set_peft_model_state_dict(model, weights)
+        set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
+    else:
+        model.load_state_dict(torch.load(path / "model.pt", weights_only=True))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return json.loads((path / STATE_FILE).read_text())
+    set_rng_state(torch.load(path / _rng_file(rank), weights_only=False))
+    return state
+
+
+def _rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng-{rank}.pt"
 
 
 def save_sharded(accelerator, output_dir: Path, step: int, extra: dict | None = None, keep: int = 0) -> Path:

@@ -135,9 +135,13 @@ class Run:
                     "world_size": self.launch.world_size}  # the order itself follows from the step and seed
         if self.updates.engine is not None:  # sharded states: every process writes its own part
             checkpoint.save_sharded(self.accelerator, self.out, step, position, keep=cfg.save_total_limit)
-        elif self.accelerator.is_main_process:
+            return
+        from accelerate.utils import gather_object
+
+        rng_states = gather_object([checkpoint.rng_state()]) if self.launch.world_size > 1 else None  # rank order
+        if self.accelerator.is_main_process:  # replicated weights and optimizer: one copy, every process's RNG
             checkpoint.save(self.out, step, self.unwrapped, self.optimizer, self.scheduler, position,
-                            keep=cfg.save_total_limit)
+                            keep=cfg.save_total_limit, rng_states=rng_states)
         self.accelerator.wait_for_everyone()
 
     def finish(self, metrics: list[dict], seconds: float) -> TrainResult:
@@ -216,7 +220,7 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
     if resume and updates.engine is not None:
         start_step = checkpoint.load_sharded(accelerator, found, launch.world_size)["step"]
     elif resume:
-        start_step = checkpoint.load(found, policy.model, optimizer, scheduler)["step"]
+        start_step = checkpoint.load(found, policy.model, optimizer, scheduler, launch.rank, launch.world_size)["step"]
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         dump(cfg, out / "config.yaml")

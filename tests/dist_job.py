@@ -1,5 +1,6 @@
 """A GRPO run on fixed completions (teacher-forced, no sampling) for the distributed tests: launched with
 `accelerate launch ... tests/dist_job.py CONFIG [OVERRIDES] [--resume]`, or as a plain script for one process.
+With --sample it samples for real instead, and scores the texts with rewards that depend on every character.
 
 Every prompt gets the same G completion texts, some well-formed and right for one class, some not, so rewards and
 advantages differ inside each group and the update is the same whichever process holds the prompt.
@@ -37,10 +38,18 @@ def fixed_groups(model, processor, prompts, group_size, chunk, sampling, tokens,
                     texts=decoded) for p in prompts]
 
 
+def text_rewards(texts, solution, weights):
+    """Rewards that depend on the sampled text, so that a run's result depends on every process's RNG."""
+    return {name: [float(sum(map(ord, t)) % 3) for t in texts] for name in weights}
+
+
 def main(argv: list[str]) -> None:
-    resume = "--resume" in argv
-    config, *overrides = [a for a in argv if a != "--resume"]
-    trainer.sample_groups = fixed_groups
+    resume, sample = "--resume" in argv, "--sample" in argv
+    config, *overrides = [a for a in argv if a not in ("--resume", "--sample")]
+    if sample:
+        trainer.score = text_rewards
+    else:
+        trainer.sample_groups = fixed_groups
     result = trainer.fit(load_config(config, overrides), resume=resume, log=False)
     if int(os.environ.get("RANK", "0")) == 0:
         (result.output_dir / "job_metrics.json").write_text(json.dumps(result.metrics))

@@ -167,6 +167,43 @@ def test_a_resumed_zero3_run_equals_an_uninterrupted_one(tmp_path):
     assert resumed_lines[0]["loss"] == whole_lines[2]["loss"]
 
 
+@pytest.mark.slow
+def test_a_resumed_ddp_run_equals_an_uninterrupted_one(tmp_path):
+    """Without DeepSpeed the checkpoint holds one copy of the (replicated) adapter and optimizer, and every
+    process's RNG states (rng.pt, rng-1.pt, ...): real sampling, rewards that depend on every sampled character."""
+    from safetensors.torch import load_file
+
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(JOB), str(PAPER),
+                "--sample"]
+    steps = ["model.mode=qlora", "lora.train_vision=false", "lora.dropout=0.0", "train.learning_rate=0.001",
+             "train.lr_scheduler=constant", "train.save_steps=1"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _run([*torchrun, *steps, "train.max_steps=3", f"train.output_dir={whole}"])
+    _run([*torchrun, *steps, "train.max_steps=2", f"train.output_dir={split}"])
+    assert (split / "checkpoint-2" / "rng.pt").is_file() and (split / "checkpoint-2" / "rng-1.pt").is_file()
+    _run([*torchrun, *steps, "train.max_steps=3", f"train.output_dir={split}", "--resume"])
+
+    a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(split / "adapter" / "adapter_model.safetensors"))
+    assert max(t.abs().max().item() for k, t in a.items() if "lora_B" in k) > 0  # the run learned something
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_full_mode_checkpoint_resumes_in_one_process(tmp_path):
+    """Full mode without DeepSpeed: the checkpoint holds the whole model's weights instead of an adapter."""
+    steps = ["train.lr_scheduler=constant", "train.save_steps=1", "train.save_total_limit=1"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _run([sys.executable, str(JOB), str(PAPER), *steps, "train.max_steps=3", f"train.output_dir={whole}"])
+    _run([sys.executable, str(JOB), str(PAPER), *steps, "train.max_steps=2", f"train.output_dir={split}"])
+    assert (split / "checkpoint-2" / "model.pt").is_file()
+    _run([sys.executable, str(JOB), str(PAPER), *steps, "train.max_steps=3", f"train.output_dir={split}",
+          "--resume"])
+    a, b = _weights(whole / "model"), _weights(split / "model")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def _cfg(*overrides: str):
     return load_config(PAPER, list(overrides))
 
