@@ -3,9 +3,11 @@
   1. sample G completions of a prompt (in generation chunks)      -> Rollout
   2. score them with the task's verifiable rewards                  -> rewards [G]
   3. advantages over the whole group                                 -> [G]
-  4. fixed log-probs: reference (adapters off) and old policy       -> [G, T] each, no grad
+  4. fixed log-probs: reference (adapters off, or full mode's frozen copy) and old policy -> [G, T] each, no grad
   5. policy loss and backward, backward_chunk completions at a time (accumulated over chunks and prompts)
   6. optimizer step, metrics line, checkpoint
+
+The same loop runs in one process or under `accelerate launch` (DDP, DeepSpeed ZeRO-3): see distributed.py.
 """
 
 from __future__ import annotations
