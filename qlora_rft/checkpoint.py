@@ -57,10 +57,15 @@ def save(output_dir: Path, step: int, model, optimizer, scheduler, extra: dict |
         for rank, state in enumerate(rng_states or [rng_state()]):
             torch.save(state, tmp / _rng_file(rank))
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
+    _prune(output_dir, keep)
+    return final
+
+
+def _prune(output_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints (0: keep all)."""
     if keep:
         for old in all_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def all_checkpoints(output_dir: Path) -> list[Path]:
@@ -83,11 +88,7 @@ def latest(output_dir: Path) -> Path | None:
 def load(path: Path, model, optimizer, scheduler, rank: int = 0, world_size: int = 1) -> dict:
     """Restore the adapter (or full mode's weights), optimizer, scheduler and this process's RNG states; returns the
     saved trainer state."""
-    state = json.loads((path / STATE_FILE).read_text())
-    written_by = state.get("world_size", 1)
-    if written_by != world_size:
-        raise UserError(f"{path} was written by {written_by} process(es) and this run has {world_size}: resume "
-                        f"with the same launch (num_processes={written_by})")
+    state = _trainer_state(path, world_size)
     if (path / "adapter").is_dir():
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -98,6 +99,16 @@ def load(path: Path, model, optimizer, scheduler, rank: int = 0, world_size: int
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / _rng_file(rank), weights_only=False))
+    return state
+
+
+def _trainer_state(path: Path, world_size: int) -> dict:
+    """The checkpoint's state file; a checkpoint resumes only with the number of processes that wrote it."""
+    state = json.loads((path / STATE_FILE).read_text())
+    written_by = state.get("world_size", 1)  # checkpoints from before launches existed: one process
+    if written_by != world_size:
+        raise UserError(f"{path} was written by {written_by} process(es) and this run has {world_size}: resume "
+                        f"with the same launch config (num_processes={written_by})")
     return state
 
 
@@ -113,19 +124,13 @@ def save_sharded(accelerator, output_dir: Path, step: int, extra: dict | None = 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (final / STATE_FILE).write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
-        if keep:
-            for old in all_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        _prune(output_dir, keep)
     accelerator.wait_for_everyone()
     return final
 
 
 def load_sharded(accelerator, path: Path, world_size: int) -> dict:
     """Restore a `save_sharded` checkpoint; it resumes under the launch config that wrote it."""
-    state = json.loads((path / STATE_FILE).read_text())
-    written_by = state.get("world_size", world_size)
-    if written_by != world_size:
-        raise UserError(f"{path} was written by {written_by} processes and this launch has {world_size}: resume "
-                        f"with the same launch config (num_processes={written_by})")
+    state = _trainer_state(path, world_size)
     accelerator.load_state(str(path))
     return state

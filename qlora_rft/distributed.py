@@ -237,9 +237,12 @@ def gather_mean(accelerator, values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, total.tolist()))
 
 
-def register_head(scorer) -> None:
+def register_head(scorer, launch: Launch) -> None:
     """ZeRO-3 gathers a layer's weights when that layer runs; the scorer reads the LM head's weight directly (its
-    chunked log-probs), so tell DeepSpeed to gather it for the scorer's forward and backward too."""
+    chunked log-probs), so tell DeepSpeed to gather it for the scorer's forward and backward too. Other launches:
+    nothing to do."""
+    if launch.zero_stage != 3:
+        return
     import deepspeed
 
     deepspeed.zero.register_external_parameter(scorer, scorer.head_weight())

@@ -16,7 +16,7 @@ import torch
 
 from qlora_rft.config import LoraSettings, ModelConfig
 from qlora_rft.errors import UserError
-from qlora_rft.rollout import SpecialTokens
+from qlora_rft.rollout import SpecialTokens, base_model
 
 VISION_LINEAR = ["qkv", "proj", "fc1", "fc2"]
 
@@ -34,7 +34,7 @@ class Policy:
     @property
     def base(self):
         """The Qwen2VLForConditionalGeneration inside the peft wrapper (adapters still live in its layers)."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return base_model(self.model)
 
 
 def resolve_model_path(name_or_path: str) -> Path:
@@ -200,7 +200,7 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | Path | None = None
     processor = AutoProcessor.from_pretrained(str(path))
     processor.tokenizer.padding_side = "left"
     return Policy(model=model, processor=processor, device=device, dtype=dtype,
-                  tokens=SpecialTokens.of(model.get_base_model() if adapter else model, processor.tokenizer))
+                  tokens=SpecialTokens.of(base_model(model), processor.tokenizer))
 
 
 @contextlib.contextmanager

@@ -145,10 +145,14 @@ def _from_prefix(model, kwargs: dict, prefix: Prefix, repeat: int) -> dict:
     return {**kwargs, "past_key_values": prefix.cache}
 
 
+def base_model(model):
+    """The Qwen2VLForConditionalGeneration inside a peft wrapper (adapters still live in its layers), or the model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _core(model):
     """The Qwen2VLModel inside (where M-RoPE offsets live between calls)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model
+    return base_model(model).model
 
 
 def sample_group(model, processor, prompt: PromptInputs, group_size: int, chunk: int, sampling: Sampling,
@@ -162,7 +166,7 @@ def sample_group(model, processor, prompt: PromptInputs, group_size: int, chunk:
 def share_vision(model, prompt: PromptInputs) -> PromptInputs:
     """Run the (frozen) vision tower once for this prompt; generation and every log-prob pass reuse the result
     instead of running it again for each of the G completions and each pass."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     features = base.model.get_image_features(prompt.pixel_values, prompt.image_grid_thw, return_dict=True)
     prompt.vision = tuple(f.detach() for f in features.pooler_output)
     return prompt
@@ -205,7 +209,7 @@ def completion_logprobs(
     share_prompt (no-grad passes only): the prompt runs once and the B completions continue from its KV cache,
     instead of the prompt being computed again in each of the B rows.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if share_prompt:
         return _logprobs_after_prefill(base, prompt, completion_ids, mask, logprob_chunk, temperature)
     B, T = completion_ids.shape
@@ -275,5 +279,4 @@ class CompletionScorer(torch.nn.Module):
         return self.policy.config
 
     def head_weight(self) -> torch.nn.Parameter:
-        base = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
-        return base.lm_head.weight
+        return base_model(self.policy).lm_head.weight

@@ -12,13 +12,14 @@ import torch
 
 from qlora_rft import grpo
 from qlora_rft.config import Config
+from qlora_rft.rollout import base_model
 from qlora_rft.trainer import TrainResult, prepare_run
 from qlora_rft.warmup import supervised_batch
 
 
 def sft_loss(model, batch: dict, logprob_chunk: int) -> tuple[torch.Tensor, int]:
     """Mean negative log-likelihood of the target tokens (labels != -100) and their count."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     hidden = base.model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],

@@ -204,8 +204,7 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
     warmup_steps = math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps)
     scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, warmup_steps, cfg.train.max_steps)
     scorer = CompletionScorer(policy.model)
-    if launch.zero_stage == 3:
-        register_head(scorer)
+    register_head(scorer, launch)
     # The schedule is stepped once per optimizer step by `Updates` (accelerate's wrapper would step it once per
     # process); under DeepSpeed the checkpoints still carry it.
     model, optimizer = accelerator.prepare(scorer, optimizer)
@@ -238,8 +237,7 @@ def prepare_reference(accelerator, launch: Launch, model_cfg, policy: Policy) ->
         return reference
     from trl.models.utils import prepare_deepspeed
 
-    if launch.zero_stage == 3:
-        register_head(reference)
+    register_head(reference, launch)
     return prepare_deepspeed(reference, accelerator)
 
 
