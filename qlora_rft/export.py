@@ -16,7 +16,7 @@ import torch
 
 from qlora_rft.errors import UserError
 from qlora_rft.files import atomic_folder
-from qlora_rft.model import pick_device, resolve_model_path
+from qlora_rft.model import check_model_folder, pick_device, resolve_model_path
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
@@ -201,14 +201,12 @@ def merge_adapter(
 
 
 def _check_base(path: Path) -> None:
-    config = json.loads((path / "config.json").read_text())
+    config = check_model_folder(path)
     if config.get("quantization_config"):
         raise UserError(
             f"base {path} is a quantized checkpoint: merge into the full-precision base the adapter was trained "
             "on (the folder qlora mode quantized on load), not into 4-bit weights"
         )
-    if config.get("model_type") != "qwen2_vl":
-        raise UserError(f"base {path} is a {config.get('model_type')!r} model, not a Qwen2-VL (qwen2_vl) one")
 
 
 def _check_adapter(path: Path) -> Path:

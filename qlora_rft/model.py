@@ -37,19 +37,50 @@ class Policy:
         return base_model(self.model)
 
 
+# model_type values of config.json this project loads, and the family each names.
+SUPPORTED_MODEL_TYPES = {"qwen2_vl": "Qwen2-VL"}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # the hub's layout, transformers 5's own
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
 def resolve_model_path(name_or_path: str) -> Path:
-    """`tiny:PRESET` -> the cached random model (built on first use); otherwise a from_pretrained folder."""
+    """`tiny:PRESET` -> the cached random model (built on first use); otherwise a from_pretrained folder, checked
+    (`check_model_folder`) before anything loads."""
     if name_or_path.startswith("tiny:"):
         from qlora_rft import tiny
 
         return tiny.cached_model(name_or_path.split(":", 1)[1])
     path = Path(name_or_path).expanduser()
-    if not (path / "config.json").is_file():
-        raise UserError(
-            f"model folder {path} has no config.json: pass a local Qwen2-VL from_pretrained folder "
-            "(e.g. a downloaded Qwen/Qwen2-VL-2B-Instruct) or tiny:PRESET for a locally built one"
-        )
+    check_model_folder(path)
     return path
+
+
+def check_model_folder(path: Path) -> dict:
+    """A folder transformers would load as a supported model, or a UserError saying what is wrong; returns its
+    config.json. Checked before loading: transformers builds a default-shaped model (with random weights) from a
+    config of another family rather than refusing it."""
+    import json
+
+    supported = ", ".join(f"{family} ({t})" for t, family in SUPPORTED_MODEL_TYPES.items())
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"model folder {path} has no config.json: pass a local from_pretrained folder of a supported "
+                        f"model ({supported}, e.g. a downloaded Qwen/Qwen2-VL-2B-Instruct) or tiny:PRESET")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{config_file} is not valid JSON ({e}): the model folder is damaged") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"{path} holds a {model_type!r} model (config.json's model_type); supported are {supported}")
+    missing = [what for what, names in (("weights", WEIGHT_FILES), ("processor", PROCESSOR_FILES),
+                                        ("tokenizer", TOKENIZER_FILES))
+               if not any((path / name).is_file() for name in names)]
+    if missing:
+        raise UserError(f"model folder {path} has no {' and no '.join(missing)} files: a from_pretrained folder of "
+                        "the model and its processor is needed (save both with save_pretrained)")
+    return config
 
 
 def pick_device(name: str) -> torch.device:

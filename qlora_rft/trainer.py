@@ -39,6 +39,7 @@ from qlora_rft.distributed import (
 from qlora_rft.errors import UserError
 from qlora_rft.model import (
     Policy,
+    check_model_folder,
     load_policy,
     load_reference,
     merge_for_sampling,
@@ -180,6 +181,8 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
 
     launch = Launch.from_env()
     check_launch(cfg, launch)  # before anything loads
+    if not cfg.model.name_or_path.startswith("tiny:"):
+        check_model_folder(Path(cfg.model.name_or_path).expanduser())
     out = Path(cfg.train.output_dir)
     found = checkpoint.latest(out)
     if resume and found is None:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from qlora_rft.config import load_config
 from qlora_rft.data import encode_prompt, load_split
-from qlora_rft.model import load_policy, reference_mode
+from qlora_rft.errors import UserError
+from qlora_rft.model import load_policy, reference_mode, resolve_model_path
 from qlora_rft.rollout import Sampling, completion_logprobs, sample_group
 from qlora_rft.tasks import get_task
 
@@ -89,3 +95,53 @@ def test_lora_mode_keeps_a_full_precision_base(tiny_overrides):
     _, policy = _policy([*tiny_overrides, "model.mode=lora"])
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in policy.model.modules())
     assert any(p.requires_grad for n, p in policy.model.named_parameters() if "lora_" in n)
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+def _folder(tmp_path, config: dict | str, files=("model.safetensors", "tokenizer.json", "preprocessor_config.json")):
+    import json
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    for name in files:
+        (folder / name).write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"model_type": "gpt2", "n_layer": 12}, "holds a 'gpt2' model"),
+    ({"model_type": "bert", "hidden_size": 768}, "holds a 'bert' model"),
+    ({"architectures": ["Foo"]}, "holds a None model"),
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "holds a None model"),
+])
+def test_a_folder_of_another_family_is_refused_before_loading(tmp_path, config, message):
+    folder = _folder(tmp_path, config)
+    with pytest.raises(UserError, match=message) as caught:
+        resolve_model_path(str(folder))
+    assert "Qwen2-VL (qwen2_vl)" in str(caught.value) or "JSON" in message
+
+
+def test_a_folder_without_processor_files_is_refused(tmp_path):
+    folder = _folder(tmp_path, {"model_type": "qwen2_vl"}, files=("model.safetensors",))
+    with pytest.raises(UserError, match="no processor and no tokenizer files"):
+        resolve_model_path(str(folder))
+
+
+def test_a_real_qwen2_vl_folder_passes(tmp_path):
+    folder = _folder(tmp_path, {"model_type": "qwen2_vl"})
+    assert resolve_model_path(str(folder)) == folder
+
+
+def test_train_on_a_gpt2_folder_exits_2_at_once(tmp_path):
+    """Before the check, a GPT-2 config.json built a default-shaped Qwen2-VL (80 layers) with random weights."""
+    folder = _folder(tmp_path, {"model_type": "gpt2", "n_layer": 12})
+    proc = subprocess.run([sys.executable, "-m", "qlora_rft", "train", "configs/tiny_demo.yaml",
+                           f"model.name_or_path={folder}", f"train.output_dir={tmp_path / 'run'}"],
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "holds a 'gpt2' model" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "adapter").exists()
