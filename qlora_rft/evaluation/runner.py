@@ -79,7 +79,8 @@ def detection_items(cfg: Config) -> list[EvalItem]:
 def dataset_items(cfg: Config, task: Task) -> list[EvalItem]:
     """Each usable row of data.eval (default: data.train's source) at data.eval_split."""
     source = cfg.data.eval or cfg.data.train
-    data = load_split(source, cfg.data.eval_split, task, cfg.data.on_bad_row, cfg.data.image_root)
+    data = load_split(source, cfg.data.eval_split, task, cfg.data.on_bad_row, cfg.data.image_root,
+                      min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     return [EvalItem(str(ex.index), ex, {"id": ex.index, "solution": ex.solution}) for ex in data.examples]
 
 
