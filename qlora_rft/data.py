@@ -175,6 +175,34 @@ def load_split(source: str, split: str, task: Task, on_bad_row: str = "skip", im
     return Dataset(resolved, split, examples, skipped, downsized=list(large))
 
 
+def load_images(files: list[str], min_pixels: int, max_pixels: int, on_bad_row: str, source: str,
+                console: Console | None = None) -> dict[str, dict]:
+    """Image files (of an annotation file `source`) checked as dataset rows are: file -> its cell, for the usable
+    ones; a bad one is refused (DataError naming it) or skipped with one line for all of them."""
+    cells, skipped, large = {}, [], []
+    for file in files:
+        try:
+            image = check_image({"bytes": None, "path": file}, min_pixels, max_pixels)
+        except Unusable as e:
+            if on_bad_row == "error":
+                raise DataError(f"{source}: image {file}: {e} (set data.on_bad_row=skip to skip it)") from None
+            skipped.append(f"{file}: {e}")
+            continue
+        cells[file] = image.cell
+        if image.downsized:
+            large.append(image.size)
+    if files and not cells:
+        raise DataError(f"{source} has no usable images: all {len(files)} are bad ({skipped[0]})")
+    if skipped:
+        more = f" (+{len(skipped) - 3} more)" if len(skipped) > 3 else ""
+        (console or Console(stderr=True)).print(
+            f"[yellow]skipped {len(skipped)} of {len(files)} images of {source}[/yellow]: "
+            f"{'; '.join(skipped[:3])}{more}"
+        )
+    report_large(large, source, console)
+    return cells
+
+
 def _as_cell(image) -> dict:
     if isinstance(image, dict):
         return image

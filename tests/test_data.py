@@ -223,3 +223,30 @@ def test_empty_data_is_a_one_line_data_error(tmp_path):
                                         r"\(row 0: image does not decode"):
         load_split(str(bad), "train", TASK)
 
+
+def test_detection_images_are_checked_before_the_model_loads(tmp_path, capsys):
+    from qlora_rft.config import load_config
+    from qlora_rft.evaluation.runner import detection_items
+
+    (tmp_path / "ok.png").write_bytes(_encoded(_noise((400, 300))))
+    (tmp_path / "cut.jpg").write_bytes(_encoded(_noise((64, 48)), "JPEG")[:300])
+    coco = {"images": [{"id": 1, "file_name": "ok.png", "width": 400, "height": 300},
+                       {"id": 2, "file_name": "cut.jpg", "width": 64, "height": 48},
+                       {"id": 3, "file_name": "gone.png", "width": 64, "height": 48}],
+            "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 50]}]}
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    overrides = ["data.task=detection", f"eval.annotations={tmp_path / 'ann.json'}", "eval.classes=all",
+                 "data.max_pixels=6272"]
+    with pytest.raises(DataError, match=r"cut\.jpg.*image does not decode"):
+        detection_items(load_config(None, [*overrides, "data.on_bad_row=error"]))
+    items = detection_items(load_config(None, overrides))
+    assert [it.key for it in items] == ["1|cat", "1|dog"]
+    assert items[0].example.image is items[1].example.image  # decoded once for every class
+    assert Image.open(io.BytesIO(items[0].example.image["bytes"])).size == (84, 56)
+    err = capsys.readouterr().err
+    assert "skipped 2 of 3 images" in err and "gone.png" in err and "1 large image" in err
+    (tmp_path / "ok.png").unlink()
+    with pytest.raises(DataError, match="no usable images"):
+        detection_items(load_config(None, overrides))
+
