@@ -125,7 +125,9 @@ def run_bench(
         gradient_checkpointing=(not small) if gradient_checkpointing is None else gradient_checkpointing,
         max_pixels=max_pixels or (7056 if small else 401408),
     )
-    load_split(settings.data, settings.split, get_task(settings.task))  # generate the data once, here
+    # generate the data once, here
+    load_split(settings.data, settings.split, get_task(settings.task), min_pixels=settings.min_pixels,
+               max_pixels=settings.max_pixels)
 
     out = Path(out) if out is not None else Path("benchmarks/results") / f"{preset}-{device}.json"
     results = {}
@@ -212,7 +214,7 @@ def measured_rows(s: BenchSettings) -> list:
     from qlora_rft.tasks import get_task
     from qlora_rft.trainer import PromptOrder
 
-    data = load_split(s.data, s.split, get_task(s.task))
+    data = load_split(s.data, s.split, get_task(s.task), min_pixels=s.min_pixels, max_pixels=s.max_pixels)
     order = PromptOrder(len(data.examples), s.seed)
     count = (s.warmup_steps + s.steps) * s.prompts_per_step
     return [data.examples[order.index(i)] for i in range(count)]

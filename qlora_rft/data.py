@@ -2,23 +2,30 @@
 
 Sources: a parquet file or folder, any `datasets.load_dataset` path (never `load_from_disk`), a LISA-style JSON
 (a `.json` file, or a folder holding `SPLIT.json`; image paths relative to it), or `synthetic:NAME`.
-Bad rows (an image that does not decode, a solution that does not parse) are skipped and counted, or refused.
-Images are resized with qwen-vl-utils' rule and the config's pixel bounds, the same in training and evaluation.
+Bad rows (an image that does not decode in full or that the resize rule refuses, a solution that does not parse)
+are found at load time and skipped and counted, or refused. Images are resized with qwen-vl-utils' rule and the
+config's pixel bounds, the same in training and evaluation; high-bit-depth images are scaled to 8 bits by their
+depth; an image far larger than needed is resized once at load and kept small (PNG), with one line saying so.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
+from rich.console import Console
 
 from qlora_rft.errors import DataError
 from qlora_rft.tasks import Task
 
 REQUIRED_COLUMNS = ("image", "problem", "solution")
+FACTOR = 28  # resized sides are multiples of this: qwen-vl-utils' patch (14) x its 2x2 merge
+LARGE_FACTOR = 16  # an image over this many times data.max_pixels is resized once at load, not at every step
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class Dataset:
     split: str
     examples: list[Example]
     skipped: list[BadRow] = field(default_factory=list)
+    downsized: list[int] = field(default_factory=list)  # rows whose large image is kept at its resized size
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -67,19 +75,35 @@ def _load_table(source: str, split: str):
     path = Path(source).expanduser()
     try:
         if path.is_file():
+            _require_rows([path], source, split)
             table = datasets.load_dataset("parquet", data_files={split: str(path)}, split=split)
         elif path.is_dir() and _split_parquet(path, split):
-            files = [str(f) for f in _split_parquet(path, split)]
-            table = datasets.load_dataset("parquet", data_files={split: files}, split=split)
+            files = _split_parquet(path, split)
+            _require_rows(files, source, split)
+            table = datasets.load_dataset("parquet", data_files={split: [str(f) for f in files]}, split=split)
         elif path.is_dir():
             table = datasets.load_dataset(str(path), split=split)
         else:
             table = datasets.load_dataset(source, split=split)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
         raise DataError(f"cannot load split {split!r} of {source}: {e}") from None
+    except datasets.exceptions.DatasetGenerationError as e:
+        raise DataError(f"cannot read split {split!r} of {source}: {e.__cause__ or e}") from None
     except ConnectionError as e:
         raise DataError(f"{source} is neither a local file/folder nor reachable: {e}") from None
     return table
+
+
+def _require_rows(files: list[Path], source: str, split: str) -> None:
+    """A DataError for parquet files without a row (`datasets` would fail on them with a traceback)."""
+    import pyarrow.parquet as pq
+
+    try:
+        rows = sum(pq.read_metadata(f).num_rows for f in files)
+    except (OSError, ValueError):  # not parquet: `datasets` says why
+        return
+    if rows == 0:
+        raise DataError(f"{source} split {split!r} has no rows")
 
 
 def _split_parquet(folder: Path, split: str) -> list[Path]:
@@ -113,9 +137,13 @@ def _rows(resolved: str, split: str, image_root: str | None):
     return table, table.column_names
 
 
-def load_split(source: str, split: str, task: Task, on_bad_row: str = "skip", image_root: str | None = None
-               ) -> Dataset:
-    """Every usable row of one split; bad rows are reported by index and skipped or refused."""
+def load_split(source: str, split: str, task: Task, on_bad_row: str = "skip", image_root: str | None = None, *,
+               min_pixels: int, max_pixels: int, console: Console | None = None) -> Dataset:
+    """Every usable row of one split; bad rows are reported by index and skipped or refused.
+
+    Each image is decoded in full and checked against the resize rule with these pixel bounds (those of training or
+    evaluation), so a row that would fail mid-run fails here. Large images are kept resized (one line on `console`).
+    """
     resolved = resolve_source(source)
     rows, columns = _rows(resolved, split, image_root)
     for column in REQUIRED_COLUMNS:
@@ -124,18 +152,55 @@ def load_split(source: str, split: str, task: Task, on_bad_row: str = "skip", im
                 f"{resolved} (split {split!r}) has no column {column!r}; it has {', '.join(columns)}. "
                 "Visual-RFT data needs image, problem and solution"
             )
-    examples, skipped = [], []
+    if len(rows) == 0:
+        raise DataError(f"{resolved} split {split!r} has no rows")
+    examples, skipped, large = [], [], {}
     for index, row in enumerate(rows):
-        reason = _check_row(row, task)
-        if reason is None:
-            examples.append(Example(index, row["problem"], row["solution"], _as_cell(row["image"])))
+        try:
+            _check_text(row, task)
+            image = check_image(_as_cell(row["image"]), min_pixels, max_pixels)
+        except Unusable as e:
+            if on_bad_row == "error":
+                raise DataError(f"{resolved} split {split!r} row {index}: {e} (set data.on_bad_row=skip to skip it)"
+                                ) from None
+            skipped.append(BadRow(index, str(e)))
             continue
-        if on_bad_row == "error":
-            raise DataError(f"{resolved} split {split!r} row {index}: {reason} (set data.on_bad_row=skip to skip it)")
-        skipped.append(BadRow(index, reason))
+        examples.append(Example(index, row["problem"], row["solution"], image.cell))
+        if image.downsized:
+            large[index] = image.size
     if not examples:
-        raise DataError(f"{resolved} split {split!r} has no usable rows ({len(skipped)} bad)")
-    return Dataset(source=resolved, split=split, examples=examples, skipped=skipped)
+        raise DataError(f"{resolved} split {split!r} has no usable rows: all {len(skipped)} are bad "
+                        f"(row {skipped[0].index}: {skipped[0].reason})")
+    report_large(list(large.values()), f"{resolved} split {split!r}", console)
+    return Dataset(resolved, split, examples, skipped, downsized=list(large))
+
+
+def load_images(files: list[str], min_pixels: int, max_pixels: int, on_bad_row: str, source: str,
+                console: Console | None = None) -> dict[str, dict]:
+    """Image files (of an annotation file `source`) checked as dataset rows are: file -> its cell, for the usable
+    ones; a bad one is refused (DataError naming it) or skipped with one line for all of them."""
+    cells, skipped, large = {}, [], []
+    for file in files:
+        try:
+            image = check_image({"bytes": None, "path": file}, min_pixels, max_pixels)
+        except Unusable as e:
+            if on_bad_row == "error":
+                raise DataError(f"{source}: image {file}: {e} (set data.on_bad_row=skip to skip it)") from None
+            skipped.append(f"{file}: {e}")
+            continue
+        cells[file] = image.cell
+        if image.downsized:
+            large.append(image.size)
+    if files and not cells:
+        raise DataError(f"{source} has no usable images: all {len(files)} are bad ({skipped[0]})")
+    if skipped:
+        more = f" (+{len(skipped) - 3} more)" if len(skipped) > 3 else ""
+        (console or Console(stderr=True)).print(
+            f"[yellow]skipped {len(skipped)} of {len(files)} images of {source}[/yellow]: "
+            f"{'; '.join(skipped[:3])}{more}"
+        )
+    report_large(large, source, console)
+    return cells
 
 
 def _as_cell(image) -> dict:
@@ -144,23 +209,77 @@ def _as_cell(image) -> dict:
     if isinstance(image, str):
         return {"bytes": None, "path": image}
     if isinstance(image, Image.Image):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return {"bytes": buffer.getvalue(), "path": None}
+        return {"bytes": _png(image), "path": None}
     return {"bytes": None, "path": None}
 
 
-def _check_row(row: dict, task: Task) -> str | None:
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _check_text(row: dict, task: Task) -> None:
     if not isinstance(row.get("problem"), str) or not row["problem"].strip():
-        return "empty problem"
+        raise Unusable("empty problem")
     if not isinstance(row.get("solution"), str) or task.parse_solution(row["solution"]) is None:
-        return f"solution does not parse as a {task.name} answer: {str(row.get('solution'))[:80]!r}"
+        raise Unusable(f"solution does not parse as a {task.name} answer: {str(row.get('solution'))[:80]!r}")
+
+
+# ----------------------------------------------------------------------------- images
+
+
+class Unusable(Exception):
+    """Why a row or an image cannot be used; the message is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    cell: dict  # as stored, or for a large image its resized copy (PNG bytes)
+    size: tuple[int, int]  # (width, height) as decoded
+    downsized: bool
+
+
+def check_image(cell: dict, min_pixels: int, max_pixels: int) -> CheckedImage:
+    """Decode the image in full and size it by the resize rule, as every later step will; raise Unusable if either
+    fails. An image over LARGE_FACTOR x max_pixels, or over PIL's MAX_IMAGE_PIXELS, is resized here, once."""
     try:
-        with _open(_as_cell(row["image"])) as image:
-            image.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # said once per dataset instead
+            with _open(cell) as image:
+                image.load()
+                rgb = to_rgb(image)
+    except Image.DecompressionBombError as e:
+        raise Unusable(f"image is a possible decompression bomb, refused by PIL ({e})") from None
     except Exception as e:  # any decoder error means the same thing to the user: this image is unusable
-        return f"image does not decode ({type(e).__name__}: {e})"
-    return None
+        raise Unusable(f"image does not decode ({type(e).__name__}: {e})") from None
+    width, height = rgb.size
+    try:
+        from qwen_vl_utils.vision_process import smart_resize
+
+        new_height, new_width = smart_resize(height, width, FACTOR, min_pixels, max_pixels)
+    except (ValueError, ZeroDivisionError) as e:
+        raise Unusable(f"image {width}x{height} cannot be resized by qwen-vl-utils' rule ({e})") from None
+    if new_width < 1 or new_height < 1:
+        raise Unusable(f"image {width}x{height} would be resized to {new_width}x{new_height} under "
+                       f"data.max_pixels={max_pixels}: too elongated for these pixel bounds")
+    bomb_limit = Image.MAX_IMAGE_PIXELS or float("inf")
+    if width * height <= LARGE_FACTOR * max_pixels and width * height <= bomb_limit:
+        return CheckedImage(cell, (width, height), downsized=False)
+    small = resize_image(rgb, min_pixels, max_pixels)
+    return CheckedImage({"bytes": _png(small), "path": cell.get("path")}, (width, height), downsized=True)
+
+
+def report_large(sizes: list[tuple[int, int]], where: str, console: Console | None = None) -> None:
+    """One visible line (Python warnings are off in the CLI) about images kept resized, with the largest size."""
+    if not sizes:
+        return
+    width, height = max(sizes, key=lambda size: size[0] * size[1])
+    count = f"{len(sizes)} large image" + ("s" if len(sizes) > 1 else "")
+    (console or Console(stderr=True)).print(
+        f"[yellow]{count} in {where}[/yellow] (largest {width}x{height}): each decoded once and kept at its resized "
+        "size; smaller source images would load faster"
+    )
 
 
 def _open(cell: dict) -> Image.Image:
@@ -171,15 +290,32 @@ def _open(cell: dict) -> Image.Image:
     raise ValueError("no image bytes or path")
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The RGB image the model sees. 16- and 32-bit greyscale is scaled by its bit depth (65535 -> 255; mode "I"
+    counts as 16-bit when its values fit), floats ("F") from [0, 1] when they lie there, else as 0..255 (clipped);
+    every other mode (palette, LA, RGBA, CMYK...) converts as PIL's convert("RGB") does (alpha dropped)."""
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float32))
+        top = float(values.max(initial=0))
+        if image.mode == "F":
+            full_scale = 1.0 if top <= 1 else 255.0
+        else:
+            full_scale = 65535.0 if top <= 65535 else 2.0**31 - 1
+        image = Image.fromarray(np.clip(np.round(values * (255 / full_scale)), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def open_image(example: Example) -> Image.Image:
-    return _open(example.image).convert("RGB")
+    with _open(example.image) as image:
+        return to_rgb(image)
 
 
 def resize_image(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
     """qwen-vl-utils' resizing: sides multiples of 28, area within [min_pixels, max_pixels], aspect kept."""
     from qwen_vl_utils import fetch_image
 
-    return fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels})
+    return fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels},
+                       image_patch_size=FACTOR // 2)
 
 
 # ----------------------------------------------------------------------------- prompts

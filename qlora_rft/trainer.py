@@ -175,6 +175,7 @@ class Run:
 def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
     """Data, the (warmed) base with fresh LoRA adapters (or, in full mode, the base itself and a frozen reference
     copy), optimizer and schedule prepared by accelerate, and the state of the newest checkpoint when resuming."""
+    from rich.console import Console
     from transformers import get_scheduler
 
     from qlora_rft.warmup import warmed_base
@@ -194,7 +195,9 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
     task = get_task(cfg.data.task)
     # Data, tiny models and warm-ups are built once by the main process, then read from the cache by the others.
     with accelerator.main_process_first(), whole_models(accelerator):
-        data = load_split(cfg.data.train, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root)
+        data = load_split(cfg.data.train, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root,
+                          min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+                          console=console if accelerator.is_main_process else Console(quiet=True))
         base_path = str(resolve_model_path(warmed_base(cfg, console)))
     check_launch(cfg, launch, rows=len(data.examples))
     if accelerator.is_main_process:

@@ -73,7 +73,8 @@ def run_warmup(cfg: Config, out: Path, console=None) -> Path:
 
     task = get_task(cfg.data.task)
     source = cfg.warmup.data or cfg.data.train
-    data = load_split(source, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root)
+    data = load_split(source, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root,
+                      min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels, console=console)
     path = resolve_model_path(cfg.model.name_or_path)
     device = pick_device(cfg.model.device)
     model = Qwen2VLForConditionalGeneration.from_pretrained(

@@ -1,18 +1,26 @@
-"""Datasets in the released schema: loading, bad rows reported by index, missing columns named, image sizes."""
+"""Datasets in the released schema: loading, bad rows reported by index, missing columns named, image sizes;
+images checked at load (decoded in full, the resize rule), high bit depths, large images kept resized, empty data."""
 
 from __future__ import annotations
 
 import io
+import json
+import warnings
+from functools import partial
 
+import numpy as np
 import pytest
 from PIL import Image
+from rich.console import Console
 
-from qlora_rft.data import load_split, resize_image
+from qlora_rft.data import Example, load_split, open_image, resize_image, to_rgb
 from qlora_rft.errors import DataError
 from qlora_rft.tasks import get_task
 from qlora_rft.tasks.synthetic import write_parquet
 
 TASK = get_task("classification")
+PIXELS = dict(min_pixels=3136, max_pixels=401408)  # data.min_pixels / data.max_pixels defaults
+load_split = partial(load_split, **PIXELS)
 
 
 def _png(colour=(200, 0, 0), size=(40, 30)) -> bytes:
@@ -100,3 +108,145 @@ def test_lisa_json_file_with_an_image_root(tmp_path):
     assert [e.index for e in data.examples] == [0]
     assert data.examples[0].solution == "<answer>(10,20),(300,400)</answer>"
     assert [b.index for b in data.skipped] == [1] and "image does not decode" in data.skipped[0].reason
+
+
+# ----------------------------------------------------------------------------- images checked at load
+
+
+def _encoded(image: Image.Image, format="PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def _row(image_bytes: bytes) -> dict:
+    return {"image": {"bytes": image_bytes, "path": None}, "problem": "q", "solution": "<answer>red</answer>"}
+
+
+def _noise(size) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_truncated_jpeg_is_a_bad_row_at_load(tmp_path):
+    jpeg = _encoded(_noise((64, 48)), "JPEG")
+    path = _write(tmp_path, [_row(_png()), _row(jpeg[: len(jpeg) // 2])])
+    data = load_split(str(path), "train", TASK)
+    assert [e.index for e in data.examples] == [0] and [b.index for b in data.skipped] == [1]
+    assert "image does not decode" in data.skipped[0].reason and "truncated" in data.skipped[0].reason
+    with pytest.raises(DataError, match="row 1: image does not decode.*truncated"):
+        load_split(str(path), "train", TASK, on_bad_row="error")
+
+
+def test_images_the_resize_rule_refuses_are_bad_rows(tmp_path):
+    # qwen-vl-utils refuses an aspect ratio over 200; a 300x30 image under max_pixels=7056 would resize to 252x0.
+    path = _write(tmp_path, [_row(_png(size=(201, 1))), _row(_png(size=(300, 30))), _row(_png())])
+    data = load_split(str(path), "train", TASK, min_pixels=3136, max_pixels=7056)
+    assert [e.index for e in data.examples] == [2] and [b.index for b in data.skipped] == [0, 1]
+    assert "201x1" in data.skipped[0].reason and "aspect ratio must be smaller than 200" in data.skipped[0].reason
+    assert "300x30" in data.skipped[1].reason and "252x0" in data.skipped[1].reason
+    with pytest.raises(DataError, match="row 0: image 201x1 .*aspect ratio"):
+        load_split(str(path), "train", TASK, on_bad_row="error", min_pixels=3136, max_pixels=7056)
+    assert len(load_split(str(path), "train", TASK, min_pixels=3136, max_pixels=401408).examples) == 2
+
+
+def test_high_bit_depth_greyscale_is_scaled_by_its_bit_depth(tmp_path):
+    values = np.array([[0, 32896, 65535, 1028]], dtype=np.uint16)  # 8-bit: 0, 128, 255, 4
+    png = _encoded(Image.fromarray(values))
+    assert Image.open(io.BytesIO(png)).mode == "I;16"
+    path = _write(tmp_path, [_row(png)])
+    image = open_image(load_split(str(path), "train", TASK).examples[0])
+    assert image.mode == "RGB" and np.asarray(image)[0, :, 0].tolist() == [0, 128, 255, 4]
+    assert np.asarray(image)[0, 2].tolist() == [255, 255, 255]
+    big_endian = Image.frombytes("I;16B", (4, 1), values.astype(">u2").tobytes())
+    assert np.asarray(to_rgb(big_endian))[0, :, 1].tolist() == [0, 128, 255, 4]
+    as_int = Image.open(io.BytesIO(_encoded(Image.fromarray(values.astype(np.int32)), "TIFF")))
+    assert as_int.mode == "I" and np.asarray(to_rgb(as_int))[0, :, 2].tolist() == [0, 128, 255, 4]
+    unit_floats = Image.fromarray(np.array([[0.0, 0.25, 1.0]], dtype=np.float32))  # 0..1 -> 0..255
+    assert np.asarray(to_rgb(unit_floats))[0, :, 0].tolist() == [0, 64, 255]
+    byte_floats = Image.fromarray(np.array([[0.0, 64.0, 255.0, 300.0]], dtype=np.float32))  # 0..255 as they are
+    assert np.asarray(to_rgb(byte_floats))[0, :, 0].tolist() == [0, 64, 255, 255]
+
+
+def test_other_modes_become_rgb_as_pil_converts_them():
+    for mode, colour in (("P", 3), ("LA", (90, 200)), ("RGBA", (10, 20, 30, 0)), ("CMYK", (0, 255, 0, 0)),
+                         ("L", 77), ("1", 1)):
+        image = Image.new(mode, (3, 2), colour)
+        assert np.array_equal(np.asarray(to_rgb(image)), np.asarray(image.convert("RGB"))), mode
+
+
+def test_large_image_is_decoded_once_and_kept_at_its_resized_size(tmp_path):
+    original = _noise((400, 300))  # 120000 pixels, over 16 x max_pixels
+    pixels = dict(min_pixels=3136, max_pixels=6272)
+    path = _write(tmp_path, [_row(_encoded(original)), _row(_png())])
+    out = io.StringIO()
+    data = load_split(str(path), "train", TASK, console=Console(file=out, width=200), **pixels)
+    assert data.downsized == [0]
+    expected = resize_image(original, **pixels)
+    with Image.open(io.BytesIO(data.examples[0].image["bytes"])) as kept:
+        assert kept.size == expected.size == (84, 56)
+    assert np.array_equal(np.asarray(resize_image(open_image(data.examples[0]), **pixels)), np.asarray(expected))
+    assert data.examples[1].image["bytes"] == _png()  # small images are kept as they are
+    assert "1 large image" in out.getvalue() and "400x300" in out.getvalue()
+
+
+def test_decompression_bomb_is_a_bad_row_and_a_large_image_no_hidden_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)
+    bomb, large = _noise((100, 100)), _noise((70, 60))  # over 2x the limit: PIL refuses; between 1x and 2x: warns
+    path = _write(tmp_path, [_row(_encoded(bomb)), _row(_encoded(large))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = load_split(str(path), "train", TASK, console=Console(file=io.StringIO()))
+    assert [b.index for b in data.skipped] == [0] and "decompression bomb" in data.skipped[0].reason
+    assert data.downsized == [1]
+    assert np.array_equal(np.asarray(resize_image(open_image(data.examples[0]), **PIXELS)),
+                          np.asarray(resize_image(large, **PIXELS)))
+
+
+def test_empty_data_is_a_one_line_data_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                        ("problem", pa.string()), ("solution", pa.string())])
+    pq.write_table(schema.empty_table(), tmp_path / "empty.parquet")
+    with pytest.raises(DataError, match=r"empty\.parquet split 'train' has no rows"):
+        load_split(str(tmp_path / "empty.parquet"), "train", TASK)
+    (tmp_path / "folder").mkdir()
+    pq.write_table(schema.empty_table(), tmp_path / "folder" / "test-00000.parquet")
+    with pytest.raises(DataError, match=r"folder split 'test' has no rows"):
+        load_split(str(tmp_path / "folder"), "test", TASK)
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(DataError, match=r"empty\.json split 'val' has no rows"):
+        load_split(str(tmp_path / "empty.json"), "val", get_task("grounding"))
+    bad = _write(tmp_path, [_row(b"junk"), _row(b"junk")])
+    with pytest.raises(DataError, match=r"train\.parquet split 'train' has no usable rows: all 2 are bad "
+                                        r"\(row 0: image does not decode"):
+        load_split(str(bad), "train", TASK)
+
+
+def test_detection_images_are_checked_before_the_model_loads(tmp_path, capsys):
+    from qlora_rft.config import load_config
+    from qlora_rft.evaluation.runner import detection_items
+
+    (tmp_path / "ok.png").write_bytes(_encoded(_noise((400, 300))))
+    (tmp_path / "cut.jpg").write_bytes(_encoded(_noise((64, 48)), "JPEG")[:300])
+    coco = {"images": [{"id": 1, "file_name": "ok.png", "width": 400, "height": 300},
+                       {"id": 2, "file_name": "cut.jpg", "width": 64, "height": 48},
+                       {"id": 3, "file_name": "gone.png", "width": 64, "height": 48}],
+            "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 50]}]}
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    overrides = ["data.task=detection", f"eval.annotations={tmp_path / 'ann.json'}", "eval.classes=all",
+                 "data.max_pixels=6272"]
+    with pytest.raises(DataError, match=r"cut\.jpg.*image does not decode"):
+        detection_items(load_config(None, [*overrides, "data.on_bad_row=error"]))
+    items = detection_items(load_config(None, overrides))
+    assert [it.key for it in items] == ["1|cat", "1|dog"]
+    assert items[0].example.image is items[1].example.image  # decoded once for every class
+    assert Image.open(io.BytesIO(items[0].example.image["bytes"])).size == (84, 56)
+    err = capsys.readouterr().err
+    assert "skipped 2 of 3 images" in err and "gone.png" in err and "1 large image" in err
+    (tmp_path / "ok.png").unlink()
+    with pytest.raises(DataError, match="no usable images"):
+        detection_items(load_config(None, overrides))
+

@@ -21,7 +21,8 @@ def _setup(tiny_overrides):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.2)  # adapters that matter
     task = get_task("classification")
-    examples = load_split(cfg.data.train, "train", task).examples[:2]
+    examples = load_split(cfg.data.train, "train", task, min_pixels=cfg.data.min_pixels,
+                          max_pixels=cfg.data.max_pixels).examples[:2]
     prompts = [encode_prompt(policy.processor, task, ex, cfg.data, policy.device) for ex in examples]
     return policy, prompts
 

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from qlora_rft.config import Config
-from qlora_rft.data import Example, encode_prompts, load_split, resolve_source
+from qlora_rft.data import Example, encode_prompts, load_images, load_split, resolve_source
 from qlora_rft.errors import DataError, UserError
 from qlora_rft.rollout import Sampling
 from qlora_rft.tasks import Task, detection, get_task
@@ -46,7 +46,8 @@ class EvalRun:
 
 
 def detection_items(cfg: Config) -> list[EvalItem]:
-    """Every image of a COCO/LVIS annotation file x the evaluated classes (or only those present)."""
+    """Every image of a COCO/LVIS annotation file x the evaluated classes (or only those present). The images are
+    checked first (decoded, sized), as dataset rows are: a bad one is refused or skipped per data.on_bad_row."""
     from qlora_rft.evaluation.class_sets import resolve_classes
 
     path = Path(resolve_source(cfg.eval.annotations))
@@ -59,8 +60,12 @@ def detection_items(cfg: Config) -> list[EvalItem]:
     truth: dict[tuple[int, str], list] = {}
     for ann in coco.get("annotations", []):
         truth.setdefault((ann["image_id"], names[ann["category_id"]]), []).append(ann["bbox"])
+    files = [str(root / image["file_name"]) for image in coco.get("images", [])]
+    cells = load_images(files, cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.on_bad_row, str(path))
     items = []
-    for image in coco.get("images", []):
+    for image, file in zip(coco.get("images", []), files):
+        if file not in cells:  # skipped, reported
+            continue
         w, h = image["width"], image["height"]
         for name in classes:
             boxes = [to_scale((x, y, x + bw, y + bh), w, h) for x, y, bw, bh in truth.get((image["id"], name), [])]
@@ -70,7 +75,7 @@ def detection_items(cfg: Config) -> list[EvalItem]:
                 index=image["id"],
                 problem=detection.problem(name),
                 solution=detection.solution([tuple(b) for b in boxes]),
-                image={"bytes": None, "path": str(root / image["file_name"])},
+                image=cells[file],  # one cell per image: a large one decoded once, for every class
             )
             items.append(EvalItem(f"{image['id']}|{name}", example, {"image_id": image["id"], "category": name}))
     return items
@@ -79,7 +84,8 @@ def detection_items(cfg: Config) -> list[EvalItem]:
 def dataset_items(cfg: Config, task: Task) -> list[EvalItem]:
     """Each usable row of data.eval (default: data.train's source) at data.eval_split."""
     source = cfg.data.eval or cfg.data.train
-    data = load_split(source, cfg.data.eval_split, task, cfg.data.on_bad_row, cfg.data.image_root)
+    data = load_split(source, cfg.data.eval_split, task, cfg.data.on_bad_row, cfg.data.image_root,
+                      min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     return [EvalItem(str(ex.index), ex, {"id": ex.index, "solution": ex.solution}) for ex in data.examples]
 
 
