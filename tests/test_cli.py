@@ -42,3 +42,32 @@ def test_config_command_prints_documented_defaults(capsys):
     assert main(["config"]) == 0
     out = capsys.readouterr().out
     assert "backward_chunk: 0  # Completions per forward/backward" in out
+
+
+def _cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qlora_rft", *argv], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, message: str) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+def test_a_binary_config_is_one_line(tmp_path):
+    config = tmp_path / "weights.yaml"
+    config.write_bytes(bytes(range(256)) * 4)
+    _assert_one_line_error(_cli("config", str(config)), f"config file {config} is not UTF-8 text")
+
+
+def test_an_override_that_is_not_yaml_is_one_line():
+    _assert_one_line_error(_cli("config", "configs/tiny_demo.yaml", "train.output_dir=[oops"),
+                           "override 'train.output_dir=[oops' is not valid YAML")
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    lists = ["&a0 [x, x, x, x, x, x, x, x, x]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"  # "billion laughs": 9**9 strings once expanded
+    bomb.write_text(f"lora:\n  target_modules: [{', '.join(lists)}]\n")
+    _assert_one_line_error(_cli("config", str(bomb), timeout=30), "expands through its aliases")
