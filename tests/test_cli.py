@@ -71,3 +71,35 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
     bomb = tmp_path / "bomb.yaml"  # "billion laughs": 9**9 strings once expanded
     bomb.write_text(f"lora:\n  target_modules: [{', '.join(lists)}]\n")
     _assert_one_line_error(_cli("config", str(bomb), timeout=30), "expands through its aliases")
+
+
+def test_corrupt_adapter_weights_are_one_line(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ")  # cut short
+    proc = _cli("merge", "--base", "tiny:tiny", "--adapter", str(adapter), "--out", str(tmp_path / "merged"))
+    _assert_one_line_error(proc, f"adapter weights file {adapter / 'adapter_model.safetensors'} is corrupt or "
+                                 "truncated")
+
+
+def test_file_system_errors_name_the_path(tmp_path):
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text('{"completion": "<answer>a</answer>", "solution": "<answer>a</answer>"}\n')
+    (tmp_path / "file").write_text("")
+    proc = _cli("score", "classification", "--predictions", str(predictions), "--out", str(tmp_path / "file" / "m"))
+    _assert_one_line_error(proc, f"{tmp_path / 'file'}")
+
+
+def test_a_bug_still_shows_its_traceback(monkeypatch, capsys):
+    import qlora_rft.cli as cli
+
+    def broken(args):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_config", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        main(["config"])
+    monkeypatch.setattr(cli, "cmd_config", lambda args: open("/no/such/file"))
+    assert main(["config"]) == 2
+    assert capsys.readouterr().err == "error: No such file or directory: /no/such/file\n"

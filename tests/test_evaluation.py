@@ -109,3 +109,25 @@ def test_score_and_report_commands(tmp_path, capsys):
     assert "needs --annotations" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
+
+
+def test_corrupt_weight_files_are_named(tmp_path):
+    import shutil
+
+    from qlora_rft.model import resolve_model_path
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"\xff" * 64)  # header length far past the end
+    overrides = ["model.name_or_path=tiny:tiny", "data.max_pixels=3136", "eval.limit=2", "eval.max_new_tokens=4",
+                 f"eval.adapter={adapter}", f"eval.output_dir={tmp_path / 'eval'}"]
+    with pytest.raises(UserError, match=f"adapter weights file {adapter / 'adapter_model.safetensors'} is corrupt"):
+        runner.run_eval(load_config(None, overrides))
+
+    base = tmp_path / "base"
+    shutil.copytree(resolve_model_path("tiny:tiny"), base)
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    with pytest.raises(UserError, match=f"model weights file {weights} is corrupt or truncated"):
+        runner.run_eval(load_config(None, [*overrides[1:], f"model.name_or_path={base}", "eval.adapter="]))
