@@ -75,9 +75,9 @@ def cmd_score(args) -> None:
     if args.task == "detection" and not args.annotations:
         raise UserError("score detection needs --annotations: the COCO- or LVIS-format JSON of the images")
     metrics = score_file(args.task, args.predictions, args.annotations, args.classes)
-    write_metrics(metrics, args.out)
+    out = write_metrics(metrics, args.out)
     Console().print(metrics_table(metrics, Path(args.predictions).name))
-    print(f"metrics written to {args.out}")
+    print(f"metrics written to {out}")
 
 
 def cmd_report(args) -> None:
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True, help="predictions.jsonl")
     p.add_argument("--annotations", default=None, help="detection: COCO- or LVIS-format JSON")
     p.add_argument("--classes", default=None, help="detection: named set, 'all', or comma-separated names")
-    p.add_argument("--out", default="metrics.json")
+    p.add_argument("--out", default="metrics.json", help="JSON file to write (an existing folder: metrics.json in it)")
     p.set_defaults(run=cmd_score)
 
     p = sub.add_parser("report", help="plots and markdown summaries of a run folder (training and evaluations)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -73,6 +74,15 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
     _assert_one_line_error(_cli("config", str(bomb), timeout=30), "expands through its aliases")
 
 
+def test_score_without_a_usable_line_says_what_was_skipped(tmp_path):
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text('not json\n{"completion": "<answer>a</answer>"}\n')
+    proc = _cli("score", "classification", "--predictions", str(predictions), "--out", str(tmp_path / "m.json"))
+    _assert_one_line_error(proc, f"predictions file {predictions} has no usable line: 2 skipped (line 1: not valid "
+                                 "JSON (Expecting value); line 2: missing key 'solution')")
+    assert not (tmp_path / "m.json").exists()
+
+
 def test_corrupt_adapter_weights_are_one_line(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -89,6 +99,15 @@ def test_file_system_errors_name_the_path(tmp_path):
     (tmp_path / "file").write_text("")
     proc = _cli("score", "classification", "--predictions", str(predictions), "--out", str(tmp_path / "file" / "m"))
     _assert_one_line_error(proc, f"{tmp_path / 'file'}")
+
+
+def test_score_out_a_folder_writes_metrics_json_in_it(tmp_path, capsys):
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text('{"completion": "<answer>a</answer>", "solution": "<answer>a</answer>"}\n')
+    (tmp_path / "out").mkdir()
+    assert main(["score", "classification", "--predictions", str(predictions), "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["accuracy"] == 100.0
+    assert f"metrics written to {tmp_path / 'out' / 'metrics.json'}" in capsys.readouterr().out
 
 
 def test_a_bug_still_shows_its_traceback(monkeypatch, capsys):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qlora_rft.config import load_config
-from qlora_rft.errors import UserError
+from qlora_rft.errors import DataError, UserError
 from qlora_rft.evaluation import runner
 from qlora_rft.evaluation.scoring import score_file
 from qlora_rft.tasks import get_task
@@ -109,6 +109,32 @@ def test_score_and_report_commands(tmp_path, capsys):
     assert "needs --annotations" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
+
+
+def test_eval_and_score_refuse_the_same_annotation_files(tmp_path):
+    good = json.loads(open(runner.resolve_source("synthetic:shapes-detection/test_coco.json")).read())
+    broken = {
+        "no_width.json": lambda d: d["images"][0].pop("width"),
+        "bad_box.json": lambda d: d["annotations"][0].update(bbox=[1, 2, "3", 4]),
+        "not_coco.json": lambda d: d.pop("categories"),
+        "unknown_category.json": lambda d: d["annotations"][0].update(category_id=999),
+    }
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text('{"image_id": 1, "category": "circle", "completion": "No Objects"}\n')
+    for name, damage in broken.items():
+        data = json.loads(json.dumps(good))
+        damage(data)
+        path = tmp_path / name
+        path.write_text(json.dumps(data))
+        with pytest.raises(DataError) as by_score:
+            score_file("detection", predictions, path)
+        with pytest.raises(DataError) as by_eval:
+            runner.eval_items(load_config(None, [*DETECTION, f"eval.annotations={path}"]), get_task("detection"))
+        assert str(by_eval.value) == str(by_score.value) and str(path) in str(by_eval.value)
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(DataError, match="cannot read annotation file .* as JSON"):
+        runner.eval_items(load_config(None, [*DETECTION, f"eval.annotations={tmp_path / 'binary.json'}"]),
+                          get_task("detection"))
 
 
 def test_corrupt_weight_files_are_named(tmp_path):

@@ -48,11 +48,15 @@ class EvalRun:
 def detection_items(cfg: Config) -> list[EvalItem]:
     """Every image of a COCO/LVIS annotation file x the evaluated classes (or only those present)."""
     from qlora_rft.evaluation.class_sets import resolve_classes
+    from qlora_rft.evaluation.scoring import load_annotations
 
     path = Path(resolve_source(cfg.eval.annotations))
     if not path.is_file():
         raise DataError(f"eval.annotations={path} not found: pass a COCO- or LVIS-format JSON")
-    coco = json.loads(path.read_text())
+    coco = load_annotations(path)  # the scorer's checks: eval and `score` accept and refuse the same files
+    for image in coco["images"]:
+        if not isinstance(image.get("file_name"), str):
+            raise DataError(f"annotation file {path}: image {image['id']!r} has no 'file_name' (eval reads the image)")
     names = {c["id"]: c["name"] for c in coco.get("categories", [])}
     classes = resolve_classes(cfg.eval.classes, list(names.values()))
     root = Path(resolve_source(cfg.eval.images)) if cfg.eval.images else path.parent
@@ -178,7 +182,7 @@ def metrics_table(metrics: dict, label: str) -> Table:
     table.add_column("value", justify="right")
     for key in ("mAP", "accuracy", "mIoU", "acc@0.5"):
         if key in metrics:
-            table.add_row(f"{key} (%)", f"{metrics[key]:.2f}")
+            table.add_row(f"{key} (%)", "n/a" if metrics[key] is None else f"{metrics[key]:.2f}")
     for name, value in (metrics.get("per_class") or {}).items():
         table.add_row(f"  AP {name}", "n/a" if value is None else f"{value:.2f}")
     table.add_row("predictions", str(metrics.get("num_predictions", "")))
