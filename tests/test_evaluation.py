@@ -137,6 +137,30 @@ def test_eval_and_score_refuse_the_same_annotation_files(tmp_path):
                           get_task("detection"))
 
 
+def test_eval_resumed_with_settings_that_change_the_answers_is_refused(tmp_path):
+    overrides = ["model.name_or_path=tiny:tiny", "data.max_pixels=3136", "eval.limit=2", "eval.max_new_tokens=4",
+                 f"eval.output_dir={tmp_path}"]
+    runner.run_eval(load_config(None, overrides))
+    for change, message in [("data.max_pixels=12544", "max_pixels 3136 -> 12544"),
+                            ("eval.max_new_tokens=8", "max_new_tokens 4 -> 8"),
+                            ("data.max_prompt_length=512", "max_prompt_length 1024 -> 512"),
+                            ("model.mode=lora", "mode 'qlora' -> 'lora'")]:
+        with pytest.raises(UserError, match=f"holds predictions of another evaluation \\({message}\\)"):
+            runner.run_eval(load_config(None, [*overrides, change]))
+    lines = (tmp_path / "predictions.jsonl").read_text()
+
+    # An eval_info.json from before these settings were recorded: the settings it lacks cannot be compared.
+    info = json.loads((tmp_path / "eval_info.json").read_text())
+    old = {key: info[key] for key in ("label", "task", "model", "mode", "adapter", "annotations", "classes",
+                                      "protocol", "data", "split", "max_pixels")}
+    (tmp_path / "eval_info.json").write_text(json.dumps(old))
+    runner.run_eval(load_config(None, [*overrides, "eval.max_new_tokens=8"]))
+    assert json.loads((tmp_path / "eval_info.json").read_text())["max_new_tokens"] == 8
+    assert (tmp_path / "predictions.jsonl").read_text() == lines  # nothing left to ask
+    with pytest.raises(UserError, match="max_new_tokens 8 -> 4"):
+        runner.run_eval(load_config(None, overrides))
+
+
 def test_corrupt_weight_files_are_named(tmp_path):
     import shutil
 
