@@ -1,11 +1,13 @@
 """`qlora-rft` command line: thin wrappers over library functions (every command is callable from Python too).
 
-Bad input (config, paths, data) ends with a one-line error and exit code 2; `--debug` shows the traceback.
+Bad input (config, paths, data) and file system failures end with a one-line error and exit code 2 (`--debug` shows
+the traceback); any other exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -73,9 +75,9 @@ def cmd_score(args) -> None:
     if args.task == "detection" and not args.annotations:
         raise UserError("score detection needs --annotations: the COCO- or LVIS-format JSON of the images")
     metrics = score_file(args.task, args.predictions, args.annotations, args.classes)
-    write_metrics(metrics, args.out)
+    out = write_metrics(metrics, args.out)
     Console().print(metrics_table(metrics, Path(args.predictions).name))
-    print(f"metrics written to {args.out}")
+    print(f"metrics written to {out}")
 
 
 def cmd_report(args) -> None:
@@ -164,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True, help="predictions.jsonl")
     p.add_argument("--annotations", default=None, help="detection: COCO- or LVIS-format JSON")
     p.add_argument("--classes", default=None, help="detection: named set, 'all', or comma-separated names")
-    p.add_argument("--out", default="metrics.json")
+    p.add_argument("--out", default="metrics.json", help="JSON file to write (an existing folder: metrics.json in it)")
     p.set_defaults(run=cmd_score)
 
     p = sub.add_parser("report", help="plots and markdown summaries of a run folder (training and evaluations)")
@@ -209,16 +211,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def expected_failure(e: BaseException) -> str | None:
+    """The message of a failure the user must act on (bad input, a file system problem, a damaged file); None for
+    anything else, a bug, whose traceback must show.
+
+    Library errors caught here are those that reach us without a UserError from the code that knows the file:
+    OSError (says which path when it has one), a corrupt safetensors file, a file that is not UTF-8 or not JSON.
+    """
+    from safetensors import SafetensorError
+
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OSError):
+        if e.strerror and e.filename is not None:
+            names = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+            return f"{e.strerror}: {names}"
+        return _first_line(e)
+    if isinstance(e, SafetensorError):
+        return f"a safetensors weights file is corrupt or truncated ({_first_line(e)}): copy or download it again"
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file that should be text is not UTF-8 ({_first_line(e)})"
+    if isinstance(e, json.JSONDecodeError):
+        return f"a JSON file is not valid JSON ({_first_line(e)})"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
         _quiet()
     try:
         args.run(args)
-    except UserError as e:
-        if args.debug:
+    except Exception as e:
+        message = expected_failure(e)
+        if args.debug or message is None:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

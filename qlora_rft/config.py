@@ -264,9 +264,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} not found: pass the path of a YAML file (see configs/)")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text: pass a YAML file (see configs/)") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        raw = parse_yaml(text, str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (model:, grpo:, train: ...)")
     for item in overrides or []:
@@ -277,15 +280,65 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"section {section!r} must be a mapping")
-        raw[section][name] = yaml.safe_load(value) if value != "" else ""
+        raw[section][name] = parse_yaml(value, f"override {item!r}") if value else ""
     cfg = from_dict(raw)
     validate(cfg)
     return cfg
 
 
+MAX_YAML_NODES = 10_000  # a config has a few hundred; more only comes from nested aliases ("billion laughs")
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """`yaml.safe_load` of `text`, refusing a document whose aliases expand past MAX_YAML_NODES nodes (or into
+    themselves); errors are one-line ConfigErrors naming `what` (the file or the override)."""
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # reading starts here: a control character fails at once
+        node = loader.get_single_node()  # the node graph: an alias is the anchored node itself, not a copy
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise ConfigError(f"{what} expands through its aliases (*name) to more than {MAX_YAML_NODES} values, or "
+                              "into itself: write the values out, or use fewer nested anchors")
+        return None if node is None else loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} is not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} is nested too deeply to be a config") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict) -> int:
+    """Nodes of the document once every alias is expanded, counted once per distinct node (memoised in `sizes`);
+    capped just past MAX_YAML_NODES, which a node that contains itself reaches at once."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = MAX_YAML_NODES + 1  # while its children are counted: meeting it again is a cycle
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = []
+    sizes[id(node)] = min(MAX_YAML_NODES + 1, 1 + sum(_expanded_size(child, sizes) for child in children))
+    return sizes[id(node)]
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what is wrong and where."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if problem is None:  # a ReaderError (a control character): its first line says which
+        return str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def from_dict(raw: dict) -> Config:
     sections = {}
     for section, values in raw.items():
+        if not isinstance(section, str):
+            raise ConfigError(f"config section {section!r} is not a name: known are {', '.join(SECTIONS)}")
         if section not in SECTIONS:
             raise ConfigError(f"unknown config section {section!r}{_suggest(section, SECTIONS)}")
         if not isinstance(values, dict):
@@ -294,6 +347,8 @@ def from_dict(raw: dict) -> Config:
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         for name, value in values.items():
+            if not isinstance(name, str):
+                raise ConfigError(f"key {name!r} of section {section!r} is not a name: known are {', '.join(known)}")
             if name not in known:
                 raise ConfigError(f"unknown key {section}.{name}{_suggest(name, known)}")
             kwargs[name] = _coerce(f"{section}.{name}", value, known[name])

@@ -16,7 +16,7 @@ import torch
 
 from qlora_rft.errors import UserError
 from qlora_rft.files import atomic_folder
-from qlora_rft.model import check_model_folder, pick_device, resolve_model_path
+from qlora_rft.model import check_model_folder, check_weight_files, pick_device, read_adapter_config, resolve_model_path
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
@@ -207,19 +207,11 @@ def _check_base(path: Path) -> None:
             f"base {path} is a quantized checkpoint: merge into the full-precision base the adapter was trained "
             "on (the folder qlora mode quantized on load), not into 4-bit weights"
         )
+    check_weight_files(path, "base")
 
 
 def _check_adapter(path: Path) -> Path:
-    config_file = path / "adapter_config.json"
-    if not config_file.is_file():
-        raise UserError(
-            f"{path} is not a peft adapter folder (no adapter_config.json): pass the adapter/ folder of a run, or "
-            "a checkpoint-STEP/adapter folder"
-        )
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{config_file} is not valid JSON ({e})") from e
+    config = read_adapter_config(path)
     if config.get("peft_type") != "LORA":
         raise UserError(f"{path} holds a {config.get('peft_type')!r} adapter; only LoRA adapters can be merged")
     if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):

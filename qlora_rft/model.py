@@ -2,12 +2,14 @@
 
 The reference policy is the same base with the adapters switched off (`reference_mode`): no second model.
 Sampling settings never come from the checkpoint's generation_config (Qwen2-VL ships near-greedy ones).
+Weight files are checked whole before anything loads: a corrupt or truncated one is named in a UserError.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +107,7 @@ def load_base(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.d
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     mode = mode or cfg.mode
+    check_weight_files(path, "model")
     kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, device_map={"": str(device)})
     if is_deepspeed_zero3_enabled():  # under a ZeRO-3 launch the weights are sharded as they load: no device map
         kwargs.pop("device_map")
@@ -190,12 +193,10 @@ def load_policy(model_cfg: ModelConfig, lora: LoraSettings, adapter: str | Path 
         if model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif adapter is not None:
-        from peft import PeftModel
-
         if model_cfg.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
-        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+        model = load_adapter(base, adapter, trainable=True)
     else:
         model = attach_lora(base, lora, model_cfg.gradient_checkpointing)
     processor = AutoProcessor.from_pretrained(str(path))
@@ -220,18 +221,52 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | Path | None = None
     dtype = compute_dtype(model_cfg.dtype, device)
     model = load_base(path, model_cfg, device, dtype)
     if adapter:
-        from peft import PeftModel
-
-        adapter = Path(adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise UserError(f"{adapter} is not a peft adapter folder (no adapter_config.json): pass the adapter/ "
-                            "folder of a run, or a checkpoint-STEP/adapter folder")
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        model = load_adapter(model, adapter, trainable=False)
     model.eval()
     processor = AutoProcessor.from_pretrained(str(path))
     processor.tokenizer.padding_side = "left"
     return Policy(model=model, processor=processor, device=device, dtype=dtype,
                   tokens=SpecialTokens.of(base_model(model), processor.tokenizer))
+
+
+def read_adapter_config(adapter: str | Path) -> dict:
+    """A peft adapter folder's adapter_config.json, checked to be there and to be a JSON object, and its weight
+    files checked whole (`check_weight_files`); UserError naming the file otherwise."""
+    path = Path(adapter).expanduser()
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path} is not a peft adapter folder (no adapter_config.json): pass the adapter/ folder of "
+                        "a run, or a checkpoint-STEP/adapter folder")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{config_file} is not valid JSON ({e}): the adapter folder is damaged") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file} is not a JSON object: the adapter folder is damaged")
+    check_weight_files(path, "adapter")
+    return config
+
+
+def load_adapter(model, adapter: str | Path, trainable: bool):
+    """The peft adapter saved in `adapter` applied to `model` (not merged), after `read_adapter_config`'s checks."""
+    from peft import PeftModel
+
+    read_adapter_config(adapter)
+    return PeftModel.from_pretrained(model, str(Path(adapter).expanduser()), is_trainable=trainable)
+
+
+def check_weight_files(folder: Path, what: str) -> None:
+    """Every *.safetensors file of `folder` opens: a header that is whole and matches the file's size. A corrupt or
+    truncated file (an interrupted download or copy) is a UserError naming it, before any weights load."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError as e:
+            raise UserError(f"{what} weights file {file} is corrupt or truncated ({e}): copy or download it "
+                            "again") from None
 
 
 @contextlib.contextmanager

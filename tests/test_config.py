@@ -97,3 +97,49 @@ def test_every_field_is_documented():
     text = describe()
     assert "grpo:" in text and "num_generations: 8  # G:" in text
     assert all("#" in line for line in text.splitlines() if line.startswith("  "))
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """'Billion laughs' in one field: each list holds 9 aliases of the one before, 9**levels strings expanded."""
+    lists = ["&a0 [x, x, x, x, x, x, x, x, x]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return f"lora:\n  target_modules: [{', '.join(lists)}]\n"
+
+
+def test_alias_bombs_and_self_references_are_refused(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb())
+    with pytest.raises(ConfigError, match="expands through its aliases"):
+        load_config(bomb)
+    cycle = tmp_path / "cycle.yaml"
+    cycle.write_text("lora:\n  target_modules: &a [q_proj, *a]\n")
+    with pytest.raises(ConfigError, match="or into itself"):
+        load_config(cycle)
+    with pytest.raises(ConfigError, match="override 'lora.target_modules=.*expands"):
+        load_config(None, ["lora.target_modules=" + "[&a [x, x, x, x], &b [*a, *a, *a, *a], &c [*b, *b, *b, *b], "
+                           "&d [*c, *c, *c, *c], &e [*d, *d, *d, *d], &f [*e, *e, *e, *e], [*f, *f, *f, *f]]"])
+
+
+def test_a_few_anchors_still_load(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text("lora:\n  target_modules: &lin [q_proj, v_proj]\n  r: &rank 8\n  alpha: *rank\n"
+                    "model:\n  quantize_skip_modules: *lin\n")
+    cfg = load_config(path)
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] == cfg.model.quantize_skip_modules
+    assert cfg.lora.r == cfg.lora.alpha == 8
+
+
+def test_binary_file_bad_override_and_odd_keys_are_config_errors(tmp_path):
+    binary = tmp_path / "model.safetensors.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe" * 10)
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(binary)
+    control = tmp_path / "nul.yaml"
+    control.write_text("model:\n  name\x00: x\n")
+    with pytest.raises(ConfigError, match="not valid YAML: unacceptable character"):
+        load_config(control)
+    with pytest.raises(ConfigError, match=r"override 'train.output_dir=\[oops' is not valid YAML: expected"):
+        load_config(None, ["train.output_dir=[oops"])
+    numbered = tmp_path / "numbers.yaml"
+    numbered.write_text("model: {1: x}\n")
+    with pytest.raises(ConfigError, match="key 1 of section 'model' is not a name"):
+        load_config(numbered)

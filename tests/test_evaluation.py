@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qlora_rft.config import load_config
-from qlora_rft.errors import UserError
+from qlora_rft.errors import DataError, UserError
 from qlora_rft.evaluation import runner
 from qlora_rft.evaluation.scoring import score_file
 from qlora_rft.tasks import get_task
@@ -109,3 +109,75 @@ def test_score_and_report_commands(tmp_path, capsys):
     assert "needs --annotations" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
+
+
+def test_eval_and_score_refuse_the_same_annotation_files(tmp_path):
+    good = json.loads(open(runner.resolve_source("synthetic:shapes-detection/test_coco.json")).read())
+    broken = {
+        "no_width.json": lambda d: d["images"][0].pop("width"),
+        "bad_box.json": lambda d: d["annotations"][0].update(bbox=[1, 2, "3", 4]),
+        "not_coco.json": lambda d: d.pop("categories"),
+        "unknown_category.json": lambda d: d["annotations"][0].update(category_id=999),
+    }
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text('{"image_id": 1, "category": "circle", "completion": "No Objects"}\n')
+    for name, damage in broken.items():
+        data = json.loads(json.dumps(good))
+        damage(data)
+        path = tmp_path / name
+        path.write_text(json.dumps(data))
+        with pytest.raises(DataError) as by_score:
+            score_file("detection", predictions, path)
+        with pytest.raises(DataError) as by_eval:
+            runner.eval_items(load_config(None, [*DETECTION, f"eval.annotations={path}"]), get_task("detection"))
+        assert str(by_eval.value) == str(by_score.value) and str(path) in str(by_eval.value)
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(DataError, match="cannot read annotation file .* as JSON"):
+        runner.eval_items(load_config(None, [*DETECTION, f"eval.annotations={tmp_path / 'binary.json'}"]),
+                          get_task("detection"))
+
+
+def test_eval_resumed_with_settings_that_change_the_answers_is_refused(tmp_path):
+    overrides = ["model.name_or_path=tiny:tiny", "data.max_pixels=3136", "eval.limit=2", "eval.max_new_tokens=4",
+                 f"eval.output_dir={tmp_path}"]
+    runner.run_eval(load_config(None, overrides))
+    for change, message in [("data.max_pixels=12544", "max_pixels 3136 -> 12544"),
+                            ("eval.max_new_tokens=8", "max_new_tokens 4 -> 8"),
+                            ("data.max_prompt_length=512", "max_prompt_length 1024 -> 512"),
+                            ("model.mode=lora", "mode 'qlora' -> 'lora'")]:
+        with pytest.raises(UserError, match=f"holds predictions of another evaluation \\({message}\\)"):
+            runner.run_eval(load_config(None, [*overrides, change]))
+    lines = (tmp_path / "predictions.jsonl").read_text()
+
+    # An eval_info.json from before these settings were recorded: the settings it lacks cannot be compared.
+    info = json.loads((tmp_path / "eval_info.json").read_text())
+    old = {key: info[key] for key in ("label", "task", "model", "mode", "adapter", "annotations", "classes",
+                                      "protocol", "data", "split", "max_pixels")}
+    (tmp_path / "eval_info.json").write_text(json.dumps(old))
+    runner.run_eval(load_config(None, [*overrides, "eval.max_new_tokens=8"]))
+    assert json.loads((tmp_path / "eval_info.json").read_text())["max_new_tokens"] == 8
+    assert (tmp_path / "predictions.jsonl").read_text() == lines  # nothing left to ask
+    with pytest.raises(UserError, match="max_new_tokens 8 -> 4"):
+        runner.run_eval(load_config(None, overrides))
+
+
+def test_corrupt_weight_files_are_named(tmp_path):
+    import shutil
+
+    from qlora_rft.model import resolve_model_path
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"\xff" * 64)  # header length far past the end
+    overrides = ["model.name_or_path=tiny:tiny", "data.max_pixels=3136", "eval.limit=2", "eval.max_new_tokens=4",
+                 f"eval.adapter={adapter}", f"eval.output_dir={tmp_path / 'eval'}"]
+    with pytest.raises(UserError, match=f"adapter weights file {adapter / 'adapter_model.safetensors'} is corrupt"):
+        runner.run_eval(load_config(None, overrides))
+
+    base = tmp_path / "base"
+    shutil.copytree(resolve_model_path("tiny:tiny"), base)
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    with pytest.raises(UserError, match=f"model weights file {weights} is corrupt or truncated"):
+        runner.run_eval(load_config(None, [*overrides[1:], f"model.name_or_path={base}", "eval.adapter="]))

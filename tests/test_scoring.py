@@ -232,8 +232,10 @@ def test_read_predictions_line_numbers(tmp_path):
 
 
 def test_classification_accuracy(tmp_path):
+    ids = iter(range(100))
+
     def line(predicted, truth):
-        return {"id": 0, "completion": f"<think>hm</think><answer>{predicted}</answer>", "solution": truth}
+        return {"id": next(ids), "completion": f"<think>hm</think><answer>{predicted}</answer>", "solution": truth}
 
     lines = [
         line("rose", "<answer>rose</answer>"),
@@ -336,3 +338,55 @@ def test_write_metrics_writes_valid_json(tmp_path):
     with pytest.raises(ValueError):
         write_metrics({"mAP": float("nan")}, tmp_path / "nan.json")
     assert not (tmp_path / "nan.json").exists() and not list(tmp_path.glob(".nan.json.*"))
+
+
+def test_repeated_ids_count_once_in_every_task(tmp_path):
+    lines = [
+        {"id": 1, "completion": "<answer>rose</answer>", "solution": "<answer>rose</answer>"},
+        {"id": 2, "completion": "<answer>tulip</answer>", "solution": "<answer>rose</answer>"},
+        {"id": 1, "completion": "<answer>daisy</answer>", "solution": "<answer>rose</answer>"},  # repeat, other answer
+        {"id": 1, "completion": "<answer>rose</answer>", "solution": "<answer>rose</answer>"},  # repeat, same answer
+        {"completion": "<answer>rose</answer>", "solution": "<answer>rose</answer>"},  # no id: always used
+    ]
+    metrics = score_file("classification", write_lines(tmp_path / "c.jsonl", lines))
+    assert metrics["num_predictions"] == 3 and metrics["accuracy"] == 66.6667  # lines 1, 2, 5: right, wrong, right
+    assert metrics["skipped"] == 2
+    assert metrics["skipped_lines"] == [{"line": 3, "reason": "repeats id 1 of line 1"},
+                                        {"line": 4, "reason": "repeats id 1 of line 1"}]
+
+    truth = "<answer>(0,0),(10,10)</answer>"
+    lines = [
+        {"id": "a", "completion": "<answer>(0,0),(10,10)</answer>", "solution": truth},  # IoU 1
+        {"id": "a", "completion": "<answer>(20,20),(30,30)</answer>", "solution": truth},  # repeat: left out
+        {"id": "b", "completion": "<answer>(0,0),(10,5)</answer>", "solution": truth},  # IoU 0.5
+    ]
+    metrics = score_file("grounding", write_lines(tmp_path / "g.jsonl", lines))
+    assert metrics["mIoU"] == 75.0 and metrics["acc@0.5"] == 100.0 and metrics["num_predictions"] == 2
+    assert metrics["skipped_lines"] == [{"line": 2, "reason": "repeats id 'a' of line 1"}]
+
+
+def test_a_file_with_no_usable_line_is_refused(tmp_path, annotations):
+    lines = ["oops", {"completion": "<answer>a</answer>"}, "", "[1]", {"completion": 1, "solution": "a"}]
+    with pytest.raises(DataError, match=r"has no usable line: 4 skipped \(line 1: not valid JSON \(Expecting value\); "
+                       r"line 2: missing key 'solution'; line 4: not a JSON object \(a list\); \.\.\.\)"):
+        score_file("classification", write_lines(tmp_path / "p.jsonl", lines))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="has no usable line: it holds no line"):
+        score_file("grounding", tmp_path / "empty.jsonl")
+    outside = [perfect_line(1, "dog")]
+    with pytest.raises(DataError, match="has no usable line: 1 outside the evaluated classes"):
+        score_file("detection", write_lines(tmp_path / "d.jsonl", outside), annotations, classes="cat")
+
+
+def test_write_metrics_into_a_folder_writes_metrics_json(tmp_path):
+    assert write_metrics({"task": "grounding"}, tmp_path) == tmp_path / "metrics.json"
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"task": "grounding"}
+
+
+def test_annotation_of_an_unknown_category_is_refused(tmp_path):
+    data = json.loads(coco_json(tmp_path / "a.json").read_text())
+    data["annotations"][2]["category_id"] = 99
+    path = tmp_path / "unknown.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="annotation 2 has category_id 99, which no category has"):
+        score_file("detection", write_lines(tmp_path / "p.jsonl", [perfect_line(1, "cat")]), path)

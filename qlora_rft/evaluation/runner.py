@@ -1,7 +1,8 @@
 """Evaluation runs: greedy, batched inference of a base (with an optional adapter) into predictions.jsonl, then the
 metrics from that file alone (`scoring`), so `qlora-rft score` reproduces them without a model.
 
-Resumable: each line is written as soon as its batch is done, and a rerun skips the prompts already written.
+Resumable: each line is written as soon as its batch is done, and a rerun skips the prompts already written; a
+rerun whose settings would change the answers (eval_info.json) is refused rather than mixed into the same file.
 Detection asks every (image, class) pair of an annotation file, or only the classes present (`eval.protocol`).
 """
 
@@ -49,11 +50,15 @@ def detection_items(cfg: Config) -> list[EvalItem]:
     """Every image of a COCO/LVIS annotation file x the evaluated classes (or only those present). The images are
     checked first (decoded, sized), as dataset rows are: a bad one is refused or skipped per data.on_bad_row."""
     from qlora_rft.evaluation.class_sets import resolve_classes
+    from qlora_rft.evaluation.scoring import load_annotations
 
     path = Path(resolve_source(cfg.eval.annotations))
     if not path.is_file():
         raise DataError(f"eval.annotations={path} not found: pass a COCO- or LVIS-format JSON")
-    coco = json.loads(path.read_text())
+    coco = load_annotations(path)  # the scorer's checks: eval and `score` accept and refuse the same files
+    for image in coco["images"]:
+        if not isinstance(image.get("file_name"), str):
+            raise DataError(f"annotation file {path}: image {image['id']!r} has no 'file_name' (eval reads the image)")
     names = {c["id"]: c["name"] for c in coco.get("categories", [])}
     classes = resolve_classes(cfg.eval.classes, list(names.values()))
     root = Path(resolve_source(cfg.eval.images)) if cfg.eval.images else path.parent
@@ -124,6 +129,35 @@ def done_keys(path: Path, detection_task: bool) -> set[str]:
     return {f"{r.record['image_id']}|{r.record['category']}" if detection_task else str(r.record["id"]) for r in rows}
 
 
+def eval_settings(cfg: Config, task: Task) -> dict:
+    """What decides the prompts asked and the answers given: a resumed evaluation must keep every one of these."""
+    return {"task": task.name, "model": cfg.model.name_or_path, "mode": cfg.model.mode, "dtype": cfg.model.dtype,
+            "adapter": cfg.eval.adapter or None, "annotations": cfg.eval.annotations or None,
+            "images": cfg.eval.images or None, "classes": cfg.eval.classes, "protocol": cfg.eval.protocol,
+            "data": cfg.data.eval or cfg.data.train, "split": cfg.data.eval_split, "image_root": cfg.data.image_root,
+            "min_pixels": cfg.data.min_pixels, "max_pixels": cfg.data.max_pixels,
+            "max_prompt_length": cfg.data.max_prompt_length, "max_new_tokens": cfg.eval.max_new_tokens}
+
+
+def check_resumable(out: Path, info: dict) -> None:
+    """Refuse to append to predictions that an evaluation with other settings wrote (one file, one setting). A
+    setting the earlier eval_info.json does not record (older versions recorded fewer) is taken as unchanged."""
+    if not (out / PREDICTIONS).exists() or not (out / INFO).exists():
+        return
+    try:
+        before = json.loads((out / INFO).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        before = None
+    if not isinstance(before, dict):
+        raise UserError(f"{out / INFO} is unreadable, so {out / PREDICTIONS} cannot be resumed safely: choose another "
+                        "eval.output_dir, or delete it to start afresh")
+    changed = [f"{key} {before[key]!r} -> {value!r}" for key, value in info.items()
+               if key != "label" and key in before and before[key] != value]
+    if changed:
+        raise UserError(f"{out} holds predictions of another evaluation ({'; '.join(changed)}): choose another "
+                        "eval.output_dir, or delete it to start afresh")
+
+
 def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
     """Evaluate `model.name_or_path` (+ `eval.adapter`) and write predictions.jsonl, metrics.json, eval_info.json."""
     from qlora_rft.evaluation.scoring import score_file, write_metrics
@@ -134,16 +168,8 @@ def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
     out = Path(cfg.eval.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     label = cfg.eval.label or ("adapter" if cfg.eval.adapter else "base")
-    info = {"label": label, "task": task.name, "model": cfg.model.name_or_path, "mode": cfg.model.mode,
-            "adapter": cfg.eval.adapter or None, "annotations": cfg.eval.annotations or None,
-            "classes": cfg.eval.classes, "protocol": cfg.eval.protocol, "data": cfg.data.eval or cfg.data.train,
-            "split": cfg.data.eval_split, "max_pixels": cfg.data.max_pixels}
-    if (out / INFO).exists():
-        before = json.loads((out / INFO).read_text())
-        changed = [k for k in ("model", "adapter", "task", "annotations", "data", "split") if before.get(k) != info[k]]
-        if changed and (out / PREDICTIONS).exists():
-            raise UserError(f"{out} holds predictions of another evaluation ({', '.join(changed)} differ): choose "
-                            "another eval.output_dir, or delete it to start afresh")
+    info = {"label": label, **eval_settings(cfg, task)}
+    check_resumable(out, info)
     (out / INFO).write_text(json.dumps(info, indent=2))
 
     items = eval_items(cfg, task)
@@ -184,7 +210,7 @@ def metrics_table(metrics: dict, label: str) -> Table:
     table.add_column("value", justify="right")
     for key in ("mAP", "accuracy", "mIoU", "acc@0.5"):
         if key in metrics:
-            table.add_row(f"{key} (%)", f"{metrics[key]:.2f}")
+            table.add_row(f"{key} (%)", "n/a" if metrics[key] is None else f"{metrics[key]:.2f}")
     for name, value in (metrics.get("per_class") or {}).items():
         table.add_row(f"  AP {name}", "n/a" if value is None else f"{value:.2f}")
     table.add_row("predictions", str(metrics.get("num_predictions", "")))

@@ -1,6 +1,7 @@
 """Metrics recomputed from a predictions file alone (no model): box mAP with pycocotools or the LVIS API for detection,
 accuracy for classification, mIoU and acc@0.5 for grounding. Completions are read only by the tasks' own parsers;
-a malformed line is skipped and reported by its 1-based line number, never raised.
+a malformed line, or a repeat of a prompt already answered, is skipped and reported by its 1-based line number; only
+a file with no usable line at all is refused.
 """
 
 from __future__ import annotations
@@ -142,21 +143,35 @@ def read_predictions(path: str | Path, required: tuple[str, ...] = ("completion"
 # ---------------------------------------------------------------------------------------------------------- per sample
 
 
+def _repeat_of(first_line: dict, key, line: int) -> int | None:
+    """The line that already answered `key` (a repeat: only the first answer counts), else None after recording
+    `line` as its answer. Every task de-duplicates this way: detection by (image, category), the others by id."""
+    first = first_line.setdefault(key, line)
+    return None if first == line else first
+
+
 def _per_sample(task_name: str, rows: list[Row]) -> tuple[list[float], int, list[Skipped]]:
-    """The task's own score per row, the number of unparseable completions, and rows whose solution is unusable.
+    """The task's own score per row, the number of unparseable completions, and the rows skipped.
 
     An unparseable completion scores 0 (the task's score says so) and is used; a solution that does not parse
-    cannot be scored at all, so its row is skipped.
+    cannot be scored at all, so its row is skipped; so is a repeat of an `id` an earlier line answered (rows
+    without an `id` are all used).
     """
     task = get_task(task_name)
     scores: list[float] = []
     unparseable = 0
     skipped: list[Skipped] = []
+    first_line: dict[str, int] = {}
     for row in rows:
         completion, solution = row.record["completion"], row.record["solution"]
         if task.parse_solution(solution) is None:
             skipped.append(Skipped(row.line, f"solution {solution!r:.60} does not parse"))
             continue
+        if "id" in row.record:
+            first = _repeat_of(first_line, str(row.record["id"]), row.line)
+            if first is not None:
+                skipped.append(Skipped(row.line, f"repeats id {row.record['id']!r:.40} of line {first}"))
+                continue
         if task.parse(completion) is None:
             unparseable += 1
         scores.append(float(task.score(completion, solution)))
@@ -231,10 +246,13 @@ def load_annotations(path: str | Path) -> dict:
             raise fail(f"image {i} has no 'id'")
         if not all(_number(image.get(k)) and image[k] > 0 for k in ("width", "height")):
             raise fail(f"image {image['id']!r} needs a positive 'width' and 'height' (boxes are converted with them)")
+    category_ids = {cat["id"] for cat in data["categories"]}
     next_id = 1 + max((a["id"] for a in data["annotations"] if isinstance(a, dict) and _number(a.get("id"))), default=0)
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
             raise fail(f"annotation {i} needs 'image_id' and 'category_id'")
+        if ann["category_id"] not in category_ids:
+            raise fail(f"annotation {i} has category_id {ann['category_id']!r}, which no category has")
         bbox = ann.get("bbox")
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_number(v) for v in bbox):
             raise fail(f"annotation {i} needs a 'bbox' of 4 numbers [x, y, w, h]")
@@ -328,11 +346,10 @@ def detection_metrics(rows: list[Row], annotations: str | Path, classes: str | l
         if name is None:
             skipped.append(Skipped(row.line, f"unknown category {category!r:.60}"))
             continue
-        key = (image["id"], name)
-        if key in first_line:
-            skipped.append(Skipped(row.line, f"repeats image {image['id']!r} / {name!r} of line {first_line[key]}"))
+        first = _repeat_of(first_line, (image["id"], name), row.line)
+        if first is not None:
+            skipped.append(Skipped(row.line, f"repeats image {image['id']!r} / {name!r} of line {first}"))
             continue
-        first_line[key] = row.line
         asked.append((row, image, name))
 
     if classes is None:
@@ -483,7 +500,7 @@ def score_file(
 
     Keys: task, num_predictions (lines used), skipped (count), the task's metrics, then skipped_lines (the first
     100 as {"line", "reason"}). Detection needs `annotations` (COCO or LVIS JSON) and uses `classes`; the other
-    tasks ignore both.
+    tasks ignore both. A file with no usable line raises DataError saying what was skipped and why.
     """
     get_task(task)  # an unknown task is a ConfigError naming the known ones
     if task == "detection" and annotations is None:
@@ -496,6 +513,8 @@ def score_file(
     else:
         scored = grounding_metrics(rows)
     skipped = sorted(skipped + scored.skipped, key=lambda s: s.line)
+    if scored.metrics["num_predictions"] == 0:
+        raise _no_usable_line(predictions, skipped, scored.metrics.get("outside_classes", 0))
     values = dict(scored.metrics)
     metrics = {"task": task, "num_predictions": values.pop("num_predictions"), "skipped": len(skipped)}
     metrics.update(values)
@@ -503,9 +522,23 @@ def score_file(
     return metrics
 
 
+def _no_usable_line(predictions: str | Path, skipped: list[Skipped], outside_classes: int) -> DataError:
+    """The error for a predictions file none of whose lines can be scored: how many were skipped, and why."""
+    shown = "; ".join(f"line {s.line}: {s.reason}" for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+    why = [f"{len(skipped)} skipped ({shown})"] if skipped else []
+    if outside_classes:
+        why.append(f"{outside_classes} outside the evaluated classes")
+    return DataError(f"predictions file {predictions} has no usable line: {', '.join(why) or 'it holds no line'}")
+
+
 def write_metrics(metrics: dict, out: str | Path) -> Path:
-    """Write the metrics as indented JSON (NaN refused), atomically, creating the folder; returns the path."""
+    """Write the metrics as indented JSON (NaN refused), atomically, creating the folder; returns the path.
+
+    `out` an existing folder: metrics.json inside it.
+    """
     out = Path(out).expanduser()
+    if out.is_dir():
+        out = out / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
