@@ -41,14 +41,14 @@ def _alive(pid: int) -> bool:
 
 
 def _stale(out: Path, tag: str) -> list[Path]:
-    """`out`'s temporaries of this kind written on this host by processes that are gone, oldest first."""
+    """`out`'s temporaries of this kind written on this host by processes that are gone."""
     prefix = f".{out.name}.{tag}-{socket.gethostname()}-"
     found = []
     for path in out.parent.glob(f"{prefix}*"):
         pid, _, suffix = path.name[len(prefix):].partition("-")
         if pid.isdigit() and len(suffix) == 8 and not _alive(int(pid)):
             found.append(path)
-    return sorted(found, key=lambda p: p.stat().st_mtime)
+    return sorted(found)
 
 
 def _recover(out: Path) -> None:
