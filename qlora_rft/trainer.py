@@ -39,7 +39,7 @@ from qlora_rft.distributed import (
     whole_models,
 )
 from qlora_rft.errors import OutputError, UserError
-from qlora_rft.files import lock_folder, unlock_folder
+from qlora_rft.files import atomic_folder, lock_folder, reporting_full_disk, unlock_folder
 from qlora_rft.model import (
     Policy,
     load_policy,
@@ -150,26 +150,32 @@ class Run:
         self.accelerator.wait_for_everyone()
 
     def finish(self, metrics: list[dict], seconds: float) -> TrainResult:
-        """Save the adapter (peft format) or, in full mode, the model (from_pretrained folder), each with the
-        processor, and train_summary.json."""
+        """Save train_summary.json, then the adapter (peft format) or, in full mode, the model (from_pretrained
+        folder), each with the processor, written whole or not at all: a folder with adapter/ (or model/) always
+        has its summary. Then the output folder is unlocked."""
         full = self.cfg.model.mode == "full"
         folder = self.out / ("model" if full else "adapter")
         state = self.accelerator.get_state_dict(self.model) if self.launch.deepspeed else None  # every process
         if self.accelerator.is_main_process:
-            # Full mode writes the current names ("model.language_model.*"): a model loaded sharded under ZeRO-3
-            # cannot be mapped back to the names it was loaded from.
-            extra = {"save_original_format": False} if full else {}
-            if state is not None:  # gathered from the shards; the scorer's keys start with "policy."
-                state = {k.removeprefix("policy."): v for k, v in state.items()}
-                self.unwrapped.save_pretrained(folder, state_dict=state, **extra)
-            else:
-                self.unwrapped.save_pretrained(folder, **extra)
-            self.policy.processor.save_pretrained(folder)
             summary = {"method": self.cfg.train.method, "mode": self.cfg.model.mode,
                        "steps": self.cfg.train.max_steps, "base": self.base_path,
                        "processes": self.launch.world_size, "data_rows": len(self.data.examples),
                        "data_skipped": [vars(b) for b in self.data.skipped], "seconds": seconds}
-            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            last = checkpoint.latest(self.out)
+            kept = (f"{last.name} is kept: free some space and run again with --resume" if last is not None else
+                    "no checkpoint was written (train.save_steps): free some space and run again with --overwrite")
+            with reporting_full_disk(f"the final {folder.name}/ in {self.out}", kept):
+                (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+                with atomic_folder(folder) as tmp:
+                    # Full mode writes the current names ("model.language_model.*"): a model loaded sharded under
+                    # ZeRO-3 cannot be mapped back to the names it was loaded from.
+                    extra = {"save_original_format": False} if full else {}
+                    if state is not None:  # gathered from the shards; the scorer's keys start with "policy."
+                        state = {k.removeprefix("policy."): v for k, v in state.items()}
+                        self.unwrapped.save_pretrained(tmp, state_dict=state, **extra)
+                    else:
+                        self.unwrapped.save_pretrained(tmp, **extra)
+                    self.policy.processor.save_pretrained(tmp)
             unlock_folder(self.out)
         self.accelerator.wait_for_everyone()
         return TrainResult(self.out, folder, self.cfg.train.max_steps, metrics, len(self.data.skipped))
