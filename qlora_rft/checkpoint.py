@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from qlora_rft.errors import UserError
-from qlora_rft.files import atomic_folder
+from qlora_rft.files import atomic_folder, reporting_full_disk
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -47,18 +47,31 @@ def save(output_dir: Path, step: int, model, optimizer, scheduler, extra: dict |
     `rng_states`: one per process under DDP (rng.pt, rng-1.pt, ...); None: this process's.
     """
     final = output_dir / f"checkpoint-{step}"
-    with atomic_folder(final) as tmp:
+    with reporting_full_disk(str(final), _kept(output_dir)), atomic_folder(final) as tmp:
         if hasattr(model, "peft_config"):
             model.save_pretrained(tmp / "adapter")
         else:
-            torch.save(model.state_dict(), tmp / "model.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            _torch_save(model.state_dict(), tmp / "model.pt")
+        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         for rank, state in enumerate(rng_states or [rng_state()]):
-            torch.save(state, tmp / _rng_file(rank))
+            _torch_save(state, tmp / _rng_file(rank))
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
     _prune(output_dir, keep)
     return final
+
+
+def _torch_save(obj, path: Path) -> None:
+    with open(path, "wb") as f:  # through a Python file, so that a full disk raises its OSError (ENOSPC)
+        torch.save(obj, f)
+
+
+def _kept(output_dir: Path) -> str:
+    """What a failed checkpoint write leaves to go on from."""
+    previous = latest(output_dir)
+    if previous is None:
+        return "no earlier checkpoint was complete: free some space and start again with --overwrite"
+    return f"the previous checkpoint, {previous.name}, is kept: free some space and continue with --resume"
 
 
 def _prune(output_dir: Path, keep: int) -> None:
@@ -120,7 +133,8 @@ def save_sharded(accelerator, output_dir: Path, step: int, extra: dict | None = 
     """Every process writes its shards and RNG states into checkpoint-STEP/; then the main process marks it
     complete and prunes to the newest `keep`."""
     final = output_dir / f"checkpoint-{step}"
-    accelerator.save_state(str(final))
+    with reporting_full_disk(str(final), _kept(output_dir)):
+        accelerator.save_state(str(final))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (final / STATE_FILE).write_text(json.dumps({"step": step, **(extra or {})}, indent=2))

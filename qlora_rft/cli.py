@@ -44,7 +44,7 @@ def cmd_train(args) -> None:
     from qlora_rft.trainer import fit
 
     overrides = [*args.overrides, "train.method=sft"] if args.command == "sft" else args.overrides
-    result = fit(load_config(args.config, overrides), resume=args.resume)
+    result = fit(load_config(args.config, overrides), resume=args.resume, overwrite=args.overwrite)
     saved = "model" if result.adapter_dir.name == "model" else "adapter"
     if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`, the main process speaks
         print(f"{saved} saved to {result.adapter_dir}; metrics in {result.output_dir / 'metrics.jsonl'}")
@@ -142,12 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML file (see configs/)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    p.add_argument("--overwrite", action="store_true", help="start afresh, removing a run already in train.output_dir")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("sft", help="the supervised baseline: same base, adapters and data (train.method=sft)")
     p.add_argument("config", help="YAML file (see configs/)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    p.add_argument("--overwrite", action="store_true", help="start afresh, removing a run already in train.output_dir")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("demo", help="tiny model, synthetic task: warm-up, GRPO, before/after evaluation")

@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset, image or annotation cannot be used as given."""
+
+
+class OutputError(UserError):
+    """An output folder cannot be written as asked: in use by another run, not writable, or out of space."""

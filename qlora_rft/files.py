@@ -1,16 +1,64 @@
-"""Folders that appear whole or not at all: written into a temporary sibling, then renamed into place."""
+"""Output folders that stay sound: written whole or not at all, locked by one writer, and failing with a message.
+
+`atomic_folder` writes into a temporary sibling named after its writer (host and pid) and renames it into place; it
+removes the temporaries of writers that died and restores a folder a kill left renamed aside. `lock_folder` holds an
+OS lock (flock, released by the kernel when its process dies, so a killed run leaves no live lock behind).
+`reporting_full_disk` turns a write that ran out of space into an OutputError that says so.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import shutil
+import socket
+import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
+
+from qlora_rft.errors import OutputError
+
+LOCK_FILE = ".lock"
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_held: dict[Path, IO] = {}  # the folders this process has locked, and their lock files
 
 
 def _sibling(out: Path, tag: str) -> Path:
-    return out.parent / f".{out.name}.{tag}-{uuid.uuid4().hex[:8]}"
+    return out.parent / f".{out.name}.{tag}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _stale(out: Path, tag: str) -> list[Path]:
+    """`out`'s temporaries of this kind written on this host by processes that are gone."""
+    prefix = f".{out.name}.{tag}-{socket.gethostname()}-"
+    found = []
+    for path in out.parent.glob(f"{prefix}*"):
+        pid, _, suffix = path.name[len(prefix):].partition("-")
+        if pid.isdigit() and len(suffix) == 8 and not _alive(int(pid)):
+            found.append(path)
+    return sorted(found)
+
+
+def _recover(out: Path) -> None:
+    """Undo what a killed writer left: `out` renamed aside with no new one in its place is put back, and its
+    half-written temporaries are removed. Temporaries of live writers (and of other hosts) are never touched."""
+    old = _stale(out, "old")
+    if old and not out.exists():
+        old.pop().rename(out)
+    for path in [*old, *_stale(out, "new")]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager
@@ -19,6 +67,7 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     fails it is removed and `out` is untouched. Readers never see a half-written `out`, and an existing `out` is
     deleted only once the new one is in place."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    _recover(out)
     tmp = _sibling(out, "new")
     tmp.mkdir()  # not mkdtemp: the folder keeps the umask's permissions once renamed to `out`
     try:
@@ -37,3 +86,66 @@ def atomic_folder(out: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def lock_folder(folder: Path, name: str) -> None:
+    """Lock `folder` (created if missing) for this process until `unlock_folder` or the process's end. Refused,
+    naming the holder, while another process holds it; a lock file left by a dead process is simply taken over.
+    Locking again a folder this process holds does nothing. `name` is the setting the folder came from."""
+    folder = Path(folder).resolve()
+    if folder in _held:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # the lock file may be writable in a folder that is not
+        handle = open(folder / LOCK_FILE, "a+")
+    except OSError as e:
+        raise OutputError(f"{name}={folder} cannot be written ({e.strerror or e}): fix its permissions or choose "
+                          f"another {name}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise OutputError(f"{name}={folder} is in use by {holder}: wait for that run to end or choose another "
+                          f"{name}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _held[folder] = handle
+
+
+def unlock_folder(folder: Path) -> None:
+    """Release `lock_folder`'s lock (nothing to do if this process does not hold it). The file stays: removing a
+    lock file would let two processes lock two different files of the same name."""
+    handle = _held.pop(Path(folder).resolve(), None)
+    if handle is not None:
+        handle.close()  # closing releases the flock
+
+
+def out_of_space(error: BaseException | None) -> bool:
+    """Whether a write failed for want of space: an OSError with ENOSPC or EDQUOT in the exception chain (torch
+    writing to a file object raises a RuntimeError from one), or a message quoting one (safetensors' "No space
+    left on device (os error 28)")."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _FULL:
+            return True
+        if any(f"(os error {code})" in str(error) for code in _FULL):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextmanager
+def reporting_full_disk(what: str, kept: str) -> Iterator[None]:
+    """Inside, a write that runs out of space (disk full or quota exceeded) raises an OutputError naming `what` was
+    being written and `kept` (what survives and how to go on)."""
+    try:
+        yield
+    except Exception as e:
+        if not out_of_space(e):
+            raise
+        raise OutputError(f"no space left on the device (disk full or quota exceeded) while writing {what}; "
+                          f"{kept}") from e

@@ -1,7 +1,8 @@
 """Small-budget ablations: every combination of a grid is trained and evaluated in turn, then tabulated.
 
 Resumable: a finished setting (its evaluation's metrics.json exists) is skipped, a half-trained one resumes from its
-newest checkpoint. The base is evaluated once as the reference row. Writes results.md, results.csv, results.png.
+newest checkpoint (or starts afresh when it wrote none). The base is evaluated once as the reference row. Writes
+results.md, results.csv, results.png.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def run_sweep(config: str | Path, grid: list[str], out: str | Path | None = None
         done = folder / "eval" / "metrics.json"
         if not done.exists():
             if not (folder / "train" / "adapter" / "adapter_config.json").exists():
-                fit(cfg, resume=checkpoint.latest(folder / "train") is not None, console=console)
+                resume = checkpoint.latest(folder / "train") is not None  # else start afresh, whatever is there
+                fit(cfg, resume=resume, overwrite=not resume, console=console)
             base = json.loads((folder / "train" / "train_summary.json").read_text())["base"]
             run_eval(_eval_config(cfg, config, eval_config, common, setting, base, folder / "train" / "adapter",
                                   folder / "eval"), console)

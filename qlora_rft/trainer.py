@@ -16,6 +16,8 @@ import contextlib
 import json
 import math
 import random
+import re
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,7 +38,8 @@ from qlora_rft.distributed import (
     sampling_model,
     whole_models,
 )
-from qlora_rft.errors import UserError
+from qlora_rft.errors import OutputError, UserError
+from qlora_rft.files import atomic_folder, lock_folder, reporting_full_disk, unlock_folder
 from qlora_rft.model import (
     Policy,
     check_model_folder,
@@ -148,26 +151,33 @@ class Run:
         self.accelerator.wait_for_everyone()
 
     def finish(self, metrics: list[dict], seconds: float) -> TrainResult:
-        """Save the adapter (peft format) or, in full mode, the model (from_pretrained folder), each with the
-        processor, and train_summary.json."""
+        """Save train_summary.json, then the adapter (peft format) or, in full mode, the model (from_pretrained
+        folder), each with the processor, written whole or not at all: a folder with adapter/ (or model/) always
+        has its summary. Then the output folder is unlocked."""
         full = self.cfg.model.mode == "full"
         folder = self.out / ("model" if full else "adapter")
         state = self.accelerator.get_state_dict(self.model) if self.launch.deepspeed else None  # every process
         if self.accelerator.is_main_process:
-            # Full mode writes the current names ("model.language_model.*"): a model loaded sharded under ZeRO-3
-            # cannot be mapped back to the names it was loaded from.
-            extra = {"save_original_format": False} if full else {}
-            if state is not None:  # gathered from the shards; the scorer's keys start with "policy."
-                state = {k.removeprefix("policy."): v for k, v in state.items()}
-                self.unwrapped.save_pretrained(folder, state_dict=state, **extra)
-            else:
-                self.unwrapped.save_pretrained(folder, **extra)
-            self.policy.processor.save_pretrained(folder)
             summary = {"method": self.cfg.train.method, "mode": self.cfg.model.mode,
                        "steps": self.cfg.train.max_steps, "base": self.base_path,
                        "processes": self.launch.world_size, "data_rows": len(self.data.examples),
                        "data_skipped": [vars(b) for b in self.data.skipped], "seconds": seconds}
-            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            last = checkpoint.latest(self.out)
+            kept = (f"{last.name} is kept: free some space and run again with --resume" if last is not None else
+                    "no checkpoint was written (train.save_steps): free some space and run again with --overwrite")
+            with reporting_full_disk(f"the final {folder.name}/ in {self.out}", kept):
+                (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+                with atomic_folder(folder) as tmp:
+                    # Full mode writes the current names ("model.language_model.*"): a model loaded sharded under
+                    # ZeRO-3 cannot be mapped back to the names it was loaded from.
+                    extra = {"save_original_format": False} if full else {}
+                    if state is not None:  # gathered from the shards; the scorer's keys start with "policy."
+                        state = {k.removeprefix("policy."): v for k, v in state.items()}
+                        self.unwrapped.save_pretrained(tmp, state_dict=state, **extra)
+                    else:
+                        self.unwrapped.save_pretrained(tmp, **extra)
+                    self.policy.processor.save_pretrained(tmp)
+            unlock_folder(self.out)
         self.accelerator.wait_for_everyone()
         return TrainResult(self.out, folder, self.cfg.train.max_steps, metrics, len(self.data.skipped))
 
@@ -185,12 +195,7 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
     if not cfg.model.name_or_path.startswith("tiny:"):
         check_model_folder(Path(cfg.model.name_or_path).expanduser())
     out = Path(cfg.train.output_dir)
-    found = checkpoint.latest(out)
-    if resume and found is None:
-        raise UserError(f"--resume: no complete checkpoint in {out}; run without --resume to start afresh")
-    if not resume and found is not None:
-        raise UserError(f"{out} already holds checkpoints: pass --resume to continue, or choose another "
-                        "train.output_dir")
+    found = claim_output_dir(out, resume, launch)
     accelerator = make_accelerator(cfg, launch, pick_device(cfg.model.device))
     task = get_task(cfg.data.task)
     # Data, tiny models and warm-ups are built once by the main process, then read from the cache by the others.
@@ -235,6 +240,48 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
                scheduler, updates, reference_model, start_step, PromptOrder(len(data.examples), cfg.train.seed))
 
 
+# What a run writes into train.output_dir; any of them (or a checkpoint) means the folder holds a run.
+RUN_FILES = ("adapter", "model", "train_summary.json", "metrics.jsonl")
+
+
+def run_files(out: Path) -> list[Path]:
+    """The files and folders of an earlier run in `out`: its results, metrics and checkpoints (complete or not)."""
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.name in RUN_FILES or re.fullmatch(r"checkpoint-\d+", p.name))
+
+
+def claim_output_dir(out: Path, resume: bool, launch: Launch) -> Path | None:
+    """Before anything loads: the main process locks train.output_dir (refused while another run holds it, or
+    when it cannot be written) and refuses to write over an earlier run unless resuming. Returns the checkpoint to
+    resume from."""
+    if launch.rank == 0:
+        lock_folder(out, "train.output_dir")
+    try:
+        found, earlier = checkpoint.latest(out), run_files(out)
+        if resume and found is None:
+            fresh = "start afresh with --overwrite" if earlier else "run without --resume to start afresh"
+            raise UserError(f"--resume: no complete checkpoint in {out}; {fresh}")
+        if earlier and not resume and launch.rank == 0:  # the others may see the files fit(overwrite) is removing
+            names = ", ".join(p.name for p in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+            raise OutputError(f"train.output_dir={out} holds a run ({names}): pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another train.output_dir")
+    except UserError:
+        unlock_folder(out)
+        raise
+    return found
+
+
+def start_afresh(out: Path) -> None:
+    """Lock train.output_dir and remove an earlier run's files from it (other files are left alone)."""
+    lock_folder(out, "train.output_dir")
+    for path in [*run_files(out), out / "config.yaml"]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def prepare_reference(accelerator, launch: Launch, model_cfg, policy: Policy) -> torch.nn.Module:
     """Full mode's reference: a frozen copy of the base in a scorer; under DeepSpeed an engine of its own (sharded
     like the policy under ZeRO-3, no optimizer), so there is never a second unsharded copy."""
@@ -247,13 +294,27 @@ def prepare_reference(accelerator, launch: Launch, model_cfg, policy: Policy) ->
     return prepare_deepspeed(reference, accelerator)
 
 
-def fit(cfg: Config, resume: bool = False, console=None, log: bool = True) -> TrainResult:
-    """Train with the method the config names: GRPO (`train`) or the supervised baseline (`sft.train_sft`)."""
-    if cfg.train.method == "sft":
-        from qlora_rft.sft import train_sft
+def fit(cfg: Config, resume: bool = False, console=None, log: bool = True, overwrite: bool = False) -> TrainResult:
+    """Train with the method the config names: GRPO (`train`) or the supervised baseline (`sft.train_sft`).
 
-        return train_sft(cfg, resume, console, log)
-    return train(cfg, resume, console, log)
+    `resume` continues the run in train.output_dir from its newest checkpoint; `overwrite` starts afresh there,
+    removing an earlier run's files once the folder is locked. Without either, a folder holding a run is refused.
+    """
+    out = Path(cfg.train.output_dir)
+    if resume and overwrite:
+        raise UserError("--resume continues the run in train.output_dir and --overwrite replaces it: pass one")
+    launch = Launch.from_env()
+    if overwrite and launch.rank == 0:
+        check_launch(cfg, launch)  # a launch that will be refused removes nothing
+        start_afresh(out)
+    try:
+        if cfg.train.method == "sft":
+            from qlora_rft.sft import train_sft
+
+            return train_sft(cfg, resume, console, log)
+        return train(cfg, resume, console, log)
+    finally:
+        unlock_folder(out)  # also after a failure: the process may go on (a sweep, a notebook)
 
 
 def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> TrainResult:

@@ -60,3 +60,46 @@ def test_a_half_written_checkpoint_is_never_picked(tmp_path):
     done.mkdir()
     (done / checkpoint.STATE_FILE).write_text('{"step": 3}')
     assert checkpoint.latest(tmp_path) == done
+
+
+@pytest.mark.parametrize("room", [0, 100], ids=["full from the start", "full midway"])
+def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_path, monkeypatch, room):
+    """torch.save raises the OSError (ENOSPC) itself when its first write fails, a RuntimeError from it later."""
+    import errno
+
+    from qlora_rft.errors import OutputError
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    first = checkpoint.save(tmp_path, 1, model, optimizer, scheduler)
+    saved = {p.name: p.read_bytes() for p in first.iterdir()}
+
+    class FullFile:  # a file on a disk with `room` bytes left, failing its writes as the OS would
+        def __init__(self, path, mode):
+            self.written = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return len(data)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(checkpoint, "open", FullFile, raising=False)  # the files checkpoint.save writes torch into
+    with pytest.raises(OutputError) as info:
+        checkpoint.save(tmp_path, 2, model, optimizer, scheduler)
+    message = str(info.value)
+    assert message.startswith(f"no space left on the device (disk full or quota exceeded) while writing "
+                              f"{tmp_path / 'checkpoint-2'}; the previous checkpoint, checkpoint-1, is kept")
+    assert "continue with --resume" in message
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]  # no checkpoint-2, no temporary
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == saved

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from qlora_rft.errors import ConfigError
@@ -35,3 +37,33 @@ def test_sweep_trains_evaluates_tabulates_and_skips_finished_settings(tiny_overr
     monkeypatch.setattr(trainer, "fit", lambda *a, **k: calls.append(a))
     again = run_sweep(None, ["train.method=grpo,sft"], out=out, overrides=overrides)
     assert calls == [] and [r.value for r in again.rows] == [r.value for r in result.rows]
+
+
+def test_a_setting_whose_final_save_ran_out_of_space_is_trained_again(tiny_overrides, tmp_path, monkeypatch):
+    """adapter/ appears whole or not at all, after train_summary.json: a setting that failed while saving it has
+    none, and the next sweep trains it again (afresh: with train.save_steps=0 it left metrics but no checkpoint)."""
+    import errno
+
+    from transformers import ProcessorMixin
+
+    from qlora_rft.errors import OutputError
+
+    real_save = ProcessorMixin.save_pretrained
+
+    def full_disk(self, folder, *args, **kwargs):  # the last write of the adapter folder fails
+        if Path(folder).name.startswith(".adapter.new-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(ProcessorMixin, "save_pretrained", full_disk)
+    out = tmp_path / "sweep"
+    overrides = [*tiny_overrides, "eval.limit=2", "eval.max_new_tokens=6", "train.save_steps=0"]
+    with pytest.raises(OutputError, match=r"no space left .* the final adapter/ in .*; no checkpoint was written"):
+        run_sweep(None, ["train.method=grpo"], out=out, overrides=overrides)
+    train_dir = out / "train.method=grpo" / "train"
+    assert sorted(p.name for p in train_dir.iterdir()) == [".lock", "config.yaml", "metrics.jsonl",
+                                                           "train_summary.json"]
+    monkeypatch.undo()
+    result = run_sweep(None, ["train.method=grpo"], out=out, overrides=overrides)
+    assert [r.setting for r in result.rows] == ["base", "train.method=grpo"]
+    assert (train_dir / "adapter" / "adapter_model.safetensors").is_file()
