@@ -191,9 +191,7 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
     from qlora_rft.warmup import warmed_base
 
     launch = Launch.from_env()
-    check_launch(cfg, launch)  # before anything loads
-    if not cfg.model.name_or_path.startswith("tiny:"):
-        check_model_folder(Path(cfg.model.name_or_path).expanduser())
+    check_inputs(cfg, launch)  # before anything loads
     out = Path(cfg.train.output_dir)
     found = claim_output_dir(out, resume, launch)
     accelerator = make_accelerator(cfg, launch, pick_device(cfg.model.device))
@@ -272,6 +270,13 @@ def claim_output_dir(out: Path, resume: bool, launch: Launch) -> Path | None:
     return found
 
 
+def check_inputs(cfg: Config, launch: Launch) -> None:
+    """What can be refused before anything loads: the launch, and a model folder that is not a supported model."""
+    check_launch(cfg, launch)
+    if not cfg.model.name_or_path.startswith("tiny:"):
+        check_model_folder(Path(cfg.model.name_or_path).expanduser())
+
+
 def start_afresh(out: Path) -> None:
     """Lock train.output_dir and remove an earlier run's files from it (other files are left alone)."""
     lock_folder(out, "train.output_dir")
@@ -305,7 +310,7 @@ def fit(cfg: Config, resume: bool = False, console=None, log: bool = True, overw
         raise UserError("--resume continues the run in train.output_dir and --overwrite replaces it: pass one")
     launch = Launch.from_env()
     if overwrite and launch.rank == 0:
-        check_launch(cfg, launch)  # a launch that will be refused removes nothing
+        check_inputs(cfg, launch)  # a run that will be refused removes nothing
         start_afresh(out)
     try:
         if cfg.train.method == "sft":
