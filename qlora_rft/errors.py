@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset, image or annotation cannot be used as given."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on as configured, e.g. a loss or gradient that is not finite."""
