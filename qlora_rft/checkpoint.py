@@ -4,11 +4,16 @@ A checkpoint is written into a temporary folder and renamed into place, so `chec
 complete; `latest()` ignores anything else. The newest `keep` checkpoints are kept. Under DeepSpeed the weights and
 optimizer state are sharded over the processes, so each writes its own part (`save_sharded`, accelerate's
 save_state) and the state file, written last, marks the folder complete.
+
+Nothing is unpickled beyond tensors and plain values (weights_only=True; RNG states are stored in that form; in
+DeepSpeed's files a few known classes besides): a checkpoint holding a file that needs more, which could run code
+while loading, is refused before anything loads.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
@@ -25,15 +30,20 @@ STATE_FILE = "trainer_state.json"
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain values, which `torch.load(weights_only=True)` reads."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = [name, keys.tolist(), pos, has_gauss, cached_gaussian]  # keys: [624] uint32
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -102,17 +112,38 @@ def load(path: Path, model, optimizer, scheduler, rank: int = 0, world_size: int
     """Restore the adapter (or full mode's weights), optimizer, scheduler and this process's RNG states; returns the
     saved trainer state."""
     state = _trainer_state(path, world_size)
+    check_plain(path)  # every file, in every process: all refuse alike
     if (path / "adapter").is_dir():
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
     else:
-        model.load_state_dict(torch.load(path / "model.pt", weights_only=True))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / _rng_file(rank), weights_only=False))
+        model.load_state_dict(load_plain(path / "model.pt"))
+    optimizer.load_state_dict(load_plain(path / "optimizer.pt"))
+    scheduler.load_state_dict(load_plain(path / "scheduler.pt"))
+    set_rng_state(load_plain(path / _rng_file(rank)))
     return state
+
+
+def load_plain(file: Path, allowed: list | None = None, mmap: bool = False):
+    """A torch.save file of tensors and plain values (and the `allowed` classes), read with weights_only=True: a file
+    that needs more (a pickle of other objects, which could run any code while loading) is refused unread.
+    mmap: the tensors are mapped from the file, not read (for checking a file)."""
+    try:
+        with torch.serialization.safe_globals(allowed or []):
+            return torch.load(file, weights_only=True, mmap=mmap, map_location="cpu" if mmap else None)
+    except pickle.UnpicklingError:
+        raise UserError(f"{file} was not loaded: it holds more than tensors and plain values, and unpickling it could "
+                        "execute code (a file planted in the checkpoint, or one written by an older version): resume "
+                        "from a checkpoint written by this version, or start afresh") from None
+
+
+def check_plain(folder: Path, allowed: list | None = None) -> None:
+    """Refuse a checkpoint any of whose torch.save or pickle files (.pt, .pkl, .bin) `load_plain` would refuse."""
+    for file in sorted(folder.rglob("*")):
+        if file.suffix in (".pt", ".pkl", ".bin") and file.is_file():
+            load_plain(file, allowed, mmap=True)
 
 
 def _trainer_state(path: Path, world_size: int) -> dict:
@@ -144,7 +175,22 @@ def save_sharded(accelerator, output_dir: Path, step: int, extra: dict | None = 
 
 
 def load_sharded(accelerator, path: Path, world_size: int) -> dict:
-    """Restore a `save_sharded` checkpoint; it resumes under the launch config that wrote it."""
+    """Restore a `save_sharded` checkpoint; it resumes under the launch config that wrote it.
+
+    DeepSpeed unpickles its files, and accelerate the registered schedule, with weights_only=False: so every file
+    is first read with weights_only=True, allowing only the classes they are known to hold."""
     state = _trainer_state(path, world_size)
+    check_plain(path, _sharded_classes())
     accelerator.load_state(str(path))
     return state
+
+
+def _sharded_classes() -> list:
+    """Beyond tensors and plain values: DeepSpeed's optimizer bookkeeping, and the numpy RNG state that accelerate
+    itself loads with weights_only=True (its own list)."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [*TORCH_SAFE_GLOBALS, ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
     return field(default=default, metadata=meta)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # an optimizer's learning rate must fit in float32
 LANGUAGE_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -364,7 +366,7 @@ def _suggest(name: str, options) -> str:
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     kind = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}[f.type]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        value = float(value) if _finite_number(value) else math.inf if value > 0 else -math.inf
     if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-05 (no dot) as a string
         try:
             value = float(value)
@@ -377,6 +379,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if not ok:
         raise ConfigError(f"{key} must be a {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):  # YAML's .inf and .nan, an override's inf, nan or 1e400
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
@@ -422,7 +426,7 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     need(t.max_steps >= 1, "train.max_steps must be >= 1")
     need(t.prompts_per_step >= 1, "train.prompts_per_step must be >= 1")
-    need(t.learning_rate > 0, "train.learning_rate must be > 0")
+    need(0 < t.learning_rate < FLOAT32_MAX, "train.learning_rate must be > 0 and < 3.4e38 (float32's range)")
     need(0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")
     need(t.save_steps >= 0, "train.save_steps must be >= 0 (0: only the final adapter)")
     need(t.save_total_limit >= 0, "train.save_total_limit must be >= 0")
@@ -446,14 +450,15 @@ def validate(cfg: Config) -> None:
 
     w = cfg.warmup
     need(w.steps >= 0, "warmup.steps must be >= 0")
+    need(0 < w.learning_rate < FLOAT32_MAX, "warmup.learning_rate must be > 0 and < 3.4e38 (float32's range)")
     need(w.batch_size >= 1, "warmup.batch_size must be >= 1")
 
     from qlora_rft.rewards import REWARDS, default_weights  # local: rewards import no config
 
     for name, weight in cfg.rewards.weights.items():
         need(name in REWARDS, f"rewards.weights names unknown reward {name!r}{_suggest(name, REWARDS)}")
-        need(isinstance(weight, (int, float)) and not isinstance(weight, bool),
-             f"rewards.weights.{name} must be a number")
+        need(_finite_number(weight),
+             f"rewards.weights.{name} must be a finite number, got {weight!r}")
     weights = cfg.rewards.weights or default_weights(d.task)
     need(any(w != 0 for w in weights.values()), "rewards.weights: at least one reward needs a non-zero weight")
 
@@ -469,6 +474,16 @@ def validate(cfg: Config) -> None:
 
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _finite_number(value: Any) -> bool:
+    """An int or float that is a finite float (not bool, NaN, +-inf, or an int past float's range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _divisors(n: int) -> list[int]:

@@ -3,14 +3,16 @@
 Nothing here is a second trainer. `trainer.train` reads the launch (`Launch.from_env`), refuses bad ones before any
 model loads (`check_launch`), and goes through three small seams that do nothing special in a single process:
 `Updates` (backward passes and optimizer steps), `sampling_model` (the policy, gathered whole under ZeRO-3, for
-generate) and `gather_mean` (metrics averaged over processes). Each process samples its own prompts and scores
-its own groups; a group never spans processes, and gradients are averaged by the engine.
+generate) and `gather_mean` (metrics averaged over processes; `everywhere`, one decision taken by all). Each process
+samples its own prompts and scores its own groups; a group never spans processes, and gradients are averaged by the
+engine. A step with a loss or gradient that is not finite is stopped in every process alike (`NonFiniteStep`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +163,7 @@ class Updates:
 
     with updates.accumulating(last):  # around each chunk's forward and backward
         updates.backward(loss)        # the loss's share of the step, never rescaled here
-    grad_norm = updates.step()        # clip, step the optimizer and the schedule, zero the gradients
+    grad_norm = updates.step(total)   # total: the step's loss; clip, step the optimizer and the schedule, zero grads
     """
 
     def __init__(self, accelerator, model, optimizer, scheduler, max_grad_norm: float):
@@ -187,17 +189,53 @@ class Updates:
         else:
             self.accelerator.backward(loss)
 
-    def step(self) -> float:
+    def step(self, loss: float) -> float:
+        """The optimizer step; returns the gradient norm. `loss` is this process's loss of the step.
+
+        Raises NonFiniteStep, on every process alike, when the loss of any process or the gradient norm is not
+        finite: before the optimizer applies anything, except that a DeepSpeed engine clips and steps in one call,
+        so there a non-finite gradient norm (with a finite loss) is seen only after its step (which the engine
+        skips in some setups, and always under fp16 loss scaling, where such a step is no fault).
+        """
+        loss = gather_mean(self.accelerator, {"loss": loss})["loss"]  # non-finite if any process's is
         if self.engine is not None:  # clipping (gradient_clipping), optimizer, schedule and zeroing in one call
+            if not math.isfinite(loss):
+                raise NonFiniteStep(loss, None, applied=False)
             self.engine.step()
-            self.scheduler.step()  # ours, not the engine's
             norm = self.engine.get_global_grad_norm()
-            return float(norm) if norm is not None else 0.0
-        norm = clip_gradients(self.accelerator, self.model, self.max_grad_norm)
+            norm = float(norm) if norm is not None else 0.0
+            applied = self.engine.was_step_applied()
+            if not math.isfinite(norm) and (applied or not self.engine.fp16_enabled()):  # fp16: a skipped step
+                raise NonFiniteStep(loss, norm, applied)                                # only lowers the loss scale
+            self.scheduler.step()  # ours, not the engine's
+            return norm
+        norm = clip_gradients(self.accelerator, self.model, self.max_grad_norm)  # global: gradients are averaged
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise NonFiniteStep(loss, norm, applied=False)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+
+class NonFiniteStep(Exception):
+    """A step whose loss or gradient norm is NaN or infinite; `applied`: whether the optimizer applied it anyway
+    (only a DeepSpeed engine can have: it steps before its gradient norm is known)."""
+
+    def __init__(self, loss: float, grad_norm: float | None, applied: bool):
+        super().__init__(f"loss {loss}, gradient norm {grad_norm}")
+        self.loss, self.grad_norm, self.applied = loss, grad_norm, applied
+
+
+def all_finite(accelerator, model) -> bool:
+    """Whether every trained weight is finite, on every process (each checks its own; ZeRO-3: its shards)."""
+    local = (getattr(p, "ds_tensor", p) for p in model.parameters() if p.requires_grad)
+    return everywhere(accelerator, all(bool(torch.isfinite(t).all()) for t in local))
+
+
+def everywhere(accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on every process (every process calls this), so that all take the same decision."""
+    return gather_mean(accelerator, {"flag": float(flag)})["flag"] == 1.0
 
 
 def clip_gradients(accelerator, model, max_norm: float) -> float:

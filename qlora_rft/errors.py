@@ -15,3 +15,7 @@ class DataError(UserError):
 
 class OutputError(UserError):
     """An output folder cannot be written as asked: in use by another run, not writable, or out of space."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on as configured, e.g. a loss or gradient that is not finite."""

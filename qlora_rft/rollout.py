@@ -69,6 +69,7 @@ class Rollout:
     completion_ids: torch.Tensor  # [G, T] (pad after the first EOS)
     mask: torch.Tensor  # [G, T] float: 1 up to and including the first EOS
     texts: list[str]  # decoded completions, special tokens removed
+    finite: bool = True  # False: some next-token logits of the sampling were NaN or inf (see FiniteLogits)
 
     @property
     def size(self) -> int:
@@ -91,6 +92,7 @@ def sample_groups(
     instead of being prefilled again for each of them.
     """
     config = sampling.generation_config(tokens)
+    finite = FiniteLogits(tokens.eos[0])
     chunk = chunk or group_size
     was_training = model.training
     model.eval()
@@ -103,7 +105,7 @@ def sample_groups(
                     kwargs = prompt.repeated(chunk)
                     if prefix is not None:
                         kwargs = _from_prefix(model, kwargs, copy.deepcopy(prefix), chunk)
-                    out = model.generate(**kwargs, generation_config=config)  # [chunk, P + t]
+                    out = model.generate(**kwargs, generation_config=config, logits_processor=[finite])  # [chunk, P+t]
                     pieces[i].append(out[:, prompt.length :])
         else:
             per_call = chunk // group_size
@@ -112,12 +114,32 @@ def sample_groups(
                 batch, width = left_pad(group, tokens.pad, group_size)
                 if share_prefill:
                     batch = _from_prefix(model, batch, prefill(model, left_pad(group, tokens.pad, 1)[0]), group_size)
-                out = model.generate(**batch, generation_config=config)  # [k * G, width + t]
+                out = model.generate(**batch, generation_config=config, logits_processor=[finite])  # [k*G, width+t]
                 for j in range(out.shape[0] // group_size):
                     pieces[first + j].append(out[j * group_size : (j + 1) * group_size, width:])
     finally:
         model.train(was_training)
-    return [_rollout(prompt, p, processor, tokens) for prompt, p in zip(prompts, pieces)]
+    return [_rollout(prompt, p, processor, tokens, finite.ok) for prompt, p in zip(prompts, pieces)]
+
+
+class FiniteLogits:
+    """A logits processor for generate: a row of next-token logits holding NaN or +inf (-inf marks suppressed
+    tokens) ends its completion with EOS instead of failing the sampler, and `ok` turns False."""
+
+    def __init__(self, eos: int):
+        self.eos = eos
+        self.seen: torch.Tensor | None = None  # any bad row so far; a tensor, so no device sync per token
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bad = (scores.isnan() | scores.isposinf()).any(dim=-1, keepdim=True)  # [B, 1]
+        self.seen = bad.any() if self.seen is None else self.seen | bad.any()
+        ended = torch.full_like(scores, -torch.inf)  # [B, V]
+        ended[:, self.eos] = 0.0
+        return torch.where(bad, ended, scores)
+
+    @property
+    def ok(self) -> bool:
+        return self.seen is None or not bool(self.seen)
 
 
 @dataclass
@@ -190,13 +212,14 @@ def left_pad(prompts: list[PromptInputs], pad_id: int, repeat: int) -> tuple[dic
     return batch, width
 
 
-def _rollout(prompt: PromptInputs, pieces: list[torch.Tensor], processor, tokens: SpecialTokens) -> Rollout:
+def _rollout(prompt: PromptInputs, pieces: list[torch.Tensor], processor, tokens: SpecialTokens,
+             finite: bool = True) -> Rollout:
     width = max(p.shape[1] for p in pieces)
     ids = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=tokens.pad) for p in pieces])
     mask = grpo.completion_mask(ids, tokens.eos)  # [G, T]
     ids = torch.where(mask.bool(), ids, torch.full_like(ids, tokens.pad))
     texts = processor.batch_decode(ids, skip_special_tokens=True)
-    return Rollout(prompt=prompt, completion_ids=ids, mask=mask, texts=texts)
+    return Rollout(prompt=prompt, completion_ids=ids, mask=mask, texts=texts, finite=finite)
 
 
 def completion_logprobs(

@@ -49,7 +49,7 @@ def train_sft(cfg: Config, resume: bool = False, console=None, log: bool = True)
             model.train()
             loss, tokens = sft_loss(model, batch, cfg.grpo.logprob_chunk)
             run.updates.backward(loss)
-            grad_norm = run.updates.step()
+            grad_norm = run.optimizer_step(step, loss.item())  # stops at a non-finite loss or gradient
             seconds = time.perf_counter() - step_start
             line = {"step": step, "loss": loss.item(), "grad_norm": grad_norm,
                     "learning_rate": run.scheduler.get_last_lr()[0], "target_tokens": tokens,

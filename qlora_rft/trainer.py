@@ -8,6 +8,8 @@
   6. optimizer step, metrics line, checkpoint
 
 The same loop runs in one process or under `accelerate launch` (DDP, DeepSpeed ZeRO-3): see distributed.py.
+Logits, a loss or a gradient that are not finite stop the run with a TrainingError naming the step, before its
+update; no checkpoint or adapter is ever written from weights that are not finite.
 """
 
 from __future__ import annotations
@@ -30,15 +32,18 @@ from qlora_rft.config import Config, dump
 from qlora_rft.data import encode_prompt, load_split
 from qlora_rft.distributed import (
     Launch,
+    NonFiniteStep,
     Updates,
+    all_finite,
     check_launch,
+    everywhere,
     gather_mean,
     make_accelerator,
     register_head,
     sampling_model,
     whole_models,
 )
-from qlora_rft.errors import OutputError, UserError
+from qlora_rft.errors import OutputError, TrainingError, UserError
 from qlora_rft.files import atomic_folder, lock_folder, reporting_full_disk, unlock_folder
 from qlora_rft.model import (
     Policy,
@@ -132,10 +137,31 @@ class Run:
         kwargs = {"shown": shown} if shown else {}
         return RunLogger(self.out / "metrics.jsonl", self.cfg.train.max_steps, self.start_step, console, **kwargs)
 
+    def optimizer_step(self, step: int, loss: float) -> float:
+        """The optimizer step (`Updates.step`, given this process's loss); returns the gradient norm. A loss or
+        gradient norm that is not finite stops the run, before the step is applied or saved."""
+        try:
+            return self.updates.step(loss)
+        except NonFiniteStep as e:
+            raise TrainingError(non_finite_message(self.cfg, step, e)) from None
+
+    def require_finite_logits(self, step: int, rollouts: list[Rollout]) -> None:
+        """Stop, on every process alike, when a process sampled from logits that were not finite."""
+        if not everywhere(self.accelerator, all(r.finite for r in rollouts)):
+            raise TrainingError(f"step {step}: the policy's next-token logits were NaN or infinite while sampling, "
+                                f"so training stopped before this step's update. {advice(self.cfg)}")
+
+    def require_finite_weights(self, folder: Path) -> None:
+        """Refuse, on every process alike, to write `folder` from trained weights that hold NaN or inf."""
+        if not all_finite(self.accelerator, self.model):
+            raise TrainingError(f"{folder} was not written: some trained weights are NaN or infinite. "
+                                f"{advice(self.cfg)}")
+
     def checkpoint(self, step: int) -> None:
         cfg = self.cfg.train
         if not (cfg.save_steps and step % cfg.save_steps == 0):
             return
+        self.require_finite_weights(self.out / f"checkpoint-{step}")
         position = {"prompts_seen": step * cfg.prompts_per_step * self.launch.world_size,
                     "data_rows": len(self.data.examples), "data_skipped": len(self.data.skipped),
                     "world_size": self.launch.world_size}  # the order itself follows from the step and seed
@@ -156,6 +182,7 @@ class Run:
         has its summary. Then the output folder is unlocked."""
         full = self.cfg.model.mode == "full"
         folder = self.out / ("model" if full else "adapter")
+        self.require_finite_weights(folder)
         state = self.accelerator.get_state_dict(self.model) if self.launch.deepspeed else None  # every process
         if self.accelerator.is_main_process:
             summary = {"method": self.cfg.train.method, "mode": self.cfg.model.mode,
@@ -351,6 +378,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
                     rollouts = sample_groups(sampler, policy.processor, prompts, G, g.generation_chunk, sampling,
                                              policy.tokens, g.share_prefill)
             gen_seconds = time.perf_counter() - t0
+            run.require_finite_logits(step, rollouts)
             gen_tokens = int(sum(r.mask.sum() for r in rollouts))
 
             # 2. Score with the verifiable rewards; 3. advantages over each whole group (never across processes).
@@ -378,7 +406,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
                 for i, group in enumerate(todo):
                     backward_group(model, run.updates, group, g, cfg.train.prompts_per_step, stats,
                                    last_group=i == len(todo) - 1)
-                grad_norm = run.updates.step()
+                grad_norm = run.optimizer_step(step, stats.loss)  # stops at a non-finite loss or gradient
 
             line = step_metrics(step, groups, stats, weights, cfg, run.scheduler, grad_norm, gen_tokens, gen_seconds,
                                 time.perf_counter() - step_start, time.perf_counter() - started)
@@ -388,6 +416,21 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
             run.checkpoint(step)
 
     return run.finish(metrics, time.perf_counter() - started)
+
+
+def non_finite_message(cfg: Config, step: int, e: NonFiniteStep) -> str:
+    what = f"the loss is {e.loss}" if not math.isfinite(e.loss) else f"the gradient norm is {e.grad_norm}"
+    applied = "the DeepSpeed engine applied it" if e.applied else "it was not applied"
+    return f"step {step}: {what}, so training stopped ({applied}; no checkpoint of it was written). {advice(cfg)}"
+
+
+def advice(cfg: Config) -> str:
+    """The likely cause of values that are not finite, and what to do."""
+    cause = f"train.learning_rate={cfg.train.learning_rate:g} is too high for this model in model.mode={cfg.model.mode}"
+    if cfg.model.dtype == "float16":
+        cause += ", or float16 overflowed (model.dtype=bfloat16 or float32 has the range)"
+    return (f"Likely cause: {cause}. Lower train.learning_rate and train again into a new train.output_dir "
+            "(--resume would keep the learning rate of the checkpoints)")
 
 
 # Metrics of each process's own groups, averaged over the processes of a launch.

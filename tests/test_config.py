@@ -143,3 +143,33 @@ def test_binary_file_bad_override_and_odd_keys_are_config_errors(tmp_path):
     numbered.write_text("model: {1: x}\n")
     with pytest.raises(ConfigError, match="key 1 of section 'model' is not a name"):
         load_config(numbered)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.learning_rate=inf", "train.learning_rate must be a finite number, got inf"),
+        ("train.learning_rate=1e400", "train.learning_rate must be a finite number, got inf"),
+        ("train.learning_rate=1" + "0" * 400, "train.learning_rate must be a finite number, got inf"),
+        ("grpo.temperature=.inf", "grpo.temperature must be a finite number, got inf"),
+        ("grpo.beta=nan", "grpo.beta must be a finite number, got nan"),
+        ("grpo.advantage_eps=-.inf", "grpo.advantage_eps must be a finite number, got -inf"),
+        ("rewards.weights={format: .nan, classification: 1}", "rewards.weights.format must be a finite number"),
+        ("rewards.weights={format: 1, classification: .inf}", "rewards.weights.classification must be a finite number"),
+        ("train.learning_rate=1e39", "train.learning_rate must be > 0 and < 3.4e38"),
+        ("warmup.learning_rate=0", "warmup.learning_rate must be > 0"),
+    ],
+)
+def test_non_finite_numbers_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_non_finite_numbers_in_a_yaml_file_are_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  learning_rate: .inf\n")
+    with pytest.raises(ConfigError, match="train.learning_rate must be a finite number, got inf"):
+        load_config(path)
+    path.write_text("grpo:\n  beta: .NaN\n")
+    with pytest.raises(ConfigError, match="grpo.beta must be a finite number, got nan"):
+        load_config(path)

@@ -1,19 +1,28 @@
-"""Exact resume: a run killed with SIGKILL and resumed ends with the same adapter, to the bit, as one never stopped."""
+"""Exact resume: a run killed with SIGKILL and resumed ends with the same adapter, to the bit, as one never stopped.
+A checkpoint file that would run code when unpickled is refused, unrun."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN
 from safetensors.torch import load_file
 
 from qlora_rft import checkpoint
+from qlora_rft.config import load_config
+from qlora_rft.errors import UserError
+from qlora_rft.trainer import fit
 
 sys.path.insert(0, str(Path(__file__).parent))
 import resume_job  # noqa: E402
@@ -103,3 +112,77 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_
     assert "continue with --resume" in message
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]  # no checkpoint-2, no temporary
     assert {p.name: p.read_bytes() for p in first.iterdir()} == saved
+
+
+def test_rng_states_come_back_exactly_from_a_weights_only_load(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.randn()  # numpy now holds a cached gaussian
+    torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
+    expected = random.random(), random.gauss(0, 1), np.random.randn(3).tolist(), torch.rand(3).tolist()
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    checkpoint.set_rng_state(checkpoint.load_plain(tmp_path / "rng.pt"))
+    assert (random.random(), random.gauss(0, 1), np.random.randn(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+class _Planted:
+    """A pickle that runs a shell command creating `marker` when it is loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "run"
+    fit(load_config(None, [*TINY_RUN, "train.max_steps=1", f"train.output_dir={out}"]), log=False)
+    return out
+
+
+@pytest.mark.parametrize("planted", ["rng.pt", "optimizer.pt"])
+def test_a_planted_pickle_in_a_checkpoint_is_refused_unrun(finished_run, tmp_path, planted):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    marker = tmp_path / "ran"
+    target = run / "checkpoint-1" / planted
+    torch.save(_Planted(marker), target)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlora_rft", "train", str(run / "config.yaml"), "train.max_steps=2",
+         f"train.output_dir={run}", "--resume"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"error: {target} was not loaded") and proc.stderr.count("\n") == 1
+    assert "could execute code" in proc.stderr
+    assert not marker.exists()
+    torch.load(target, weights_only=False)  # what loading it used to do
+    assert marker.exists()
+
+
+def test_an_rng_file_of_the_old_format_is_refused(tmp_path):
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+               tmp_path / "rng.pt")  # numpy's state holds an ndarray: loading it needs more than weights_only
+    with pytest.raises(UserError, match="rng.pt was not loaded: it holds more than tensors and plain values"):
+        checkpoint.load_plain(tmp_path / "rng.pt")
+
+
+def test_sharded_checkpoint_files_are_checked_before_deepspeed_and_accelerate_unpickle_them(tmp_path):
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    folder = tmp_path / "checkpoint-1"
+    (folder / "pytorch_model").mkdir(parents=True)
+    (folder / checkpoint.STATE_FILE).write_text(json.dumps({"step": 1, "world_size": 1}))
+    torch.save({"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0), "fp32": [torch.ones(2)]},
+               folder / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")  # as DeepSpeed writes
+    torch.save({"last_epoch": 1, "base_lrs": [0.1]}, folder / "custom_checkpoint_0.pkl")  # accelerate: the schedule
+    checkpoint.check_plain(folder, checkpoint._sharded_classes())
+
+    marker = tmp_path / "ran"
+    torch.save(_Planted(marker), folder / "custom_checkpoint_0.pkl")  # accelerate loads it with weights_only=False
+    with pytest.raises(UserError, match="custom_checkpoint_0.pkl was not loaded"):
+        checkpoint.load_sharded(None, folder, world_size=1)  # refused before the accelerator is used
+    assert not marker.exists()

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN
+from safetensors.torch import load_file
 
 from qlora_rft import checkpoint
 from qlora_rft.config import load_config
-from qlora_rft.errors import UserError
-from qlora_rft.trainer import train
+from qlora_rft.distributed import Updates
+from qlora_rft.errors import TrainingError, UserError
+from qlora_rft.rollout import FiniteLogits
+from qlora_rft.runlog import read_metrics
+from qlora_rft.trainer import fit, train
 
 
 def _snapshot(model):
@@ -121,3 +129,79 @@ def test_resume_continues_from_the_newest_complete_checkpoint(tiny_overrides):
 def test_resume_without_checkpoints_is_a_clear_error(tiny_overrides):
     with pytest.raises(UserError, match="no complete checkpoint"):
         train(load_config(None, tiny_overrides), resume=True)
+
+
+def _all_finite(run_dir: Path) -> dict[str, bool]:
+    """Each checkpoint's adapter and optimizer state in a run folder -> whether every value in it is finite."""
+    found = {}
+    for ckpt in checkpoint.all_checkpoints(run_dir):
+        adapter = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+        optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True)["state"]
+        tensors = [*adapter.values(), *(t for s in optimizer.values() for t in s.values() if torch.is_tensor(t))]
+        found[ckpt.name] = all(bool(torch.isfinite(t).all()) for t in tensors)
+    return found
+
+
+def test_a_non_finite_gradient_stops_the_process_before_the_update(tmp_path):
+    """The issue's run: at learning rate 1e10 (beta 0.04) the gradient of step 2 is NaN on cpu-small."""
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text("{}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlora_rft", "train", str(config), *TINY_RUN, "model.name_or_path=tiny:cpu-small",
+         "train.learning_rate=1e10", "train.max_steps=3", f"train.output_dir={out}"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: step 2: the gradient norm is nan") and proc.stderr.count("\n") == 1
+    assert "train.learning_rate=1e+10 is too high" in proc.stderr
+    assert _all_finite(out) == {"checkpoint-1": True}  # step 2 neither applied nor saved
+    assert not (out / "adapter").exists()
+    assert [line["step"] for line in read_metrics(out / "metrics.jsonl")] == [1]
+
+
+def test_sft_stops_at_a_non_finite_loss(tiny_overrides):
+    cfg = load_config(None, [*tiny_overrides, "train.method=sft", "train.learning_rate=1e20", "train.max_steps=3"])
+    with pytest.raises(TrainingError, match="step 2: the loss is nan"):
+        fit(cfg)
+    assert _all_finite(Path(cfg.train.output_dir)) == {"checkpoint-1": True}
+
+
+def test_sampling_from_non_finite_logits_stops_the_run(tiny_overrides):
+    """Weights of 1e22 are finite, but the tiny model's activations overflow: its logits are NaN."""
+    cfg = load_config(None, [*tiny_overrides, "train.learning_rate=1e22"])
+    with pytest.raises(TrainingError, match="step 2: the policy's next-token logits were NaN or infinite"):
+        train(cfg)
+    assert _all_finite(Path(cfg.train.output_dir)) == {"checkpoint-1": True}
+
+
+@pytest.mark.parametrize("save_steps,folder", [(1, "checkpoint-1"), (0, "adapter")])
+def test_non_finite_weights_are_never_saved(tiny_overrides, monkeypatch, save_steps, folder):
+    real_step = Updates.step
+
+    def poisoned_step(self, loss):
+        norm = real_step(self, loss)
+        next(p for p in self.model.parameters() if p.requires_grad).data[0] = float("nan")
+        return norm
+
+    monkeypatch.setattr(Updates, "step", poisoned_step)
+    steps = ["train.max_steps=1", f"train.save_steps={save_steps}"]
+    cfg = load_config(None, [*tiny_overrides, "train.method=sft", *steps])
+    with pytest.raises(TrainingError, match=f"{folder} was not written: some trained weights are NaN or infinite"):
+        fit(cfg)
+    assert not (Path(cfg.train.output_dir) / folder).exists()
+
+
+def test_rows_of_logits_with_nan_or_inf_end_their_completion():
+    eos = 2
+    finite = FiniteLogits(eos)
+    scores = torch.tensor([[0.5, -torch.inf, 1.0], [0.5, torch.nan, 1.0], [torch.inf, 0.0, 0.0]])  # [B=3, V=3]
+    out = finite(None, scores.clone())
+    assert torch.equal(out[0], scores[0])  # -inf: a suppressed token, not a fault
+    assert torch.equal(out[1], torch.tensor([-torch.inf, -torch.inf, 0.0]))
+    assert torch.equal(out[2], torch.tensor([-torch.inf, -torch.inf, 0.0]))
+    assert not finite.ok
+    assert FiniteLogits(eos).ok
+    clean = FiniteLogits(eos)
+    clean(None, scores[:1].clone())
+    assert clean.ok
