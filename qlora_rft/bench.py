@@ -219,10 +219,7 @@ def measured_rows(s: BenchSettings) -> list:
 
 
 def side_ours(s: BenchSettings, workdir: Path) -> dict:
-    import torch
-
     from qlora_rft.config import load_config
-    from qlora_rft.model import merge_for_sampling
     from qlora_rft.trainer import train
 
     overrides = [
@@ -251,7 +248,7 @@ def side_ours(s: BenchSettings, workdir: Path) -> dict:
         "step_seconds_all": [m["step_seconds"] for m in result.metrics],
         "generation_tokens_per_second": statistics.median(m["tokens_per_second"] for m in lines),
         "completion_length": statistics.mean(m["completion_length"] for m in lines),
-        "sampling_weights": "merged" if merge_for_sampling("auto", torch.device(s.device)) else "adapters",
+        "sampling": json.loads((workdir / "train_summary.json").read_text())["sampling"],
     }
 
 
