@@ -182,6 +182,7 @@ class Decoder:
         cache = StaticCache(config=base.config, max_cache_len=length)
         cache.early_initialization(rows, keys.shape[1], keys.shape[3], keys.dtype, keys.device)
         mask = torch.ones(rows, length, dtype=torch.bool, device=keys.device)
+        torch._dynamo.mark_static_address(mask)  # refilled in place: CUDA graphs read it where it is
         language_model, head = base.model.language_model, base.lm_head
 
         def step(token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -195,14 +196,11 @@ class Decoder:
         return Slot(cache, length, mask, step)
 
     def _counting_backend(self):
-        """The compiler backend, counting each graph it is asked to build (a recompile is one more)."""
+        """The compiler backend, counting each graph it is asked to build (a recompile is one more). inductor is
+        what torch.compile(mode="reduce-overhead") runs: generated kernels replayed as CUDA graphs."""
         if self.backend == "inductor":
-            from torch._inductor import list_mode_options
-            from torch._inductor.compile_fx import compile_fx
-
-            def inner(gm, inputs):
-                return compile_fx(gm, inputs, config_patches=list_mode_options("reduce-overhead"))
-        else:
+            inner = torch._TorchCompileInductorWrapper("reduce-overhead", None, False)
+        else:  # e.g. "eager": dynamo's tracing and guards alone (the CPU tests)
             inner = torch._dynamo.lookup_backend(self.backend)
 
         def backend(gm, inputs):

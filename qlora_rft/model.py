@@ -402,6 +402,9 @@ def _sampling_copy(layer, mode: str, store: dict | None) -> tuple:
     kept = store.get(id(layer))
     if kept is None or any((a is None) != (b is None) or (a is not None and a.shape != b.shape)
                            for a, b in zip(kept, fresh)):
+        for t in fresh:
+            if t is not None:  # a compiled step's CUDA graphs read these where they are (no copy per replay)
+                torch._dynamo.mark_static_address(t)
         store[id(layer)] = fresh
         return fresh
     for old, new in zip(kept, fresh):

@@ -1,6 +1,8 @@
 """Sampling a group of G completions for one prompt, in chunks, and the log-probs of completion tokens.
 
 Sampling settings are passed explicitly on every call (a checkpoint's generation_config never decides them).
+Completions come from transformers' generate, or from the static-cache decoder (decode.py) continuing the same
+shared prefill.
 Log-probs come from the last hidden states of completion positions through the LM head in chunks: the full
 [B, L, V] logits are never built.
 """
