@@ -96,7 +96,8 @@ def sample_groups(
     chunk = k * G: k prompts share a call (left-padded), which is how a small model keeps the device busy.
     share_prefill: the prompt is run through the model once and its KV cache repeated for the completions,
     instead of being prefilled again for each of them.
-    decoder: decode on its static cache (decode.Decoder, sampling with `generator`) instead of HF generate.
+    decoder: decode on its static cache (decode.Decoder) instead of HF generate, drawing from `generator`
+    (None: the device's default generator, which train.seed seeds and checkpoints keep).
     """
     if decoder is not None:
         return _sample_static(model, processor, prompts, group_size, chunk, sampling, tokens, share_prefill,
