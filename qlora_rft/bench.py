@@ -1,6 +1,8 @@
 """Time one GRPO optimizer step of ours against TRL's GRPOTrainer on identical settings (model, data, G, lengths).
 
 Each side runs in its own subprocess (`python -m qlora_rft.bench --side ours|trl`), so peak memory is per side.
+On CUDA each side also reports `bandwidth_fraction`: the bytes of weights one decode step reads times the decode
+steps per second, over the device's memory bandwidth (`MEMORY_BANDWIDTH`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,6 +25,10 @@ from qlora_rft.errors import UserError
 
 SIDES = ("ours", "trl")
 SMALL_PRESETS = ("tiny", "cpu-small")
+REAL_IMAGE_SIDE = 644  # real-size presets: images resized up to 644x644 = 23 x 23 merged patches = 529 tokens
+
+# Memory bandwidth by device name (bytes/s; vendors' data sheets), first match wins; None: not known here.
+MEMORY_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12))  # "H100": the SXM (HBM3) card
 REWARD_WEIGHTS = {"format": 1.0, "classification": 1.0}
 
 
@@ -61,9 +67,12 @@ class BenchSettings:
     task: str = "classification"
     min_pixels: int = 3136
     max_pixels: int = 7056
+    visual_tokens_per_prompt: int = 0  # of the first measured prompt (all synthetic images are the same size)
     max_prompt_length: int = 1024
     rewards: tuple = ("format_reward", "classification_reward")
     seed: int = 0
+    sampling_weights: str = "auto"  # ours: grpo.sampling_weights
+    decode: str = "auto"  # ours: grpo.decode
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -82,15 +91,18 @@ def run_bench(
     gradient_checkpointing: bool | None = None,
     max_pixels: int | None = None,
     timeout: float | None = None,
+    sampling_weights: str = "auto",
+    decode: str = "auto",
 ) -> dict:
     """Run each side in its own subprocess on identical settings; return and write the comparison JSON.
 
-    `gradient_checkpointing` / `max_pixels` None: off / 7056 (84x84) for the tiny presets, on / 401408 otherwise.
+    `gradient_checkpointing` None: off for the tiny presets, on otherwise. Images: at most 84x84 for the tiny
+    presets (`max_pixels` None: 7056); resized up to 644x644 (529 visual tokens a prompt) for the real-size ones.
     """
     import torch
 
     from qlora_rft import tiny
-    from qlora_rft.config import LoraSettings
+    from qlora_rft.config import GRPOConfig, LoraSettings
     from qlora_rft.data import load_split
     from qlora_rft.model import lora_target_regex
     from qlora_rft.tasks import get_task
@@ -103,6 +115,11 @@ def run_bench(
         raise UserError("bench --num-generations must be >= 2")
     if preset not in tiny.PRESETS:
         raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(tiny.PRESETS)}")
+    choices = {f.name: f.metadata["choices"] for f in fields(GRPOConfig)}
+    for flag, value, name in (("--sampling-weights", sampling_weights, "sampling_weights"),
+                              ("--decode", decode, "decode")):
+        if value not in choices[name]:
+            raise UserError(f"bench {flag} {value!r}: choose one of {', '.join(choices[name])}")
     small = preset in SMALL_PRESETS
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -123,11 +140,15 @@ def run_bench(
         optimizer="paged_adamw_8bit" if cuda else "adamw",
         lora_target_regex=lora_target_regex(LoraSettings()),
         gradient_checkpointing=(not small) if gradient_checkpointing is None else gradient_checkpointing,
-        max_pixels=max_pixels or (7056 if small else 401408),
+        min_pixels=3136 if small else REAL_IMAGE_SIDE**2,
+        max_pixels=max_pixels or (7056 if small else REAL_IMAGE_SIDE**2),
+        sampling_weights=sampling_weights,
+        decode=decode,
     )
     # generate the data once, here
     load_split(settings.data, settings.split, get_task(settings.task), min_pixels=settings.min_pixels,
                max_pixels=settings.max_pixels)
+    settings.visual_tokens_per_prompt = visual_tokens(settings)
 
     out = Path(out) if out is not None else Path("benchmarks/results") / f"{preset}-{device}.json"
     results = {}
@@ -137,12 +158,16 @@ def run_bench(
 
     command = (f"qlora-rft bench --preset {preset} --compare {compare} --steps {steps} "
                f"--num-generations {num_generations} --max-completion-length {max_completion_length} "
-               f"--out {shlex.quote(str(out))}")
+               f"--sampling-weights {sampling_weights} --decode {decode} --out {shlex.quote(str(out))}")
+    bandwidth = memory_bandwidth(device_name(cuda)) if cuda else None
+    for side in SIDES:
+        results[side]["bandwidth_fraction"] = bandwidth_fraction(results[side], bandwidth)
     report = {
         "ours": results["ours"],
         "trl": results["trl"],
         "ratio": results["ours"]["step_seconds"] / results["trl"]["step_seconds"],
         "device": device_name(cuda),
+        "memory_bandwidth_bytes_per_second": bandwidth,
         "versions": versions(),
         "settings": asdict(settings),
         "command": command,
@@ -166,6 +191,38 @@ def _run_side(side: str, settings: BenchSettings, tmp: Path, timeout: float | No
         tail = (proc.stderr or proc.stdout or "")[-4000:]
         raise RuntimeError(f"bench side {side!r} failed (exit {proc.returncode}):\n{tail}")
     return json.loads(result_file.read_text())
+
+
+def visual_tokens(s: BenchSettings) -> int:
+    """Image tokens in the first measured prompt: one per 28x28 merged patch of the resized image."""
+    from qlora_rft.data import open_image, resize_image
+
+    width, height = resize_image(open_image(measured_rows(s)[0]), s.min_pixels, s.max_pixels).size
+    return (width // 28) * (height // 28)
+
+
+def memory_bandwidth(name: str) -> float | None:
+    """The device's memory bandwidth in bytes/s from `MEMORY_BANDWIDTH`, or None when not listed.
+
+    >>> memory_bandwidth("NVIDIA H100 80GB HBM3"), memory_bandwidth("NVIDIA H200"), memory_bandwidth("NVIDIA L4")
+    (3350000000000.0, 4800000000000.0, None)
+    """
+    return next((bandwidth for key, bandwidth in MEMORY_BANDWIDTH if key in name), None)
+
+
+def bandwidth_fraction(side: dict, bandwidth: float | None) -> float | None:
+    """bytes of weights a decode step reads x decode steps per second / memory bandwidth. Decode steps per second
+    are generated tokens per second over the rows decoded together; the generation time includes the prefill (and
+    the merge), so this is a lower bound of the decode loop's own fraction.
+
+    >>> bandwidth_fraction({"decode_weight_bytes": 10**9, "generation_tokens_per_second": 800.0,
+    ...                     "rows_per_decode_step": 8}, 2e11)
+    0.5
+    """
+    if bandwidth is None or not side.get("decode_weight_bytes"):
+        return None
+    steps_per_second = side["generation_tokens_per_second"] / side["rows_per_decode_step"]
+    return side["decode_weight_bytes"] * steps_per_second / bandwidth
 
 
 def device_name(cuda: bool) -> str:
@@ -221,10 +278,7 @@ def measured_rows(s: BenchSettings) -> list:
 
 
 def side_ours(s: BenchSettings, workdir: Path) -> dict:
-    import torch
-
     from qlora_rft.config import load_config
-    from qlora_rft.model import merge_for_sampling
     from qlora_rft.trainer import train
 
     overrides = [
@@ -236,6 +290,7 @@ def side_ours(s: BenchSettings, workdir: Path) -> dict:
         f"data.max_prompt_length={s.max_prompt_length}",
         "rewards.weights={" + ", ".join(f"{k}: {v}" for k, v in REWARD_WEIGHTS.items()) + "}",
         f"grpo.num_generations={s.num_generations}", "grpo.generation_chunk=0", "grpo.backward_chunk=0",
+        f"grpo.sampling_weights={s.sampling_weights}", f"grpo.decode={s.decode}",
         f"grpo.max_completion_length={s.max_completion_length}",
         f"grpo.min_completion_length={s.min_completion_length}",
         f"grpo.temperature={s.temperature}", f"grpo.top_p={s.top_p}", f"grpo.top_k={s.top_k}",
@@ -248,12 +303,16 @@ def side_ours(s: BenchSettings, workdir: Path) -> dict:
     ]
     result = train(load_config(None, overrides), log=False)
     lines = result.metrics[s.warmup_steps:]
+    sampling = json.loads((workdir / "train_summary.json").read_text())["sampling"]
     return {
         "step_seconds": statistics.median(m["step_seconds"] for m in lines),
         "step_seconds_all": [m["step_seconds"] for m in result.metrics],
         "generation_tokens_per_second": statistics.median(m["tokens_per_second"] for m in lines),
         "completion_length": statistics.mean(m["completion_length"] for m in lines),
-        "sampling_weights": "merged" if merge_for_sampling("auto", torch.device(s.device)) else "adapters",
+        "sampling": sampling,
+        "decode_weight_bytes": sampling["decode_weight_bytes"],
+        "rows_per_decode_step": s.num_generations,  # generation_chunk 0: one group per call
+        "decode_counters": {k: lines[-1][k] for k in ("decode_builds", "decode_compiles") if k in lines[-1]},
     }
 
 
@@ -266,7 +325,7 @@ def side_trl(s: BenchSettings, workdir: Path) -> dict:
 
     from qlora_rft.config import ModelConfig
     from qlora_rft.data import open_image, resize_image
-    from qlora_rft.model import keep_training_layout, load_base
+    from qlora_rft.model import decode_weight_bytes, keep_training_layout, load_base
     from qlora_rft.rewards import classification_reward, format_reward
     from qlora_rft.tasks import get_task
 
@@ -376,6 +435,8 @@ def side_trl(s: BenchSettings, workdir: Path) -> dict:
         "step_seconds_all": timer.seconds,
         "generation_tokens_per_second": statistics.median(gen["per_step"][s.warmup_steps:]),
         "completion_length": statistics.mean(lengths[s.warmup_steps:]) if lengths else None,
+        "decode_weight_bytes": decode_weight_bytes(target),  # 4-bit base + LoRA, as TRL samples
+        "rows_per_decode_step": s.num_generations * s.prompts_per_step,
     }
 
 
@@ -405,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-completion-length", type=int, default=32)
+    parser.add_argument("--sampling-weights", default="auto")
+    parser.add_argument("--decode", default="auto")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -419,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     report = run_bench(args.preset, args.compare, args.steps, args.out, num_generations=args.num_generations,
-                       max_completion_length=args.max_completion_length)
+                       max_completion_length=args.max_completion_length, sampling_weights=args.sampling_weights,
+                       decode=args.decode)
     for side in SIDES:
         r = report[side]
         print(f"{side:>4}: {r['step_seconds']:.3f} s/step, {r['generation_tokens_per_second']:.1f} gen tok/s, "

@@ -109,7 +109,8 @@ def cmd_bench(args) -> None:
     from qlora_rft.bench import run_bench
 
     result = run_bench(args.preset, compare=args.compare, steps=args.steps, out=args.out,
-                       num_generations=args.num_generations, max_completion_length=args.max_completion_length)
+                       num_generations=args.num_generations, max_completion_length=args.max_completion_length,
+                       sampling_weights=args.sampling_weights, decode=args.decode)
     ours, theirs = result["ours"], result["trl"]
     print(f"step seconds: ours {ours['step_seconds']:.3f}, trl {theirs['step_seconds']:.3f} "
           f"(ratio {result['ratio']:.3f})")
@@ -197,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="measured steps per side (after one warm-up step)")
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--max-completion-length", type=int, default=32)
+    p.add_argument("--sampling-weights", default="auto", help="ours: grpo.sampling_weights "
+                   "(auto | adapters | merged | int8 | fp8)")
+    p.add_argument("--decode", default="auto", help="ours: grpo.decode (auto | generate | static)")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/PRESET-DEVICE.json)")
     p.set_defaults(run=cmd_bench)
 

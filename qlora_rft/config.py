@@ -152,8 +152,20 @@ class GRPOConfig:
         "What sampling runs on. adapters: the base (4-bit in qlora mode) plus the LoRA adapters, as trained; "
         "merged: each adapted layer dequantized with its LoRA delta merged in, once per step (one matmul per layer "
         "and token instead of a 4-bit kernel plus two adapter matmuls, for a full-precision copy of those weights "
-        "while sampling); auto: merged on the CPU, adapters on CUDA (where that copy would cost GPU memory).",
-        ("auto", "adapters", "merged"),
+        "while sampling); int8 / fp8: that merged copy stored per output channel in int8 / fp8 (weight-only, half "
+        "the copy's memory; fp8 needs a CUDA GPU of compute capability 8.9+); auto: merged on the CPU; on CUDA "
+        "merged when its copy fits the free GPU memory leaving a quarter of the device's memory spare, else "
+        "adapters. The log and train_summary.json say which ran and why.",
+        ("auto", "adapters", "merged", "int8", "fp8"),
+    )
+    decode: str = _f(
+        "auto",
+        "How rollouts are decoded. generate: transformers' generate (dynamic KV cache); static: this project's "
+        "decoder (a static KV cache sized prompt + max_completion_length, sampling on the device; on CUDA with "
+        "merged/int8/fp8 weights its one-token step is compiled once per run with CUDA graphs, a copy of the "
+        "sampling weights then kept between steps); auto: static on the CPU (tested: the same tokens as generate, "
+        "a little faster), generate on CUDA (the compiled decoder is not yet measured on a GPU).",
+        ("auto", "generate", "static"),
     )
 
 
@@ -422,6 +434,8 @@ def validate(cfg: Config) -> None:
     need(g.num_iterations >= 1, "grpo.num_iterations must be >= 1")
     need(g.advantage_eps > 0, "grpo.advantage_eps must be > 0")
     need(g.logprob_chunk >= 1, "grpo.logprob_chunk must be >= 1")
+    need(not (g.sampling_weights == "fp8" and cfg.model.device == "cpu"),
+         "grpo.sampling_weights=fp8 needs a CUDA GPU (compute capability 8.9+): use int8 or merged on the CPU")
 
     t = cfg.train
     need(t.max_steps >= 1, "train.max_steps must be >= 1")

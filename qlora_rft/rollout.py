@@ -1,6 +1,8 @@
 """Sampling a group of G completions for one prompt, in chunks, and the log-probs of completion tokens.
 
 Sampling settings are passed explicitly on every call (a checkpoint's generation_config never decides them).
+Completions come from transformers' generate, or from the static-cache decoder (decode.py) continuing the same
+shared prefill.
 Log-probs come from the last hidden states of completion positions through the LM head in chunks: the full
 [B, L, V] logits are never built.
 """
@@ -9,11 +11,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from qlora_rft import grpo
 from qlora_rft.data import PromptInputs, shared_features
+
+if TYPE_CHECKING:
+    from qlora_rft.decode import Decoder
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,8 @@ class Rollout:
 @torch.no_grad()
 def sample_groups(
     model, processor, prompts: list[PromptInputs], group_size: int, chunk: int, sampling: Sampling,
-    tokens: SpecialTokens, share_prefill: bool = True,
+    tokens: SpecialTokens, share_prefill: bool = True, decoder: "Decoder | None" = None,
+    generator: torch.Generator | None = None,
 ) -> list[Rollout]:
     """G completions for each prompt, `chunk` completions per generate call.
 
@@ -90,7 +97,12 @@ def sample_groups(
     chunk = k * G: k prompts share a call (left-padded), which is how a small model keeps the device busy.
     share_prefill: the prompt is run through the model once and its KV cache repeated for the completions,
     instead of being prefilled again for each of them.
+    decoder: decode on its static cache (decode.Decoder) instead of HF generate, drawing from `generator`
+    (None: the device's default generator, which train.seed seeds and checkpoints keep).
     """
+    if decoder is not None:
+        return _sample_static(model, processor, prompts, group_size, chunk, sampling, tokens, share_prefill,
+                              decoder, generator)
     config = sampling.generation_config(tokens)
     finite = FiniteLogits(tokens.eos[0])
     chunk = chunk or group_size
@@ -140,6 +152,39 @@ class FiniteLogits:
     @property
     def ok(self) -> bool:
         return self.seen is None or not bool(self.seen)
+
+
+@torch.no_grad()
+def _sample_static(model, processor, prompts: list[PromptInputs], group_size: int, chunk: int, sampling: Sampling,
+                   tokens: SpecialTokens, share_prefill: bool, decoder: "Decoder",
+                   generator: torch.Generator | None) -> list[Rollout]:
+    """`sample_groups` on the decoder's static cache: the same calls, each continuing from a prefill."""
+    chunk = chunk or group_size
+    was_training = model.training
+    model.eval()
+    pieces: list[list[torch.Tensor]] = [[] for _ in prompts]
+
+    def decode(batch: dict, repeat: int) -> torch.Tensor:  # batch rows, each `repeat` times -> [rows, t]
+        return decoder.generate(model, prefill(model, batch), batch["attention_mask"], batch["input_ids"][:, -1],
+                                repeat, sampling, tokens, generator)
+
+    try:
+        if chunk <= group_size:
+            for i, prompt in enumerate(prompts):
+                for _ in range(group_size // chunk):
+                    pieces[i].append(decode(prompt.repeated(1), chunk) if share_prefill
+                                     else decode(prompt.repeated(chunk), 1))
+        else:
+            per_call = chunk // group_size
+            for first in range(0, len(prompts), per_call):
+                group = prompts[first : first + per_call]
+                out = (decode(left_pad(group, tokens.pad, 1)[0], group_size) if share_prefill
+                       else decode(left_pad(group, tokens.pad, group_size)[0], 1))  # [k * G, t]
+                for j in range(out.shape[0] // group_size):
+                    pieces[first + j].append(out[j * group_size : (j + 1) * group_size])
+    finally:
+        model.train(was_training)
+    return [_rollout(prompt, p, processor, tokens) for prompt, p in zip(prompts, pieces)]
 
 
 @dataclass

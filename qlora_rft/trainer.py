@@ -30,6 +30,7 @@ import torch
 from qlora_rft import checkpoint, grpo
 from qlora_rft.config import Config, dump
 from qlora_rft.data import encode_prompt, load_split
+from qlora_rft.decode import choose_decoding
 from qlora_rft.distributed import (
     Launch,
     NonFiniteStep,
@@ -49,8 +50,9 @@ from qlora_rft.model import (
     Policy,
     check_model_folder,
     load_policy,
+    choose_sampling_weights,
+    decode_weight_bytes,
     load_reference,
-    merge_for_sampling,
     merged_weights,
     pick_device,
     reference_mode,
@@ -113,6 +115,7 @@ class Run:
     reference_model: torch.nn.Module | None  # full mode: the frozen copy's scorer (prepared); else None
     start_step: int  # 0, or the step of the checkpoint resumed from
     order: "PromptOrder"
+    sampling: dict = field(default_factory=dict)  # which sampling weights and decoder ran, and why
 
     def examples(self, step: int) -> list:
         """This process's training rows of an optimizer step: decided by the step and the process alone, so a
@@ -188,7 +191,8 @@ class Run:
             summary = {"method": self.cfg.train.method, "mode": self.cfg.model.mode,
                        "steps": self.cfg.train.max_steps, "base": self.base_path,
                        "processes": self.launch.world_size, "data_rows": len(self.data.examples),
-                       "data_skipped": [vars(b) for b in self.data.skipped], "seconds": seconds}
+                       "data_skipped": [vars(b) for b in self.data.skipped], "seconds": seconds,
+                       "sampling": self.sampling}
             last = checkpoint.latest(self.out)
             kept = (f"{last.name} is kept: free some space and run again with --resume" if last is not None else
                     "no checkpoint was written (train.save_steps): free some space and run again with --overwrite")
@@ -358,6 +362,17 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     weights = cfg.rewards.weights or default_weights(task.name)
     sampling = Sampling(g.max_completion_length, g.temperature, g.top_p, g.top_k,
                         min_new_tokens=g.min_completion_length)
+    sample_with = choose_sampling_weights(g.sampling_weights, policy.model, policy.device, policy.dtype)
+    decoding = choose_decoding(g.decode, policy.device, sample_with.mode)
+    decoder = decoding.decoder
+    kept_copy = {} if decoder is not None and decoder.compile else None  # CUDA graphs need the same addresses
+    run.sampling = {"weights": sample_with.mode, "weights_reason": sample_with.reason, "decode": decoding.name,
+                    "decode_reason": decoding.reason}
+    if log and accelerator.is_main_process:
+        from rich.console import Console
+
+        (console or Console(stderr=True)).print(f"sampling: {sample_with.mode} weights ({sample_with.reason}); "
+                                                f"decoding: {decoding.name} ({decoding.reason})")
     skip_uniform = g.skip_uniform_groups and g.beta == 0 and not run.launch.distributed  # engines step in lockstep
     logger = run.logger(console, log)
     metrics = []
@@ -374,9 +389,11 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
                 sampler = scorer.policy
                 if not cfg.lora.train_vision:  # a frozen vision tower: encode each image once for all passes
                     prompts = [share_vision(sampler, p) for p in prompts]
-                with merged_weights(sampler, merge_for_sampling(g.sampling_weights, policy.device)):
+                with merged_weights(sampler, sample_with.merges, sample_with.mode, kept_copy):
+                    if step == run.start_step + 1:  # what each decode step reads (the bench's bandwidth figure)
+                        run.sampling["decode_weight_bytes"] = decode_weight_bytes(sampler)
                     rollouts = sample_groups(sampler, policy.processor, prompts, G, g.generation_chunk, sampling,
-                                             policy.tokens, g.share_prefill)
+                                             policy.tokens, g.share_prefill, decoder)
             gen_seconds = time.perf_counter() - t0
             run.require_finite_logits(step, rollouts)
             gen_tokens = int(sum(r.mask.sum() for r in rollouts))
@@ -411,6 +428,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
             line = step_metrics(step, groups, stats, weights, cfg, run.scheduler, grad_norm, gen_tokens, gen_seconds,
                                 time.perf_counter() - step_start, time.perf_counter() - started)
             line.update(gather_mean(accelerator, {k: line[k] for k in line if k in AVERAGED}))
+            line.update(decoder.counters() if decoder is not None else {})  # shapes built, graphs compiled
             metrics.append(line)
             logger.log(line, write=step % cfg.train.logging_steps == 0 or step == cfg.train.max_steps)
             run.checkpoint(step)

@@ -27,7 +27,7 @@ TEXTS = [
 ]
 
 
-def fixed_groups(model, processor, prompts, group_size, chunk, sampling, tokens, share_prefill=True):
+def fixed_groups(model, processor, prompts, group_size, chunk, sampling, tokens, share_prefill=True, decoder=None):
     texts = [TEXTS[k % len(TEXTS)] for k in range(group_size)]
     rows = [processor.tokenizer(t, add_special_tokens=False)["input_ids"] + [tokens.eos[0]] for t in texts]
     width = max(map(len, rows))

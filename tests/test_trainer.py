@@ -61,6 +61,10 @@ def test_two_step_qlora_grpo_changes_lora_weights_only(tiny_overrides, monkeypat
     assert [l["step"] for l in lines] == [1, 2]
     for key in ("loss", "reward", "kl", "rewards/format", "rewards/classification", "tokens_per_second"):
         assert key in lines[0]
+    assert [(l["decode_builds"], l["decode_compiles"]) for l in lines] == [(1, 0), (1, 0)]  # built once, eager
+    sampling = json.loads((result.output_dir / "train_summary.json").read_text())["sampling"]
+    assert (sampling["weights"], sampling["decode"]) == ("merged", "static")  # auto on the CPU
+    assert sampling["weights_reason"].startswith("auto on the CPU") and sampling["decode_weight_bytes"] > 0
     assert (result.adapter_dir / "adapter_config.json").is_file()
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     assert [p.name for p in checkpoint.all_checkpoints(result.output_dir)] == ["checkpoint-1", "checkpoint-2"]
