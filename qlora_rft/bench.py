@@ -22,7 +22,6 @@ from pathlib import Path
 from qlora_rft.errors import UserError
 
 SIDES = ("ours", "trl")
-SMALL_PRESETS = ("tiny", "cpu-small")
 REWARD_WEIGHTS = {"format": 1.0, "classification": 1.0}
 
 
@@ -93,6 +92,7 @@ def run_bench(
     from qlora_rft.config import LoraSettings
     from qlora_rft.data import load_split
     from qlora_rft.model import lora_target_regex
+    from qlora_rft.models import family_of
     from qlora_rft.tasks import get_task
 
     if compare != "trl":
@@ -103,7 +103,7 @@ def run_bench(
         raise UserError("bench --num-generations must be >= 2")
     if preset not in tiny.PRESETS:
         raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(tiny.PRESETS)}")
-    small = preset in SMALL_PRESETS
+    small = preset in tiny.SMALL_PRESETS
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
 
@@ -121,13 +121,13 @@ def run_bench(
         beta=beta,
         learning_rate=learning_rate,
         optimizer="paged_adamw_8bit" if cuda else "adamw",
-        lora_target_regex=lora_target_regex(LoraSettings()),
+        lora_target_regex=lora_target_regex(LoraSettings(), family_of(model_path)),
         gradient_checkpointing=(not small) if gradient_checkpointing is None else gradient_checkpointing,
         max_pixels=max_pixels or (7056 if small else 401408),
     )
     # generate the data once, here
     load_split(settings.data, settings.split, get_task(settings.task), min_pixels=settings.min_pixels,
-               max_pixels=settings.max_pixels)
+               max_pixels=settings.max_pixels, factor=family_of(model_path).factor)
 
     out = Path(out) if out is not None else Path("benchmarks/results") / f"{preset}-{device}.json"
     results = {}
@@ -214,7 +214,10 @@ def measured_rows(s: BenchSettings) -> list:
     from qlora_rft.tasks import get_task
     from qlora_rft.trainer import PromptOrder
 
-    data = load_split(s.data, s.split, get_task(s.task), min_pixels=s.min_pixels, max_pixels=s.max_pixels)
+    from qlora_rft.models import family_of
+
+    data = load_split(s.data, s.split, get_task(s.task), min_pixels=s.min_pixels, max_pixels=s.max_pixels,
+                      factor=family_of(s.model_path).factor)
     order = PromptOrder(len(data.examples), s.seed)
     count = (s.warmup_steps + s.steps) * s.prompts_per_step
     return [data.examples[order.index(i)] for i in range(count)]
@@ -265,7 +268,7 @@ def side_trl(s: BenchSettings, workdir: Path) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from qlora_rft.config import ModelConfig
-    from qlora_rft.data import open_image, resize_image
+    from qlora_rft.data import image_factor, open_image, resize_image
     from qlora_rft.model import keep_training_layout, load_base
     from qlora_rft.rewards import classification_reward, format_reward
     from qlora_rft.tasks import get_task
@@ -280,7 +283,7 @@ def side_trl(s: BenchSettings, workdir: Path) -> dict:
 
     rows = measured_rows(s)
     dataset = Dataset.from_dict({
-        "image": [resize_image(open_image(ex), s.min_pixels, s.max_pixels) for ex in rows],
+        "image": [resize_image(open_image(ex), s.min_pixels, s.max_pixels, image_factor(processor)) for ex in rows],
         "prompt": [[{"role": "user", "content": [{"type": "image"},
                                                  {"type": "text", "text": task.prompt(ex.problem)}]}]
                    for ex in rows],

@@ -49,6 +49,7 @@ from qlora_rft.model import (
     Policy,
     check_model_folder,
     load_policy,
+    model_family,
     load_reference,
     merge_for_sampling,
     merged_weights,
@@ -106,7 +107,7 @@ class Run:
     policy: Policy
     accelerator: object
     model: torch.nn.Module  # the CompletionScorer around the policy, as prepared by accelerate (DDP, DeepSpeed)
-    unwrapped: torch.nn.Module  # the policy itself: the PeftModel, or the Qwen2-VL model in full mode
+    unwrapped: torch.nn.Module  # the policy itself: the PeftModel, or the model itself in full mode
     optimizer: torch.optim.Optimizer
     scheduler: object
     updates: Updates
@@ -227,6 +228,7 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
     with accelerator.main_process_first(), whole_models(accelerator):
         data = load_split(cfg.data.train, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root,
                           min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+                          factor=model_family(cfg.model.name_or_path).factor,
                           console=console if accelerator.is_main_process else Console(quiet=True))
         base_path = str(resolve_model_path(warmed_base(cfg, console)))
     check_launch(cfg, launch, rows=len(data.examples))

@@ -66,7 +66,8 @@ def detection_items(cfg: Config) -> list[EvalItem]:
     for ann in coco.get("annotations", []):
         truth.setdefault((ann["image_id"], names[ann["category_id"]]), []).append(ann["bbox"])
     files = [str(root / image["file_name"]) for image in coco.get("images", [])]
-    cells = load_images(files, cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.on_bad_row, str(path))
+    cells = load_images(files, cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.on_bad_row, str(path),
+                        factor=_factor(cfg))
     items = []
     for image, file in zip(coco.get("images", []), files):
         if file not in cells:  # skipped, reported
@@ -90,8 +91,14 @@ def dataset_items(cfg: Config, task: Task) -> list[EvalItem]:
     """Each usable row of data.eval (default: data.train's source) at data.eval_split."""
     source = cfg.data.eval or cfg.data.train
     data = load_split(source, cfg.data.eval_split, task, cfg.data.on_bad_row, cfg.data.image_root,
-                      min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+                      min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels, factor=_factor(cfg))
     return [EvalItem(str(ex.index), ex, {"id": ex.index, "solution": ex.solution}) for ex in data.examples]
+
+
+def _factor(cfg: Config) -> int:
+    from qlora_rft.model import model_family
+
+    return model_family(cfg.model.name_or_path).factor
 
 
 def eval_items(cfg: Config, task: Task) -> list[EvalItem]:

@@ -1,0 +1,112 @@
+"""Model families: the registry by config.json model_type, each family's image rule and LoRA targets, and the tiny
+Qwen2.5-VL and Qwen3-VL presets through every command (shared vision, train, eval, score, merge)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+from conftest import TINY_RUN
+from PIL import Image
+
+from qlora_rft.config import LoraSettings, load_config
+from qlora_rft.data import encode_prompt, load_split, resize_image
+from qlora_rft.errors import UserError
+from qlora_rft.models import families, family_of, preset_names
+from qlora_rft.tasks import get_task
+
+NEW_FAMILIES = ["qwen2.5-vl-tiny", "qwen3-vl-tiny"]
+
+
+def test_each_model_type_picks_its_family_and_others_are_refused_with_the_list():
+    assert family_of({"model_type": "qwen2_vl"}).name == "Qwen2-VL"
+    assert family_of({"model_type": "qwen2_5_vl"}).name == "Qwen2.5-VL"
+    assert family_of({"model_type": "qwen3_vl"}).name == "Qwen3-VL"
+    with pytest.raises(UserError) as caught:
+        family_of({"model_type": "qwen3_vl_moe"})
+    for model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        assert f"({model_type})" in str(caught.value)
+    names = preset_names()
+    assert len(names) == len(set(names)) and {"tiny", *NEW_FAMILIES, "qwen3-vl-8b"} <= set(names)
+
+
+def test_image_token_side_is_the_familys():
+    assert [f.factor for f in families()] == [28, 28, 32]  # 14 x 2, 14 x 2, 16 x 2
+    for factor in (28, 32):
+        w, h = resize_image(Image.new("RGB", (1000, 500)), min_pixels=3136, max_pixels=401408, factor=factor).size
+        assert w % factor == 0 and h % factor == 0 and w * h <= 401408 and abs(w / h - 2) < 0.1
+
+
+def test_real_shapes_have_the_released_config_values():
+    from qlora_rft import tiny
+
+    tok = tiny.build_tokenizer()
+    # name: (hidden, layers, kv heads, vocab, tied, vision depth, vision width)
+    released = {
+        "qwen2.5-vl-3b": (2048, 36, 2, 151936, True, 32, 1280),
+        "qwen2.5-vl-7b": (3584, 28, 4, 152064, False, 32, 1280),
+        "qwen3-vl-2b": (2048, 28, 8, 151936, True, 24, 1024),
+        "qwen3-vl-4b": (2560, 36, 8, 151936, True, 24, 1024),
+        "qwen3-vl-8b": (4096, 36, 8, 151936, False, 27, 1152),
+    }
+    for name, (hidden, layers, kv, vocab, tied, depth, width) in released.items():
+        cfg = tiny.build_config(name, tok)
+        text, vision = cfg.text_config, cfg.vision_config
+        assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads, text.vocab_size,
+                cfg.tie_word_embeddings, vision.depth, vision.hidden_size) == (hidden, layers, kv, vocab, tied, depth,
+                                                                               width), name
+        assert vision.out_hidden_size == hidden
+    assert tiny.build_config("qwen3-vl-8b", tok).vision_config.deepstack_visual_indexes == [8, 16, 24]
+    assert tiny.build_config("qwen3-vl-4b", tok).text_config.rope_parameters["mrope_section"] == [24, 20, 20]
+    assert tiny.build_config("qwen2.5-vl-7b", tok).vision_config.fullatt_block_indexes == [7, 15, 23, 31]
+
+
+@pytest.mark.parametrize("preset", ["tiny", *NEW_FAMILIES])
+def test_lora_targets_are_the_language_linears_and_with_train_vision_every_vision_linear(preset):
+    from qlora_rft import tiny
+
+    model, _ = tiny.build_model(preset)
+    family = family_of(model)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    language = {n for n in linears if ".language_model." in n}
+    vision = {n for n in linears if ".visual." in n}
+    assert any(".merger." in n for n in vision)
+    for train_vision, expected in ((False, language), (True, language | vision)):
+        pattern = family.lora_regex(LoraSettings().target_modules, train_vision)
+        assert {n for n in linears if re.fullmatch(pattern, n)} == expected  # peft matches a string in full
+
+
+def _policy_and_prompt(preset, mode="qlora"):
+    from qlora_rft.model import load_policy
+
+    cfg = load_config(None, [*TINY_RUN, f"model.name_or_path=tiny:{preset}", f"model.mode={mode}"])
+    policy = load_policy(cfg.model, cfg.lora)
+    for name, p in policy.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)  # adapters that matter
+    task = get_task("classification")
+    example = load_split(cfg.data.train, "train", task, min_pixels=cfg.data.min_pixels,
+                         max_pixels=cfg.data.max_pixels, factor=policy.family.factor).examples[0]
+    return policy, encode_prompt(policy.processor, task, example, cfg.data, policy.device)
+
+
+@pytest.mark.parametrize("preset", NEW_FAMILIES)
+def test_shared_vision_and_prefill_give_the_logprobs_of_plain_passes(preset):
+    """The vision encoding reused (Qwen3-VL: with its deepstack levels) and the prompt computed once give the
+    log-probs of passes that run everything."""
+    from qlora_rft.rollout import completion_logprobs, share_vision
+
+    policy, prompt = _policy_and_prompt(preset)
+    ids = torch.randint(7, 300, (3, 5), generator=torch.Generator().manual_seed(0))  # above the special ids
+    mask = torch.ones(3, 5)
+    with torch.no_grad():
+        plain = completion_logprobs(policy.model, prompt, ids, mask, 1024)
+        shared = share_vision(policy.model, copy.copy(prompt))
+        assert len(shared.vision[0]) == (3 if policy.family.name == "Qwen3-VL" else 1)  # merged + 2 deepstack
+        reused = completion_logprobs(policy.model, shared, ids, mask, 1024)
+        prefilled = completion_logprobs(policy.model, shared, ids, mask, 1024, share_prompt=True)
+    assert torch.allclose(reused, plain, atol=1e-5)
+    assert torch.allclose(prefilled, plain, atol=1e-4)
