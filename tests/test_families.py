@@ -110,3 +110,58 @@ def test_shared_vision_and_prefill_give_the_logprobs_of_plain_passes(preset):
         prefilled = completion_logprobs(policy.model, shared, ids, mask, 1024, share_prompt=True)
     assert torch.allclose(reused, plain, atol=1e-5)
     assert torch.allclose(prefilled, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", NEW_FAMILIES)
+def test_train_qlora_and_lora_eval_score_and_merge(preset, tmp_path):
+    """Every command on the family's tiny preset; the merged folder loads with the Auto class alone."""
+    from transformers import AutoModelForImageTextToText
+
+    from qlora_rft.cli import main
+    from qlora_rft.evaluation import runner
+    from qlora_rft.export import merge_adapter
+    from qlora_rft.trainer import train
+
+    model = [*TINY_RUN, f"model.name_or_path=tiny:{preset}"]
+    qlora = train(load_config(None, [*model, f"train.output_dir={tmp_path / 'qlora'}"]))
+    steps = [json.loads(line)["step"] for line in (qlora.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and (qlora.adapter_dir / "adapter_model.safetensors").is_file()
+    lora = train(load_config(None, [*model, "model.mode=lora", "train.max_steps=1",
+                                    f"train.output_dir={tmp_path / 'lora'}"]))
+    assert (lora.adapter_dir / "adapter_model.safetensors").is_file()
+
+    run = runner.run_eval(load_config(None, [*model, "eval.limit=2", "eval.max_new_tokens=8",
+                                             f"eval.adapter={qlora.adapter_dir}", f"eval.output_dir={tmp_path / 'eval'}"]))
+    assert "accuracy" in run.metrics
+    assert main(["score", "classification", "--predictions", str(run.predictions), "--out",
+                 str(tmp_path / "scored.json")]) == 0
+    assert json.loads((tmp_path / "scored.json").read_text())["accuracy"] == run.metrics["accuracy"]
+
+    report = merge_adapter(f"tiny:{preset}", qlora.adapter_dir, tmp_path / "merged", dtype="fp32", device="cpu")
+    assert report.ok and report.lora_modules == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    merged = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "merged"))
+    assert family_of(merged).name == family_of(tmp_path / "merged").name != "Qwen2-VL"
+
+
+def test_a_folder_saved_by_transformers_in_the_hub_layout_loads_and_trains(tmp_path):
+    """Sharded weights with an index, preprocessor_config.json, tokenizer files and chat_template.json, written by
+    transformers' own classes (as on the hub), not by our builder's write_model."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qlora_rft import tiny
+    from qlora_rft.trainer import train
+
+    tokenizer = tiny.build_tokenizer()
+    folder = tmp_path / "Qwen2.5-VL-hub-layout"
+    Qwen2_5_VLForConditionalGeneration(tiny.build_config("qwen2.5-vl-tiny", tokenizer)).save_pretrained(
+        folder, max_shard_size="300KB")
+    processor = tiny.build_processor("qwen2.5-vl-tiny", tokenizer)
+    processor.image_processor.save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": tiny.CHAT_TEMPLATE}))
+    assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
+    assert (folder / "preprocessor_config.json").is_file() and not (folder / "processor_config.json").exists()
+
+    result = train(load_config(None, [*TINY_RUN, f"model.name_or_path={folder}", "train.max_steps=1",
+                                      f"train.output_dir={tmp_path / 'run'}"]))
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
