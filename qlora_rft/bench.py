@@ -268,7 +268,8 @@ def side_trl(s: BenchSettings, workdir: Path) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from qlora_rft.config import ModelConfig
-    from qlora_rft.data import image_factor, open_image, resize_image
+    from qlora_rft.data import open_image, resize_image
+    from qlora_rft.models import family_of
     from qlora_rft.model import keep_training_layout, load_base
     from qlora_rft.rewards import classification_reward, format_reward
     from qlora_rft.tasks import get_task
@@ -283,7 +284,8 @@ def side_trl(s: BenchSettings, workdir: Path) -> dict:
 
     rows = measured_rows(s)
     dataset = Dataset.from_dict({
-        "image": [resize_image(open_image(ex), s.min_pixels, s.max_pixels, image_factor(processor)) for ex in rows],
+        "image": [resize_image(open_image(ex), s.min_pixels, s.max_pixels, family_of(processor).factor)
+                  for ex in rows],
         "prompt": [[{"role": "user", "content": [{"type": "image"},
                                                  {"type": "text", "text": task.prompt(ex.problem)}]}]
                    for ex in rows],

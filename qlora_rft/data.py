@@ -23,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from qlora_rft.errors import DataError
 from qlora_rft.tasks import Task
+from qlora_rft.tasks.boxes import RELATIVE, Frame
 
 REQUIRED_COLUMNS = ("image", "problem", "solution")
 LARGE_FACTOR = 16  # an image over this many times data.max_pixels is resized once at load, not at every step
@@ -319,11 +320,6 @@ def resize_image(image: Image.Image, min_pixels: int, max_pixels: int, factor: i
                        image_patch_size=factor // 2)
 
 
-def image_factor(processor) -> int:
-    """The side in pixels of one image token of a processor's model (its patch size x merge size)."""
-    image = processor.image_processor
-    return image.patch_size * image.merge_size
-
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -346,6 +342,7 @@ class PromptInputs:
     pixel_values: torch.Tensor  # [patches, C*t*p*p]
     image_grid_thw: torch.Tensor  # [1, 3]
     vision: tuple[tuple[torch.Tensor, ...], ...] | None = None  # per image, its feature levels ([tokens, H] each)
+    frame: Frame = RELATIVE  # the box coordinates the prompt asked for (rewards map answers back with it)
 
     @property
     def length(self) -> int:
@@ -373,21 +370,30 @@ def shared_features(images: tuple[tuple[torch.Tensor, ...], ...]) -> dict:
     return {"image": SharedVision(pooler_output=levels[0], deepstack_features=levels[1:] or None)}
 
 
-def messages(task: Task, problem: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": task.prompt(problem)}]}]
+def messages(task: Task, problem: str, frame: Frame = RELATIVE) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": task.ask(problem, frame)}]}]
 
 
-def prompt_text(processor, task: Task, problem: str) -> str:
-    return processor.apply_chat_template(messages(task, problem), add_generation_prompt=True, tokenize=False)
+def prompt_text(processor, task: Task, problem: str, frame: Frame = RELATIVE) -> str:
+    return processor.apply_chat_template(messages(task, problem, frame), add_generation_prompt=True, tokenize=False)
+
+
+def model_inputs(processor, examples: list[Example], min_pixels: int, max_pixels: int) -> tuple[list, list[Frame]]:
+    """The resized images of examples, and the box frame the processor's model family is asked for on each."""
+    from qlora_rft.models import family_of
+
+    family = family_of(processor)
+    images = [resize_image(open_image(ex), min_pixels, max_pixels, family.factor) for ex in examples]
+    return images, [family.frame(*image.size) for image in images]
 
 
 def encode_prompts(
     processor, task: Task, examples: list[Example], min_pixels: int, max_pixels: int, max_prompt_length: int,
     device: torch.device,
-) -> dict:
-    """Left-padded batch inputs for several prompts (processor output, on device)."""
-    texts = [prompt_text(processor, task, ex.problem) for ex in examples]
-    images = [resize_image(open_image(ex), min_pixels, max_pixels, image_factor(processor)) for ex in examples]
+) -> tuple[dict, list[Frame]]:
+    """Left-padded batch inputs for several prompts (processor output, on device), and each prompt's box frame."""
+    images, frames = model_inputs(processor, examples, min_pixels, max_pixels)
+    texts = [prompt_text(processor, task, ex.problem, frame) for ex, frame in zip(examples, frames)]
     batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
     length = batch["input_ids"].shape[1]
     if length > max_prompt_length:
@@ -396,11 +402,12 @@ def encode_prompts(
             f"{[ex.index for ex in examples]}); prompts are never cut (image tokens would be lost): raise "
             "data.max_prompt_length or lower data.max_pixels"
         )
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}, frames
 
 
 def encode_prompt(processor, task: Task, example: Example, data_cfg, device: torch.device) -> PromptInputs:
-    batch = encode_prompts(
+    batch, (frame,) = encode_prompts(
         processor, task, [example], data_cfg.min_pixels, data_cfg.max_pixels, data_cfg.max_prompt_length, device
     )
-    return PromptInputs(**{k: batch[k] for k in PromptInputs.__dataclass_fields__ if k != "vision"})
+    return PromptInputs(**{k: batch[k] for k in PromptInputs.__dataclass_fields__ if k not in ("vision", "frame")},
+                        frame=frame)

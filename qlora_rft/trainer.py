@@ -386,7 +386,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
             # 2. Score with the verifiable rewards; 3. advantages over each whole group (never across processes).
             groups = []
             for example, rollout in zip(examples, rollouts):
-                rewards = score(rollout.texts, example.solution, weights)
+                rewards = score(rollout.texts, example.solution, weights, rollout.prompt.frame)
                 total = torch.tensor([sum(weights[n] * rewards[n][k] for n in weights) for k in range(G)])
                 advantages = grpo.group_advantages(total, g.scale_rewards, g.advantage_eps).to(policy.device)
                 groups.append(Group(rollout, rewards, total, advantages))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from qlora_rft.config import Config
-from qlora_rft.data import Example, image_factor, load_split, open_image, prompt_text, resize_image
+from qlora_rft.data import Example, load_split, model_inputs, prompt_text
 from qlora_rft.files import atomic_folder
 from qlora_rft.model import load_for_inference, model_family
 from qlora_rft.tasks import Task, get_task
@@ -24,10 +24,9 @@ from qlora_rft.tasks import Task, get_task
 def supervised_batch(processor, task: Task, examples: list[Example], data_cfg, device: torch.device) -> dict:
     """Prompt + target completion for each example; labels are -100 on the prompt and on padding."""
     tok = processor.tokenizer
-    prompts = [prompt_text(processor, task, ex.problem) for ex in examples]
-    targets = [task.warmup_target(ex.solution) + tok.eos_token for ex in examples]
-    images = [resize_image(open_image(ex), data_cfg.min_pixels, data_cfg.max_pixels, image_factor(processor))
-              for ex in examples]
+    images, frames = model_inputs(processor, examples, data_cfg.min_pixels, data_cfg.max_pixels)
+    prompts = [prompt_text(processor, task, ex.problem, frame) for ex, frame in zip(examples, frames)]
+    targets = [task.warmup_target(ex.solution, frame) + tok.eos_token for ex, frame in zip(examples, frames)]
     side = tok.padding_side
     tok.padding_side = "right"
     try:

@@ -165,3 +165,81 @@ def test_a_folder_saved_by_transformers_in_the_hub_layout_loads_and_trains(tmp_p
     result = train(load_config(None, [*TINY_RUN, f"model.name_or_path={folder}", "train.max_steps=1",
                                       f"train.output_dir={tmp_path / 'run'}"]))
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- box conventions
+# Qwen2.5-VL answers in pixels of its resized input; here a 560x280 input. The truth (100, 250, 500, 1000) on the
+# datasets' 0-1000 scale is x 560/1000 and y 280/1000 in that frame: (56, 70, 280, 280).
+
+def test_the_same_box_scores_the_same_in_either_convention():
+    from qlora_rft import rewards
+    from qlora_rft.tasks import detection, grounding
+    from qlora_rft.tasks.boxes import RELATIVE, Box, Frame
+
+    frame = Frame(560, 280)
+    truth = "<answer>(100,250),(500,1000)</answer>"
+    pixels = "<think>.</think><answer>(56,70),(280,280)</answer>"
+    relative = "<think>.</think><answer>(100,250),(500,1000)</answer>"
+    assert grounding.parse(pixels, frame) == Box(100, 250, 500, 1000)
+    assert grounding.score(pixels, truth, frame) == grounding.score(relative, truth, RELATIVE) == 1.0
+    assert grounding.score(pixels, truth) < 0.3  # read on the wrong scale it is another box
+    assert grounding.parse("<answer>(56,70),(600,280)</answer>", frame) is None  # x beyond the 560-pixel width
+    assert rewards.grounding_reward([pixels, relative], [truth] * 2, frame=[frame, RELATIVE]) == [2.0, 2.0]
+
+    solution = "<answer>[{'Position': [100, 250, 500, 1000], 'Confidence': 1.0}]</answer>"
+    answer = "<answer>[{'Position': [56, 70, 280, 280], 'Confidence': 0.9}]</answer>"
+    assert detection.iou_reward(answer, solution, frame) == 1.0
+    assert rewards.score([answer], solution, {"iou": 1.0, "confidence": 1.0}, frame) == {"iou": [1.0],
+                                                                                          "confidence": [0.9]}
+    # A box past x = 1000 is valid in a 1120-pixel-wide frame: (1000, 0, 1120, 560) -> (892.9, 0, 1000, 1000).
+    wide = detection.parse("<answer>[{'Position': [1000, 0, 1120, 560], 'Confidence': 0.5}]</answer>",
+                           Frame(1120, 560))
+    assert [tuple(round(v, 1) for v in d.box) for d in wide] == [(892.9, 0.0, 1000.0, 1000.0)]
+
+
+def test_prompts_and_warmup_targets_ask_for_the_familys_frame():
+    from qlora_rft.tasks import get_task
+    from qlora_rft.tasks.boxes import RELATIVE, Frame
+
+    detection = get_task("detection")
+    classification = get_task("classification")
+    assert "pixels of this 560x280 image" in detection.ask("Find every cat.", Frame(560, 280))
+    assert detection.ask("Find every cat.", RELATIVE) == detection.prompt("Find every cat.")
+    assert classification.ask("Which flower?", Frame(560, 280)) == classification.prompt("Which flower?")
+    target = detection.warmup_target("<answer>[{'Position': [100, 250, 500, 1000], 'Confidence': 1.0}]</answer>",
+                                     Frame(560, 280))
+    assert target.endswith("<answer>[{'Position': [56, 70, 280, 280], 'Confidence': 1.0}]</answer>")
+
+
+@pytest.mark.parametrize("preset, absolute", [("tiny", False), ("qwen2.5-vl-tiny", True), ("qwen3-vl-tiny", False)])
+def test_encoded_prompts_carry_the_frame_of_the_resized_image(preset, absolute):
+    from qlora_rft import tiny
+    from qlora_rft.data import encode_prompts, load_split
+    from qlora_rft.models import family_of
+    from qlora_rft.tasks.boxes import RELATIVE, Frame
+
+    processor = tiny.build_processor(preset, tiny.build_tokenizer())
+    family = family_of(processor)
+    task = get_task("grounding")
+    examples = load_split("synthetic:shapes-grounding", "train", task, min_pixels=3136, max_pixels=12544,
+                          factor=family.factor).examples[:1]
+    batch, (frame,) = encode_prompts(processor, task, examples, 3136, 12544, 512, torch.device("cpu"))
+    _, h, w = batch["image_grid_thw"][0].tolist()
+    side = processor.image_processor.patch_size
+    assert frame == (Frame(w * side, h * side) if absolute else RELATIVE)
+    text = processor.batch_decode(batch["input_ids"])[0]
+    assert ("absolute pixels" in text) == absolute
+
+
+def test_scoring_maps_recorded_pixel_frames_back(tmp_path):
+    from qlora_rft.evaluation.scoring import score_file
+
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text(
+        '{"id": 1, "completion": "<answer>(56,70),(280,280)</answer>", "solution": "<answer>(100,250),(500,1000)'
+        '</answer>", "frame": [560, 280]}\n'
+        '{"id": 2, "completion": "<answer>(100,250),(500,1000)</answer>", "solution": "<answer>(100,250),'
+        '(500,1000)</answer>"}\n'
+    )
+    metrics = score_file("grounding", predictions)
+    assert metrics["mIoU"] == 100.0 and metrics["acc@0.5"] == 100.0

@@ -25,6 +25,7 @@ class Family:
     model_types: tuple[str, ...]  # config.json model_type values it serves
     example: str  # a hub checkpoint, named in messages
     model_class: str  # transformers class of the image-text-to-text model
+    processor_class: str  # transformers class of its processor
     patch_size: int  # vision patch side, pixels
     merge_size: int  # patches merged per side into one image token
     min_pixels: int  # the released processor's image area bounds
@@ -44,6 +45,12 @@ class Family:
     def factor(self) -> int:
         """Resized image sides are multiples of this: one image token covers factor x factor pixels."""
         return self.patch_size * self.merge_size
+
+    def frame(self, width: int, height: int):
+        """The box coordinates this family is asked for on a width x height (resized) input image."""
+        from qlora_rft.tasks.boxes import RELATIVE, Frame
+
+        return Frame(width, height) if self.box_convention == "absolute" else RELATIVE
 
     def transformers_class(self):
         import transformers
@@ -82,8 +89,13 @@ def supported() -> str:
 
 
 def family_of(source) -> Family:
-    """The family of a model folder (its config.json), a config.json dict, or a transformers config/model; a
-    UserError listing the supported model_type values otherwise."""
+    """The family of a model folder (its config.json), a config.json dict, a transformers config/model, or a
+    processor; a UserError listing the supported model_type values otherwise."""
+    if hasattr(source, "image_processor"):
+        for family in families():
+            if type(source).__name__ == family.processor_class:
+                return family
+        raise UserError(f"a {type(source).__name__} is not the processor of a supported model ({supported()})")
     if isinstance(source, (str, Path)):
         config_file = Path(source) / "config.json"
         try:

@@ -48,6 +48,7 @@ FAMILY = Family(
     model_types=("qwen2_5_vl",),
     example="Qwen/Qwen2.5-VL-3B-Instruct",
     model_class="Qwen2_5_VLForConditionalGeneration",
+    processor_class="Qwen2_5_VLProcessor",
     patch_size=14,
     merge_size=2,
     min_pixels=3136,

@@ -42,6 +42,7 @@ FAMILY = Family(
     model_types=("qwen2_vl",),
     example="Qwen/Qwen2-VL-2B-Instruct",
     model_class="Qwen2VLForConditionalGeneration",
+    processor_class="Qwen2VLProcessor",
     patch_size=14,
     merge_size=2,
     min_pixels=3136,

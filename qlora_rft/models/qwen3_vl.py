@@ -60,6 +60,7 @@ FAMILY = Family(
     model_types=("qwen3_vl",),
     example="Qwen/Qwen3-VL-4B-Instruct",
     model_class="Qwen3VLForConditionalGeneration",
+    processor_class="Qwen3VLProcessor",
     patch_size=16,
     merge_size=2,
     min_pixels=65536,  # the released preprocessor_config.json: size.shortest_edge / longest_edge (areas)
