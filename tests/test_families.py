@@ -113,13 +113,14 @@ def test_shared_vision_and_prefill_give_the_logprobs_of_plain_passes(preset):
 
 
 @pytest.mark.parametrize("preset", NEW_FAMILIES)
-def test_train_qlora_and_lora_eval_score_and_merge(preset, tmp_path):
+def test_train_qlora_lora_and_sft_eval_score_and_merge(preset, tmp_path):
     """Every command on the family's tiny preset; the merged folder loads with the Auto class alone."""
     from transformers import AutoModelForImageTextToText
 
     from qlora_rft.cli import main
     from qlora_rft.evaluation import runner
     from qlora_rft.export import merge_adapter
+    from qlora_rft.sft import train_sft
     from qlora_rft.trainer import train
 
     model = [*TINY_RUN, f"model.name_or_path=tiny:{preset}"]
@@ -129,6 +130,10 @@ def test_train_qlora_and_lora_eval_score_and_merge(preset, tmp_path):
     lora = train(load_config(None, [*model, "model.mode=lora", "train.max_steps=1",
                                     f"train.output_dir={tmp_path / 'lora'}"]))
     assert (lora.adapter_dir / "adapter_model.safetensors").is_file()
+    sft = train_sft(load_config(None, [*model, "train.method=sft", "train.max_steps=1", "data.task=grounding",
+                                       "data.train=synthetic:shapes-grounding", "data.max_prompt_length=512",
+                                       f"train.output_dir={tmp_path / 'sft'}"]))
+    assert (sft.adapter_dir / "adapter_model.safetensors").is_file()
 
     run = runner.run_eval(load_config(None, [*model, "eval.limit=2", "eval.max_new_tokens=8",
                                              f"eval.adapter={qlora.adapter_dir}", f"eval.output_dir={tmp_path / 'eval'}"]))

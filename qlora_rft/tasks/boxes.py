@@ -96,8 +96,8 @@ def from_frame(box: Box, frame: Frame) -> Box:
     """
     if frame == RELATIVE:
         return box
-    sx, sy = SCALE / frame.width, SCALE / frame.height
-    return Box(box.x1 * sx, box.y1 * sy, box.x2 * sx, box.y2 * sy)
+    w, h = frame.width, frame.height
+    return Box(box.x1 * SCALE / w, box.y1 * SCALE / h, box.x2 * SCALE / w, box.y2 * SCALE / h)
 
 
 def into_frame(box: tuple[float, float, float, float], frame: Frame) -> Box:
@@ -109,8 +109,8 @@ def into_frame(box: tuple[float, float, float, float], frame: Frame) -> Box:
     if frame == RELATIVE:
         return Box(*box)
     x1, y1, x2, y2 = box
-    sx, sy = frame.width / SCALE, frame.height / SCALE
-    return Box(round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy))
+    w, h = frame.width, frame.height
+    return Box(round(x1 * w / SCALE), round(y1 * h / SCALE), round(x2 * w / SCALE), round(y2 * h / SCALE))
 
 
 def frame_instruction(frame: Frame) -> str:
