@@ -28,7 +28,7 @@ def _snapshot(model):
     }
 
 
-def _alternating_rewards(texts, solution, weights):
+def _alternating_rewards(texts, solution, weights, frame=None):
     return {name: [float(k % 2) for k in range(len(texts))] for name in weights}
 
 

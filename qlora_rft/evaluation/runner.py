@@ -4,6 +4,7 @@ metrics from that file alone (`scoring`), so `qlora-rft score` reproduces them w
 Resumable: each line is written as soon as its batch is done, and a rerun skips the prompts already written; a
 rerun whose settings would change the answers (eval_info.json) is refused rather than mixed into the same file.
 Detection asks every (image, class) pair of an annotation file, or only the classes present (`eval.protocol`).
+A family that answers boxes in pixels (Qwen2.5-VL) gets a `frame` [width, height] in each line, for the scorer.
 """
 
 from __future__ import annotations

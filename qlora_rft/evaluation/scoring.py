@@ -1,7 +1,8 @@
 """Metrics recomputed from a predictions file alone (no model): box mAP with pycocotools or the LVIS API for detection,
 accuracy for classification, mIoU and acc@0.5 for grounding. Completions are read only by the tasks' own parsers;
 a malformed line, or a repeat of a prompt already answered, is skipped and reported by its 1-based line number; only
-a file with no usable line at all is refused.
+a file with no usable line at all is refused. A line's `frame` (pixels its boxes are written in) maps them back to
+the 0-1000 scale first.
 """
 
 from __future__ import annotations
