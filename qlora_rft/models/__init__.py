@@ -1,7 +1,7 @@
 """Model families: everything that differs between Qwen2-VL, Qwen2.5-VL and Qwen3-VL, one module per family.
 
 A checkpoint's family is picked from its config.json `model_type` (`family_of`); no other module names a family.
-To add one, copy the closest family module, change what differs, and list it in FAMILIES.
+To add one, copy the closest family module, change what differs, and list it in `families()`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Callable
 
 from qlora_rft.errors import UserError
 
-BOX_SCALE = 1000  # the datasets' convention: box corners on a 0-1000 scale of the image's width and height
 LANGUAGE_LORA = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({names})"  # every family's text layers
 
 
@@ -23,7 +22,6 @@ class Family:
 
     name: str  # as its authors write it, e.g. "Qwen2.5-VL"
     model_types: tuple[str, ...]  # config.json model_type values it serves
-    example: str  # a hub checkpoint, named in messages
     model_class: str  # transformers class of the image-text-to-text model
     processor_class: str  # transformers class of its processor
     patch_size: int  # vision patch side, pixels
@@ -34,7 +32,7 @@ class Family:
     vision_lora: str  # peft regex of the vision tower's linears and merger (lora.train_vision)
     build_config: Callable[..., object]  # (token ids, **shape) -> transformers config
     build_processor: Callable[..., object]  # (tokenizer, chat_template, min_pixels, max_pixels) -> processor
-    vision_features: Callable[[object], tuple] = None  # get_image_features output -> levels ([images] each)
+    vision_features: Callable[[object], list] | None = None  # get_image_features output -> extra levels
     presets: dict[str, dict] = field(default_factory=dict)  # preset name -> shape for build_config
     # config attributes naming the vision placeholder tokens: never sampled (one in a completion would be taken for
     # an image slot in the next forward)
@@ -73,14 +71,11 @@ class Family:
         return tuple(tuple(level[i].detach() for level in levels) for i in range(len(out.pooler_output)))
 
 
-def _families() -> tuple[Family, ...]:
+def families() -> tuple[Family, ...]:
+    """Every supported family, oldest first."""
     from qlora_rft.models import qwen2_5_vl, qwen2_vl, qwen3_vl
 
     return (qwen2_vl.FAMILY, qwen2_5_vl.FAMILY, qwen3_vl.FAMILY)
-
-
-def families() -> tuple[Family, ...]:
-    return _families()
 
 
 def supported() -> str:

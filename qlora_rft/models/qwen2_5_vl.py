@@ -46,7 +46,6 @@ def build_processor_2_5(tokenizer, chat_template: str, min_pixels: int, max_pixe
 FAMILY = Family(
     name="Qwen2.5-VL",
     model_types=("qwen2_5_vl",),
-    example="Qwen/Qwen2.5-VL-3B-Instruct",
     model_class="Qwen2_5_VLForConditionalGeneration",
     processor_class="Qwen2_5_VLProcessor",
     patch_size=14,

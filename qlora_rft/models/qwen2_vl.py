@@ -40,7 +40,6 @@ def build_processor(tokenizer, chat_template: str, min_pixels: int, max_pixels: 
 FAMILY = Family(
     name="Qwen2-VL",
     model_types=("qwen2_vl",),
-    example="Qwen/Qwen2-VL-2B-Instruct",
     model_class="Qwen2VLForConditionalGeneration",
     processor_class="Qwen2VLProcessor",
     patch_size=14,

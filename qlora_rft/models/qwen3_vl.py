@@ -58,7 +58,6 @@ def deepstack_levels(out) -> list:
 FAMILY = Family(
     name="Qwen3-VL",
     model_types=("qwen3_vl",),
-    example="Qwen/Qwen3-VL-4B-Instruct",
     model_class="Qwen3VLForConditionalGeneration",
     processor_class="Qwen3VLProcessor",
     patch_size=16,
