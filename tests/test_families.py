@@ -248,3 +248,16 @@ def test_scoring_maps_recorded_pixel_frames_back(tmp_path):
     )
     metrics = score_file("grounding", predictions)
     assert metrics["mIoU"] == 100.0 and metrics["acc@0.5"] == 100.0
+
+
+@pytest.mark.parametrize("preset", NEW_FAMILIES)
+def test_tiny_model_command_writes_a_folder_the_auto_classes_load(preset, tmp_path, capsys):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from qlora_rft.cli import main
+
+    assert main(["tiny-model", "--out", str(tmp_path / "m"), "--preset", preset]) == 0
+    family = family_of(tmp_path / "m")
+    assert f"({family.name})" in capsys.readouterr().out
+    assert type(AutoModelForImageTextToText.from_pretrained(str(tmp_path / "m"))).__name__ == family.model_class
+    assert type(AutoProcessor.from_pretrained(str(tmp_path / "m"))).__name__ == family.processor_class
