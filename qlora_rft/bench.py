@@ -24,8 +24,7 @@ from pathlib import Path
 from qlora_rft.errors import UserError
 
 SIDES = ("ours", "trl")
-SMALL_PRESETS = ("tiny", "cpu-small")
-REAL_IMAGE_SIDE = 644  # real-size presets: images resized up to 644x644 = 23 x 23 merged patches = 529 tokens
+REAL_IMAGE_TOKENS_SIDE = 23  # real-size presets: images resized up to 23 x 23 merged patches = 529 visual tokens
 
 # Memory bandwidth by device name (bytes/s; vendors' data sheets), first match wins; None: not known here.
 MEMORY_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12))  # "H100": the SXM (HBM3) card
@@ -97,7 +96,7 @@ def run_bench(
     """Run each side in its own subprocess on identical settings; return and write the comparison JSON.
 
     `gradient_checkpointing` None: off for the tiny presets, on otherwise. Images: at most 84x84 for the tiny
-    presets (`max_pixels` None: 7056); resized up to 644x644 (529 visual tokens a prompt) for the real-size ones.
+    presets (`max_pixels` None: 7056); resized up to 23 x 23 visual tokens (529 a prompt: 644x644 pixels for Qwen2/2.5-VL, 736x736 for Qwen3-VL) for the real-size ones.
     """
     import torch
 
@@ -105,6 +104,7 @@ def run_bench(
     from qlora_rft.config import GRPOConfig, LoraSettings
     from qlora_rft.data import load_split
     from qlora_rft.model import lora_target_regex
+    from qlora_rft.models import family_of
     from qlora_rft.tasks import get_task
 
     if compare != "trl":
@@ -120,11 +120,13 @@ def run_bench(
                               ("--decode", decode, "decode")):
         if value not in choices[name]:
             raise UserError(f"bench {flag} {value!r}: choose one of {', '.join(choices[name])}")
-    small = preset in SMALL_PRESETS
+    small = preset in tiny.SMALL_PRESETS
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
 
     model_path = tiny.cached_model(preset)  # built here once, so neither side pays for it
+    factor = family_of(model_path).factor  # pixels per visual token side: 28 (Qwen2/2.5-VL) or 32 (Qwen3-VL)
+    real_pixels = (REAL_IMAGE_TOKENS_SIDE * factor) ** 2
     settings = BenchSettings(
         preset=preset,
         model_path=str(model_path),
@@ -138,16 +140,16 @@ def run_bench(
         beta=beta,
         learning_rate=learning_rate,
         optimizer="paged_adamw_8bit" if cuda else "adamw",
-        lora_target_regex=lora_target_regex(LoraSettings()),
+        lora_target_regex=lora_target_regex(LoraSettings(), family_of(model_path)),
         gradient_checkpointing=(not small) if gradient_checkpointing is None else gradient_checkpointing,
-        min_pixels=3136 if small else REAL_IMAGE_SIDE**2,
-        max_pixels=max_pixels or (7056 if small else REAL_IMAGE_SIDE**2),
+        min_pixels=3136 if small else real_pixels,
+        max_pixels=max_pixels or (7056 if small else real_pixels),
         sampling_weights=sampling_weights,
         decode=decode,
     )
     # generate the data once, here
     load_split(settings.data, settings.split, get_task(settings.task), min_pixels=settings.min_pixels,
-               max_pixels=settings.max_pixels)
+               max_pixels=settings.max_pixels, factor=family_of(model_path).factor)
     settings.visual_tokens_per_prompt = visual_tokens(settings)
 
     out = Path(out) if out is not None else Path("benchmarks/results") / f"{preset}-{device}.json"
@@ -194,11 +196,13 @@ def _run_side(side: str, settings: BenchSettings, tmp: Path, timeout: float | No
 
 
 def visual_tokens(s: BenchSettings) -> int:
-    """Image tokens in the first measured prompt: one per 28x28 merged patch of the resized image."""
+    """Image tokens in the first measured prompt: one per merged patch of the resized image."""
     from qlora_rft.data import open_image, resize_image
+    from qlora_rft.models import family_of
 
-    width, height = resize_image(open_image(measured_rows(s)[0]), s.min_pixels, s.max_pixels).size
-    return (width // 28) * (height // 28)
+    factor = family_of(Path(s.model_path)).factor
+    width, height = resize_image(open_image(measured_rows(s)[0]), s.min_pixels, s.max_pixels, factor).size
+    return (width // factor) * (height // factor)
 
 
 def memory_bandwidth(name: str) -> float | None:
@@ -271,7 +275,10 @@ def measured_rows(s: BenchSettings) -> list:
     from qlora_rft.tasks import get_task
     from qlora_rft.trainer import PromptOrder
 
-    data = load_split(s.data, s.split, get_task(s.task), min_pixels=s.min_pixels, max_pixels=s.max_pixels)
+    from qlora_rft.models import family_of
+
+    data = load_split(s.data, s.split, get_task(s.task), min_pixels=s.min_pixels, max_pixels=s.max_pixels,
+                      factor=family_of(s.model_path).factor)
     order = PromptOrder(len(data.examples), s.seed)
     count = (s.warmup_steps + s.steps) * s.prompts_per_step
     return [data.examples[order.index(i)] for i in range(count)]
@@ -326,6 +333,7 @@ def side_trl(s: BenchSettings, workdir: Path) -> dict:
     from qlora_rft.config import ModelConfig
     from qlora_rft.data import open_image, resize_image
     from qlora_rft.model import decode_weight_bytes, keep_training_layout, load_base
+    from qlora_rft.models import family_of
     from qlora_rft.rewards import classification_reward, format_reward
     from qlora_rft.tasks import get_task
 
@@ -339,7 +347,8 @@ def side_trl(s: BenchSettings, workdir: Path) -> dict:
 
     rows = measured_rows(s)
     dataset = Dataset.from_dict({
-        "image": [resize_image(open_image(ex), s.min_pixels, s.max_pixels) for ex in rows],
+        "image": [resize_image(open_image(ex), s.min_pixels, s.max_pixels, family_of(processor).factor)
+                  for ex in rows],
         "prompt": [[{"role": "user", "content": [{"type": "image"},
                                                  {"type": "text", "text": task.prompt(ex.problem)}]}]
                    for ex in rows],

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from qlora_rft.errors import UserError
+from qlora_rft.models import family_of, preset_names
 
 
 def _quiet() -> None:
@@ -120,7 +121,7 @@ def cmd_tiny_model(args) -> None:
     from qlora_rft.tiny import write_model
 
     path = write_model(args.out, preset=args.preset, seed=args.seed)
-    print(f"wrote a random {args.preset} Qwen2-VL to {path}")
+    print(f"wrote a random {args.preset} ({family_of(path).name}) to {path}")
 
 
 def cmd_config(args) -> None:
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_merge)
 
     p = sub.add_parser("bench", help="time our GRPO step against TRL's GRPOTrainer on identical settings")
-    p.add_argument("--preset", default="cpu-small", help="tiny | cpu-small | qwen2-vl-2b | qwen2-vl-7b")
+    p.add_argument("--preset", default="cpu-small", help=f"one of: {', '.join(preset_names())}")
     p.add_argument("--compare", default="trl")
     p.add_argument("--steps", type=int, default=3, help="measured steps per side (after one warm-up step)")
     p.add_argument("--num-generations", type=int, default=8)
@@ -204,9 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/PRESET-DEVICE.json)")
     p.set_defaults(run=cmd_bench)
 
-    p = sub.add_parser("tiny-model", help="write a locally built random Qwen2-VL from_pretrained folder")
+    p = sub.add_parser("tiny-model", help="write a locally built random from_pretrained folder of a preset")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--preset", default="tiny", help="tiny | cpu-small | qwen2-vl-2b | qwen2-vl-7b")
+    p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(preset_names())}")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_tiny_model)
 

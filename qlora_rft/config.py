@@ -34,8 +34,10 @@ LANGUAGE_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class ModelConfig:
     name_or_path: str = _f(
         "tiny:cpu-small",
-        "A from_pretrained folder of a Qwen2-VL model, or `tiny:PRESET` for a locally built random one "
-        "(presets: tiny, cpu-small, qwen2-vl-2b, qwen2-vl-7b).",
+        "A from_pretrained folder of a supported model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: the family is read from "
+        "config.json's model_type), or `tiny:PRESET` for a locally built random one (presets: tiny, cpu-small, "
+        "qwen2.5-vl-tiny, qwen3-vl-tiny at CPU sizes; qwen2-vl-2b/7b, qwen2.5-vl-3b/7b, qwen3-vl-2b/4b/8b real "
+        "shapes).",
     )
     mode: str = _f(
         "qlora",
@@ -91,7 +93,8 @@ class DataConfig:
     eval: str = _f("", "Held-out data, same forms as `train`; empty: same source as `train`.")
     eval_split: str = _f("test", "Split of `eval` to evaluate on.")
     image_root: str = _f("", "Folder that relative image paths of a LISA-style JSON are under; empty: the JSON's.")
-    min_pixels: int = _f(3136, "Smallest image area after resizing (qwen-vl-utils rule), in pixels.")
+    min_pixels: int = _f(3136, "Smallest image area after resizing (qwen-vl-utils rule, sides multiples of the "
+                         "family's image token side: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL), in pixels.")
     max_pixels: int = _f(401408, "Largest image area after resizing; 401408 = 512 visual tokens.")
     max_prompt_length: int = _f(1024, "Prompts longer than this many tokens are refused (never cut).")
     on_bad_row: str = _f(
@@ -454,7 +457,7 @@ def validate(cfg: Config) -> None:
     need(bool(cfg.lora.target_modules), "lora.target_modules must name at least one linear layer")
 
     d = cfg.data
-    need(d.min_pixels >= 28 * 28, "data.min_pixels must be >= 784 (one 28x28 merged patch)")
+    need(d.min_pixels >= 28 * 28, "data.min_pixels must be >= 784 (one image token of the smallest side, 28x28)")
     need(d.max_pixels >= d.min_pixels, f"data.max_pixels={d.max_pixels} must be >= data.min_pixels={d.min_pixels}")
     need(d.max_prompt_length >= 16, "data.max_prompt_length must be >= 16")
     e = cfg.eval

@@ -3,8 +3,8 @@
 Sources: a parquet file or folder, any `datasets.load_dataset` path (never `load_from_disk`), a LISA-style JSON
 (a `.json` file, or a folder holding `SPLIT.json`; image paths relative to it), or `synthetic:NAME`.
 Bad rows (an image that does not decode in full or that the resize rule refuses, a solution that does not parse)
-are found at load time and skipped and counted, or refused. Images are resized with qwen-vl-utils' rule and the
-config's pixel bounds, the same in training and evaluation; high-bit-depth images are scaled to 8 bits by their
+are found at load time and skipped and counted, or refused. Images are resized with qwen-vl-utils' rule, the
+config's pixel bounds and the model family's token side (`factor`), the same in training and evaluation; high-bit-depth images are scaled to 8 bits by their
 depth; an image far larger than needed is resized once at load and kept small (PNG), with one line saying so.
 """
 
@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from qlora_rft.errors import DataError
 from qlora_rft.tasks import Task
+from qlora_rft.tasks.boxes import RELATIVE, Frame
 
 REQUIRED_COLUMNS = ("image", "problem", "solution")
-FACTOR = 28  # resized sides are multiples of this: qwen-vl-utils' patch (14) x its 2x2 merge
 LARGE_FACTOR = 16  # an image over this many times data.max_pixels is resized once at load, not at every step
 
 
@@ -59,7 +60,7 @@ def resolve_source(source: str) -> str:
     else unchanged."""
     if source.startswith("synthetic:"):
         from qlora_rft.tasks import synthetic
-        from qlora_rft.tiny import cache_dir
+        from qlora_rft.files import cache_dir
 
         name, _, inside = source.split(":", 1)[1].partition("/")
         folder = cache_dir() / "data" / f"{name}-{synthetic.fingerprint(name)}"
@@ -138,11 +139,11 @@ def _rows(resolved: str, split: str, image_root: str | None):
 
 
 def load_split(source: str, split: str, task: Task, on_bad_row: str = "skip", image_root: str | None = None, *,
-               min_pixels: int, max_pixels: int, console: Console | None = None) -> Dataset:
+               min_pixels: int, max_pixels: int, factor: int, console: Console | None = None) -> Dataset:
     """Every usable row of one split; bad rows are reported by index and skipped or refused.
 
     Each image is decoded in full and checked against the resize rule with these pixel bounds (those of training or
-    evaluation), so a row that would fail mid-run fails here. Large images are kept resized (one line on `console`).
+    evaluation; `factor` the model family's image token side), so a row that would fail mid-run fails here. Large images are kept resized (one line on `console`).
     """
     resolved = resolve_source(source)
     rows, columns = _rows(resolved, split, image_root)
@@ -158,7 +159,7 @@ def load_split(source: str, split: str, task: Task, on_bad_row: str = "skip", im
     for index, row in enumerate(rows):
         try:
             _check_text(row, task)
-            image = check_image(_as_cell(row["image"]), min_pixels, max_pixels)
+            image = check_image(_as_cell(row["image"]), min_pixels, max_pixels, factor)
         except Unusable as e:
             if on_bad_row == "error":
                 raise DataError(f"{resolved} split {split!r} row {index}: {e} (set data.on_bad_row=skip to skip it)"
@@ -175,14 +176,14 @@ def load_split(source: str, split: str, task: Task, on_bad_row: str = "skip", im
     return Dataset(resolved, split, examples, skipped, downsized=list(large))
 
 
-def load_images(files: list[str], min_pixels: int, max_pixels: int, on_bad_row: str, source: str,
+def load_images(files: list[str], min_pixels: int, max_pixels: int, on_bad_row: str, source: str, *, factor: int,
                 console: Console | None = None) -> dict[str, dict]:
     """Image files (of an annotation file `source`) checked as dataset rows are: file -> its cell, for the usable
     ones; a bad one is refused (DataError naming it) or skipped with one line for all of them."""
     cells, skipped, large = {}, [], []
     for file in files:
         try:
-            image = check_image({"bytes": None, "path": file}, min_pixels, max_pixels)
+            image = check_image({"bytes": None, "path": file}, min_pixels, max_pixels, factor)
         except Unusable as e:
             if on_bad_row == "error":
                 raise DataError(f"{source}: image {file}: {e} (set data.on_bad_row=skip to skip it)") from None
@@ -240,7 +241,7 @@ class CheckedImage:
     downsized: bool
 
 
-def check_image(cell: dict, min_pixels: int, max_pixels: int) -> CheckedImage:
+def check_image(cell: dict, min_pixels: int, max_pixels: int, factor: int) -> CheckedImage:
     """Decode the image in full and size it by the resize rule, as every later step will; raise Unusable if either
     fails. An image over LARGE_FACTOR x max_pixels, or over PIL's MAX_IMAGE_PIXELS, is resized here, once."""
     try:
@@ -257,7 +258,7 @@ def check_image(cell: dict, min_pixels: int, max_pixels: int) -> CheckedImage:
     try:
         from qwen_vl_utils.vision_process import smart_resize
 
-        new_height, new_width = smart_resize(height, width, FACTOR, min_pixels, max_pixels)
+        new_height, new_width = smart_resize(height, width, factor, min_pixels, max_pixels)
     except (ValueError, ZeroDivisionError) as e:
         raise Unusable(f"image {width}x{height} cannot be resized by qwen-vl-utils' rule ({e})") from None
     if new_width < 1 or new_height < 1:
@@ -266,7 +267,7 @@ def check_image(cell: dict, min_pixels: int, max_pixels: int) -> CheckedImage:
     bomb_limit = Image.MAX_IMAGE_PIXELS or float("inf")
     if width * height <= LARGE_FACTOR * max_pixels and width * height <= bomb_limit:
         return CheckedImage(cell, (width, height), downsized=False)
-    small = resize_image(rgb, min_pixels, max_pixels)
+    small = resize_image(rgb, min_pixels, max_pixels, factor)
     return CheckedImage({"bytes": _png(small), "path": cell.get("path")}, (width, height), downsized=True)
 
 
@@ -310,15 +311,25 @@ def open_image(example: Example) -> Image.Image:
         return to_rgb(image)
 
 
-def resize_image(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
-    """qwen-vl-utils' resizing: sides multiples of 28, area within [min_pixels, max_pixels], aspect kept."""
+def resize_image(image: Image.Image, min_pixels: int, max_pixels: int, factor: int) -> Image.Image:
+    """qwen-vl-utils' resizing: sides multiples of `factor` (the family's patch x merge: 28 or 32), area within
+    [min_pixels, max_pixels], aspect kept."""
     from qwen_vl_utils import fetch_image
 
     return fetch_image({"image": image, "min_pixels": min_pixels, "max_pixels": max_pixels},
-                       image_patch_size=FACTOR // 2)
+                       image_patch_size=factor // 2)
+
 
 
 # ----------------------------------------------------------------------------- prompts
+
+
+@dataclass
+class SharedVision(BaseModelOutputWithPooling):
+    """A vision encoding run once: `pooler_output` per image, and, for families with deepstack, each deepstack
+    level's features per image (read by their forward; ignored by the others)."""
+
+    deepstack_features: list[tuple[torch.Tensor, ...]] | None = None
 
 
 @dataclass
@@ -330,7 +341,8 @@ class PromptInputs:
     mm_token_type_ids: torch.Tensor  # [1, P]
     pixel_values: torch.Tensor  # [patches, C*t*p*p]
     image_grid_thw: torch.Tensor  # [1, 3]
-    vision: tuple[torch.Tensor, ...] | None = None  # the image's features ([tokens, H] each), once computed
+    vision: tuple[tuple[torch.Tensor, ...], ...] | None = None  # per image, its feature levels ([tokens, H] each)
+    frame: Frame = RELATIVE  # the box coordinates the prompt asked for (rewards map answers back with it)
 
     @property
     def length(self) -> int:
@@ -351,28 +363,37 @@ class PromptInputs:
         return kwargs
 
 
-def shared_features(features: tuple[torch.Tensor, ...]) -> dict:
-    """Precomputed image features in the form Qwen2-VL's forward takes instead of pixel_values."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
-
-
-def messages(task: Task, problem: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": task.prompt(problem)}]}]
+def shared_features(images: tuple[tuple[torch.Tensor, ...], ...]) -> dict:
+    """Precomputed image features (per image: merged output, then deepstack levels if any) in the form the models'
+    forward takes as `mm_encoder_outputs` instead of pixel_values."""
+    levels = list(zip(*images))  # [level][image]
+    return {"image": SharedVision(pooler_output=levels[0], deepstack_features=levels[1:] or None)}
 
 
-def prompt_text(processor, task: Task, problem: str) -> str:
-    return processor.apply_chat_template(messages(task, problem), add_generation_prompt=True, tokenize=False)
+def messages(task: Task, problem: str, frame: Frame = RELATIVE) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": task.ask(problem, frame)}]}]
+
+
+def prompt_text(processor, task: Task, problem: str, frame: Frame = RELATIVE) -> str:
+    return processor.apply_chat_template(messages(task, problem, frame), add_generation_prompt=True, tokenize=False)
+
+
+def model_inputs(processor, examples: list[Example], min_pixels: int, max_pixels: int) -> tuple[list, list[Frame]]:
+    """The resized images of examples, and the box frame the processor's model family is asked for on each."""
+    from qlora_rft.models import family_of
+
+    family = family_of(processor)
+    images = [resize_image(open_image(ex), min_pixels, max_pixels, family.factor) for ex in examples]
+    return images, [family.frame(*image.size) for image in images]
 
 
 def encode_prompts(
     processor, task: Task, examples: list[Example], min_pixels: int, max_pixels: int, max_prompt_length: int,
     device: torch.device,
-) -> dict:
-    """Left-padded batch inputs for several prompts (processor output, on device)."""
-    texts = [prompt_text(processor, task, ex.problem) for ex in examples]
-    images = [resize_image(open_image(ex), min_pixels, max_pixels) for ex in examples]
+) -> tuple[dict, list[Frame]]:
+    """Left-padded batch inputs for several prompts (processor output, on device), and each prompt's box frame."""
+    images, frames = model_inputs(processor, examples, min_pixels, max_pixels)
+    texts = [prompt_text(processor, task, ex.problem, frame) for ex, frame in zip(examples, frames)]
     batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
     length = batch["input_ids"].shape[1]
     if length > max_prompt_length:
@@ -381,11 +402,12 @@ def encode_prompts(
             f"{[ex.index for ex in examples]}); prompts are never cut (image tokens would be lost): raise "
             "data.max_prompt_length or lower data.max_pixels"
         )
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}, frames
 
 
 def encode_prompt(processor, task: Task, example: Example, data_cfg, device: torch.device) -> PromptInputs:
-    batch = encode_prompts(
+    batch, (frame,) = encode_prompts(
         processor, task, [example], data_cfg.min_pixels, data_cfg.max_pixels, data_cfg.max_prompt_length, device
     )
-    return PromptInputs(**{k: batch[k] for k in PromptInputs.__dataclass_fields__ if k != "vision"})
+    return PromptInputs(**{k: batch[k] for k in PromptInputs.__dataclass_fields__ if k not in ("vision", "frame")},
+                        frame=frame)

@@ -1,4 +1,4 @@
-"""The demo: warm a tiny Qwen2-VL up on synthetic shapes, run QLoRA GRPO, and compare held-out accuracy.
+"""The demo: warm a tiny model up on synthetic shapes, run QLoRA GRPO, and compare held-out accuracy.
 
 Everything comes from one config (configs/tiny_demo.yaml); the before/after numbers come from the same
 evaluation code and parser as any other run. Writes runs/demo/summary.json.

@@ -1,4 +1,5 @@
-"""Merge a trained LoRA adapter into its full-precision base and save a plain transformers Qwen2-VL folder.
+"""Merge a trained LoRA adapter into its full-precision base and save a plain transformers folder (any family),
+loadable with AutoModelForImageTextToText.
 
 The merge is checked: logits of base + adapter (unmerged), of the merged model and of the reloaded folder are
 compared on a fixed synthetic image + prompt, and the folder appears (atomically) only once written and reloaded.
@@ -16,7 +17,9 @@ import torch
 
 from qlora_rft.errors import UserError
 from qlora_rft.files import atomic_folder
-from qlora_rft.model import check_model_folder, check_weight_files, pick_device, read_adapter_config, resolve_model_path
+from qlora_rft.config import ModelConfig
+from qlora_rft.model import (check_model_folder, check_weight_files, load_base, pick_device, read_adapter_config,
+                             resolve_model_path)
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
@@ -96,7 +99,7 @@ def verification_inputs(processor) -> dict:
 
 
 def verification_logits(model, processor) -> torch.Tensor:
-    """Logits of `model` (a Qwen2-VL, peft-wrapped or not) on the fixed verification input.  -> [L, V] fp32 CPU.
+    """Logits of `model` (of any family, peft-wrapped or not) on the fixed verification input.  -> [L, V] fp32 CPU.
 
     Puts the model in eval mode (no dropout) and runs without gradients.
     """
@@ -133,7 +136,7 @@ def merge_adapter(
     `out` untouched. A non-empty `out` is refused unless `overwrite`. Prints nothing; see `MergeReport.ok`.
     """
     from peft import PeftModel
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
     short = canonical_dtype(dtype)
     torch_dtype = DTYPES[short]
@@ -145,9 +148,9 @@ def merge_adapter(
     dev = pick_device(device)
 
     with _quiet():
-        model = Qwen2VLForConditionalGeneration.from_pretrained(
-            str(base_path), dtype=torch_dtype, device_map={"": str(dev)}
-        )
+        model = load_base(base_path, ModelConfig(name_or_path=str(base_path), mode="full"), dev, torch_dtype)
+        if (base_path / "generation_config.json").is_file():  # the merged folder ships the base's own settings
+            model.generation_config = GenerationConfig.from_pretrained(str(base_path))
         processor = AutoProcessor.from_pretrained(str(base_path))
         try:
             model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
@@ -178,7 +181,7 @@ def merge_adapter(
             processor.save_pretrained(tmp)
             del model
             _free(dev)
-            reloaded = Qwen2VLForConditionalGeneration.from_pretrained(
+            reloaded = AutoModelForImageTextToText.from_pretrained(
                 str(tmp), dtype=torch_dtype, device_map={"": str(dev)}
             )
             diff_reloaded = _max_abs_diff(verification_logits(reloaded, processor), reference)

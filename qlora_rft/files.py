@@ -3,7 +3,8 @@
 `atomic_folder` writes into a temporary sibling named after its writer (host and pid) and renames it into place; it
 removes the temporaries of writers that died and restores a folder a kill left renamed aside. `lock_folder` holds an
 OS lock (flock, released by the kernel when its process dies, so a killed run leaves no live lock behind).
-`reporting_full_disk` turns a write that ran out of space into an OutputError that says so.
+`reporting_full_disk` turns a write that ran out of space into an OutputError that says so. `cache_dir` is where built
+models, synthetic data and warm-ups are kept.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ from qlora_rft.errors import OutputError
 LOCK_FILE = ".lock"
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _held: dict[Path, IO] = {}  # the folders this process has locked, and their lock files
+
+
+def cache_dir() -> Path:
+    """Where generated models and data live: $QLORA_RFT_CACHE, else $XDG_CACHE_HOME/qlora_rft (~/.cache)."""
+    if os.environ.get("QLORA_RFT_CACHE"):
+        return Path(os.environ["QLORA_RFT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora_rft"
 
 
 def _sibling(out: Path, tag: str) -> Path:

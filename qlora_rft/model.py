@@ -1,7 +1,8 @@
-"""Load the policy: a Qwen2-VL base (4-bit NF4 or full precision) with LoRA adapters on the language model.
+"""Load the policy: a base of a supported family (4-bit NF4 or full precision) with LoRA adapters on the language
+model. The family (`qlora_rft.models`) is read from the folder's config.json and decides the class and LoRA targets.
 
 The reference policy is the same base with the adapters switched off (`reference_mode`): no second model.
-Sampling settings never come from the checkpoint's generation_config (Qwen2-VL ships near-greedy ones).
+Sampling settings never come from the checkpoint's generation_config (the Instruct models ship near-greedy ones).
 Weight files are checked whole before anything loads: a corrupt or truncated one is named in a UserError.
 Rollouts may sample on a copy of the adapted layers (`merged_weights`: merged, or int8/fp8 weight-only), chosen by
 `choose_sampling_weights`.
@@ -20,29 +21,27 @@ import torch
 
 from qlora_rft.config import LoraSettings, ModelConfig
 from qlora_rft.errors import UserError
+from qlora_rft.models import Family, family_of, supported
 from qlora_rft.rollout import SpecialTokens, base_model
-
-VISION_LINEAR = ["qkv", "proj", "fc1", "fc2"]
 
 
 @dataclass
 class Policy:
     """The trainable model and what is needed to feed it."""
 
-    model: torch.nn.Module  # peft.PeftModel around Qwen2VLForConditionalGeneration
-    processor: object  # Qwen2VLProcessor
+    model: torch.nn.Module  # peft.PeftModel around the family's ...ForConditionalGeneration
+    processor: object  # the family's processor
     device: torch.device
     dtype: torch.dtype
     tokens: SpecialTokens  # eos, pad and vision placeholder ids
+    family: Family
 
     @property
     def base(self):
-        """The Qwen2VLForConditionalGeneration inside the peft wrapper (adapters still live in its layers)."""
+        """The ...ForConditionalGeneration inside the peft wrapper (adapters still live in its layers)."""
         return base_model(self.model)
 
 
-# model_type values of config.json this project loads, and the family each names.
-SUPPORTED_MODEL_TYPES = {"qwen2_vl": "Qwen2-VL"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # the hub's layout, transformers 5's own
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
@@ -60,24 +59,29 @@ def resolve_model_path(name_or_path: str) -> Path:
     return path
 
 
+def model_family(name_or_path: str) -> Family:
+    """The family of model.name_or_path (a tiny:PRESET is built first if not cached)."""
+    return family_of(resolve_model_path(name_or_path))
+
+
 def check_model_folder(path: Path) -> dict:
     """A folder transformers would load as a supported model, or a UserError saying what is wrong; returns its
     config.json. Checked before loading: transformers builds a default-shaped model (with random weights) from a
     config of another family rather than refusing it."""
-    import json
-
-    supported = ", ".join(f"{family} ({t})" for t, family in SUPPORTED_MODEL_TYPES.items())
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"model folder {path} has no config.json: pass a local from_pretrained folder of a supported "
-                        f"model ({supported}, e.g. a downloaded Qwen/Qwen2-VL-2B-Instruct) or tiny:PRESET")
+                        f"model ({supported()}, e.g. a downloaded Instruct checkpoint) or tiny:PRESET")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{config_file} is not valid JSON ({e}): the model folder is damaged") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"{path} holds a {model_type!r} model (config.json's model_type); supported are {supported}")
+    try:
+        family_of(config if isinstance(config, dict) else {})
+    except UserError:
+        raise UserError(f"{path} holds a {model_type!r} model (config.json's model_type); supported are "
+                        f"{supported()}") from None
     missing = [what for what, names in (("weights", WEIGHT_FILES), ("processor", PROCESSOR_FILES),
                                         ("tokenizer", TOKENIZER_FILES))
                if not any((path / name).is_file() for name in names)]
@@ -104,8 +108,8 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_base(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, mode: str | None = None):
-    """Qwen2VLForConditionalGeneration from a folder: NF4 + double quant in qlora mode, else at `dtype`."""
-    from transformers import BitsAndBytesConfig, GenerationConfig, Qwen2VLForConditionalGeneration
+    """The family's ...ForConditionalGeneration from a folder: NF4 + double quant in qlora mode, else at `dtype`."""
+    from transformers import BitsAndBytesConfig, GenerationConfig
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     mode = mode or cfg.mode
@@ -122,7 +126,7 @@ def load_base(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.d
             bnb_4bit_quant_storage=torch.uint8,
             llm_int8_skip_modules=list(cfg.quantize_skip_modules),
         )
-    model = Qwen2VLForConditionalGeneration.from_pretrained(str(path), **kwargs)
+    model = family_of(path).transformers_class().from_pretrained(str(path), **kwargs)
     if mode == "qlora":
         keep_training_layout(model)
     # Keep only the token ids from the shipped generation config; sampling settings are always passed explicitly.
@@ -147,13 +151,10 @@ def keep_training_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def lora_target_regex(lora: LoraSettings) -> str:
-    """peft target_modules regex: the named linears of the language model (and of the vision tower if asked)."""
-    names = "|".join(lora.target_modules)
-    pattern = rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({names})"
-    if lora.train_vision:
-        pattern += rf"|model\.visual\.blocks\.\d+\.(attn|mlp)\.({'|'.join(VISION_LINEAR)})"
-    return pattern
+def lora_target_regex(lora: LoraSettings, family: Family) -> str:
+    """peft target_modules regex: the named linears of the language model (and the family's vision tower linears
+    and merger if lora.train_vision)."""
+    return family.lora_regex(lora.target_modules, lora.train_vision)
 
 
 def attach_lora(model, lora: LoraSettings, gradient_checkpointing: bool):
@@ -171,7 +172,7 @@ def attach_lora(model, lora: LoraSettings, gradient_checkpointing: bool):
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora_target_regex(lora),
+        target_modules=lora_target_regex(lora, family_of(model)),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -204,7 +205,7 @@ def load_policy(model_cfg: ModelConfig, lora: LoraSettings, adapter: str | Path 
     processor = AutoProcessor.from_pretrained(str(path))
     processor.tokenizer.padding_side = "left"
     tokens = SpecialTokens.of(base, processor.tokenizer)
-    return Policy(model=model, processor=processor, device=device, dtype=dtype, tokens=tokens)
+    return Policy(model=model, processor=processor, device=device, dtype=dtype, tokens=tokens, family=family_of(base))
 
 
 def load_reference(model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
@@ -228,7 +229,7 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | Path | None = None
     processor = AutoProcessor.from_pretrained(str(path))
     processor.tokenizer.padding_side = "left"
     return Policy(model=model, processor=processor, device=device, dtype=dtype,
-                  tokens=SpecialTokens.of(base_model(model), processor.tokenizer))
+                  tokens=SpecialTokens.of(base_model(model), processor.tokenizer), family=family_of(path))
 
 
 def read_adapter_config(adapter: str | Path) -> dict:

@@ -1,7 +1,9 @@
 """Verifiable rewards with TRL's signature, `fn(completions, **columns) -> list[float]`, and a registry by name.
 
 Each reward is total: any completion in, a finite float in its documented range out, never an exception.
-Completions are plain strings or TRL's conversational form; `solution` is the dataset's `<answer>...</answer>`.
+Completions are plain strings or TRL's conversational form; `solution` is the dataset's `<answer>...</answer>`;
+`frame` (optional, one per completion) is the box coordinates the model was asked for (`tasks.boxes.Frame`): box
+answers in an absolute frame are mapped to the dataset's 0-1000 scale first, so a box scores the same in any family.
 They plug into TRL's GRPOTrainer as they are (`reward_funcs=[format_reward, classification_reward]`).
 """
 
@@ -11,6 +13,7 @@ import math
 from typing import Callable
 
 from qlora_rft.tasks import TASKS, classification, detection, grounding
+from qlora_rft.tasks.boxes import RELATIVE, Frame
 from qlora_rft.tasks.common import completion_text, has_format
 
 RewardFn = Callable[..., list[float]]
@@ -34,7 +37,11 @@ def classification_reward(completions: list, solution: list[str], **kwargs) -> l
     return [classification.score(completion_text(c), s) for c, s in zip(completions, solution)]
 
 
-def iou_reward(completions: list, solution: list[str], **kwargs) -> list[float]:
+def _frames(frame: list | None, n: int) -> list[Frame]:
+    return [Frame(*f) for f in frame] if frame is not None else [RELATIVE] * n
+
+
+def iou_reward(completions: list, solution: list[str], frame: list | None = None, **kwargs) -> list[float]:
     """Detection: predictions sorted by confidence each take the unmatched true box of highest IoU; a match counts
     when IoU > 0.5; sum of matched IoUs / max(#truth, #predictions).  'No Objects' for an empty truth: 1.  [0, 1].
 
@@ -42,10 +49,11 @@ def iou_reward(completions: list, solution: list[str], **kwargs) -> list[float]:
     >>> iou_reward(["<answer>[{'Position': [0, 0, 10, 10], 'Confidence': 0.9}]</answer>"], [truth])
     [0.5]
     """
-    return [detection.iou_reward(completion_text(c), s) for c, s in zip(completions, solution)]
+    return [detection.iou_reward(completion_text(c), s, f)
+            for c, s, f in zip(completions, solution, _frames(frame, len(completions)))]
 
 
-def confidence_reward(completions: list, solution: list[str], **kwargs) -> list[float]:
+def confidence_reward(completions: list, solution: list[str], frame: list | None = None, **kwargs) -> list[float]:
     """Detection: mean over predictions of (confidence if matched else 1 - confidence).  Range [0, 1].
 
     >>> confidence_reward(["<answer>[{'Position': [0, 0, 10, 10], 'Confidence': 0.5}, "
@@ -53,16 +61,18 @@ def confidence_reward(completions: list, solution: list[str], **kwargs) -> list[
     ...                   ["<answer>[{'Position': [0, 0, 10, 10], 'Confidence': 1.0}]</answer>"])  # (0.5 + 0.75) / 2
     [0.625]
     """
-    return [detection.confidence_reward(completion_text(c), s) for c, s in zip(completions, solution)]
+    return [detection.confidence_reward(completion_text(c), s, f)
+            for c, s, f in zip(completions, solution, _frames(frame, len(completions)))]
 
 
-def grounding_reward(completions: list, solution: list[str], **kwargs) -> list[float]:
+def grounding_reward(completions: list, solution: list[str], frame: list | None = None, **kwargs) -> list[float]:
     """Reasoning grounding: GIoU + 1 between the answer's box `(x1,y1),(x2,y2)` and the true one.  Range [0, 2].
 
     >>> grounding_reward(["<answer>(0,0),(10,10)</answer>"], ["<answer>(20,0),(30,10)</answer>"])  # GIoU -1/3
     [0.6666666666666667]
     """
-    return [grounding.grounding_reward(completion_text(c), s) for c, s in zip(completions, solution)]
+    return [grounding.grounding_reward(completion_text(c), s, f)
+            for c, s, f in zip(completions, solution, _frames(frame, len(completions)))]
 
 
 REWARDS: dict[str, RewardFn] = {
@@ -80,10 +90,11 @@ def default_weights(task: str) -> dict[str, float]:
     return dict(TASKS[task].default_rewards) if task in TASKS else {}
 
 
-def score(completions: list[str], solution: str, weights: dict[str, float]) -> dict[str, list[float]]:
+def score(completions: list[str], solution: str, weights: dict[str, float],
+          frame: Frame = RELATIVE) -> dict[str, list[float]]:
     """Each named reward of the G completions of one prompt: {name: [G floats]} (non-finite values become 0)."""
     out = {}
     for name in weights:
-        values = REWARDS[name](completions, solution=[solution] * len(completions))
+        values = REWARDS[name](completions, solution=[solution] * len(completions), frame=[frame] * len(completions))
         out[name] = [v if math.isfinite(v) else 0.0 for v in values]
     return out

@@ -17,6 +17,7 @@ import torch
 
 from qlora_rft import grpo
 from qlora_rft.data import PromptInputs, shared_features
+from qlora_rft.models import family_of
 
 if TYPE_CHECKING:
     from qlora_rft.decode import Decoder
@@ -62,8 +63,7 @@ class SpecialTokens:
         eos = model.generation_config.eos_token_id
         eos_ids = sorted({*([eos] if isinstance(eos, int) else (eos or [])), tokenizer.eos_token_id} - {None})
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-        vision = [config.image_token_id, config.video_token_id, config.vision_start_token_id,
-                  config.vision_end_token_id]
+        vision = [getattr(config, name, None) for name in family_of(model).suppressed_tokens]
         return cls(eos=eos_ids, pad=pad, vision=[v for v in vision if v is not None])
 
 
@@ -189,7 +189,7 @@ def _sample_static(model, processor, prompts: list[PromptInputs], group_size: in
 
 @dataclass
 class Prefix:
-    """A prompt batch run once: its KV cache and Qwen2-VL's M-RoPE offsets, one row per prompt."""
+    """A prompt batch run once: its KV cache and the M-RoPE offsets, one row per prompt."""
 
     cache: object  # transformers Cache
     rope_deltas: torch.Tensor  # [rows, 1]
@@ -213,12 +213,12 @@ def _from_prefix(model, kwargs: dict, prefix: Prefix, repeat: int) -> dict:
 
 
 def base_model(model):
-    """The Qwen2VLForConditionalGeneration inside a peft wrapper (adapters still live in its layers), or the model."""
+    """The ...ForConditionalGeneration inside a peft wrapper (adapters still live in its layers), or the model."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _core(model):
-    """The Qwen2VLModel inside (where M-RoPE offsets live between calls)."""
+    """The ...Model inside (where M-RoPE offsets live between calls)."""
     return base_model(model).model
 
 
@@ -232,10 +232,10 @@ def sample_group(model, processor, prompt: PromptInputs, group_size: int, chunk:
 @torch.no_grad()
 def share_vision(model, prompt: PromptInputs) -> PromptInputs:
     """Run the (frozen) vision tower once for this prompt; generation and every log-prob pass reuse the result
-    instead of running it again for each of the G completions and each pass."""
+    (every level the family's language model takes, deepstack included) instead of running it again for each of
+    the G completions and each pass."""
     base = base_model(model)
-    features = base.model.get_image_features(prompt.pixel_values, prompt.image_grid_thw, return_dict=True)
-    prompt.vision = tuple(f.detach() for f in features.pooler_output)
+    prompt.vision = family_of(base).encode_images(base, prompt.pixel_values, prompt.image_grid_thw)
     return prompt
 
 
@@ -329,7 +329,7 @@ class CompletionScorer(torch.nn.Module):
 
     This is what accelerate prepares: every log-prob pass then runs through the engine's own forward (DDP's
     gradient hooks, DeepSpeed's gathering of sharded weights), not around it. `policy` is the PeftModel, or the
-    plain Qwen2-VL model in full mode.
+    plain model in full mode.
     """
 
     def __init__(self, policy: torch.nn.Module):

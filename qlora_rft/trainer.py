@@ -52,6 +52,7 @@ from qlora_rft.model import (
     load_policy,
     choose_sampling_weights,
     decode_weight_bytes,
+    model_family,
     load_reference,
     merged_weights,
     pick_device,
@@ -108,7 +109,7 @@ class Run:
     policy: Policy
     accelerator: object
     model: torch.nn.Module  # the CompletionScorer around the policy, as prepared by accelerate (DDP, DeepSpeed)
-    unwrapped: torch.nn.Module  # the policy itself: the PeftModel, or the Qwen2-VL model in full mode
+    unwrapped: torch.nn.Module  # the policy itself: the PeftModel, or the model itself in full mode
     optimizer: torch.optim.Optimizer
     scheduler: object
     updates: Updates
@@ -231,6 +232,7 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
     with accelerator.main_process_first(), whole_models(accelerator):
         data = load_split(cfg.data.train, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root,
                           min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+                          factor=model_family(cfg.model.name_or_path).factor,
                           console=console if accelerator.is_main_process else Console(quiet=True))
         base_path = str(resolve_model_path(warmed_base(cfg, console)))
     check_launch(cfg, launch, rows=len(data.examples))
@@ -401,7 +403,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
             # 2. Score with the verifiable rewards; 3. advantages over each whole group (never across processes).
             groups = []
             for example, rollout in zip(examples, rollouts):
-                rewards = score(rollout.texts, example.solution, weights)
+                rewards = score(rollout.texts, example.solution, weights, rollout.prompt.frame)
                 total = torch.tensor([sum(weights[n] * rewards[n][k] for n in weights) for k in range(G)])
                 advantages = grpo.group_advantages(total, g.scale_rewards, g.advantage_eps).to(policy.device)
                 groups.append(Group(rollout, rewards, total, advantages))

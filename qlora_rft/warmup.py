@@ -1,6 +1,6 @@
 """Supervised warm-up of a base on the training solutions, so that a random tiny base writes the answer format.
 
-The tiny base then plays the part of Qwen2-VL-Instruct. The warmed folder is cached under a hash of everything that
+The tiny base then plays the part of an Instruct model. The warmed folder is cached under a hash of everything that
 decides it (base, data, warm-up settings, seed), so `train` and `demo` build it once and reuse it.
 """
 
@@ -9,23 +9,24 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from qlora_rft.config import Config
-from qlora_rft.data import Example, load_split, open_image, prompt_text, resize_image
+from qlora_rft.data import Example, load_split, model_inputs, prompt_text
 from qlora_rft.files import atomic_folder
-from qlora_rft.model import compute_dtype, pick_device, resolve_model_path
+from qlora_rft.model import load_for_inference, model_family
 from qlora_rft.tasks import Task, get_task
 
 
 def supervised_batch(processor, task: Task, examples: list[Example], data_cfg, device: torch.device) -> dict:
     """Prompt + target completion for each example; labels are -100 on the prompt and on padding."""
     tok = processor.tokenizer
-    prompts = [prompt_text(processor, task, ex.problem) for ex in examples]
-    targets = [task.warmup_target(ex.solution) + tok.eos_token for ex in examples]
-    images = [resize_image(open_image(ex), data_cfg.min_pixels, data_cfg.max_pixels) for ex in examples]
+    images, frames = model_inputs(processor, examples, data_cfg.min_pixels, data_cfg.max_pixels)
+    prompts = [prompt_text(processor, task, ex.problem, frame) for ex, frame in zip(examples, frames)]
+    targets = [task.warmup_target(ex.solution, frame) + tok.eos_token for ex, frame in zip(examples, frames)]
     side = tok.padding_side
     tok.padding_side = "right"
     try:
@@ -57,7 +58,7 @@ def warmed_base(cfg: Config, console=None) -> str:
     """The folder GRPO starts from: model.name_or_path itself, or its warmed-up copy (built once, cached)."""
     if cfg.warmup.steps == 0:
         return cfg.model.name_or_path
-    from qlora_rft.tiny import cache_dir
+    from qlora_rft.files import cache_dir
 
     folder = cache_dir() / "warm" / warmup_key(cfg)
     if not (folder / "config.json").is_file():
@@ -67,20 +68,15 @@ def warmed_base(cfg: Config, console=None) -> str:
 
 def run_warmup(cfg: Config, out: Path, console=None) -> Path:
     """Full fine-tune of the base (full precision) on the training solutions for warmup.steps steps."""
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-
     from qlora_rft.runlog import RunLogger
 
     task = get_task(cfg.data.task)
     source = cfg.warmup.data or cfg.data.train
     data = load_split(source, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root,
-                      min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels, console=console)
-    path = resolve_model_path(cfg.model.name_or_path)
-    device = pick_device(cfg.model.device)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
-        str(path), dtype=compute_dtype(cfg.model.dtype, device), device_map={"": str(device)}
-    )
-    processor = AutoProcessor.from_pretrained(str(path))
+                      min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+                      factor=model_family(cfg.model.name_or_path).factor, console=console)
+    policy = load_for_inference(replace(cfg.model, mode="full"))  # the model loader's checks, full precision
+    model, processor, device = policy.model, policy.processor, policy.device
     torch.manual_seed(cfg.train.seed)
     rng = random.Random(cfg.train.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup.learning_rate, weight_decay=0.0)

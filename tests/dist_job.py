@@ -38,7 +38,7 @@ def fixed_groups(model, processor, prompts, group_size, chunk, sampling, tokens,
                     texts=decoded) for p in prompts]
 
 
-def text_rewards(texts, solution, weights):
+def text_rewards(texts, solution, weights, frame=None):
     """Rewards that depend on the sampled text, so that a run's result depends on every process's RNG."""
     return {name: [float(sum(map(ord, t)) % 3) for t in texts] for name in weights}
 

@@ -19,7 +19,7 @@ from qlora_rft.tasks import get_task
 from qlora_rft.tasks.synthetic import write_parquet
 
 TASK = get_task("classification")
-PIXELS = dict(min_pixels=3136, max_pixels=401408)  # data.min_pixels / data.max_pixels defaults
+PIXELS = dict(min_pixels=3136, max_pixels=401408, factor=28)  # data.* defaults, Qwen2-VL's token side
 load_split = partial(load_split, **PIXELS)
 
 
@@ -82,11 +82,11 @@ def test_missing_source_is_a_data_error(tmp_path):
 
 def test_resize_follows_qwen_rule():
     image = Image.new("RGB", (1000, 500))
-    resized = resize_image(image, min_pixels=3136, max_pixels=401408)
+    resized = resize_image(image, **PIXELS)
     w, h = resized.size
     assert w % 28 == 0 and h % 28 == 0 and w * h <= 401408
     assert abs(w / h - 2.0) < 0.1
-    tiny = resize_image(Image.new("RGB", (20, 20)), min_pixels=3136, max_pixels=401408)
+    tiny = resize_image(Image.new("RGB", (20, 20)), **PIXELS)
     assert tiny.size[0] * tiny.size[1] >= 3136
 
 
@@ -140,13 +140,13 @@ def test_truncated_jpeg_is_a_bad_row_at_load(tmp_path):
 def test_images_the_resize_rule_refuses_are_bad_rows(tmp_path):
     # qwen-vl-utils refuses an aspect ratio over 200; a 300x30 image under max_pixels=7056 would resize to 252x0.
     path = _write(tmp_path, [_row(_png(size=(201, 1))), _row(_png(size=(300, 30))), _row(_png())])
-    data = load_split(str(path), "train", TASK, min_pixels=3136, max_pixels=7056)
+    data = load_split(str(path), "train", TASK, min_pixels=3136, max_pixels=7056, factor=28)
     assert [e.index for e in data.examples] == [2] and [b.index for b in data.skipped] == [0, 1]
     assert "201x1" in data.skipped[0].reason and "aspect ratio must be smaller than 200" in data.skipped[0].reason
     assert "300x30" in data.skipped[1].reason and "252x0" in data.skipped[1].reason
     with pytest.raises(DataError, match="row 0: image 201x1 .*aspect ratio"):
-        load_split(str(path), "train", TASK, on_bad_row="error", min_pixels=3136, max_pixels=7056)
-    assert len(load_split(str(path), "train", TASK, min_pixels=3136, max_pixels=401408).examples) == 2
+        load_split(str(path), "train", TASK, on_bad_row="error", min_pixels=3136, max_pixels=7056, factor=28)
+    assert len(load_split(str(path), "train", TASK, **PIXELS).examples) == 2
 
 
 def test_high_bit_depth_greyscale_is_scaled_by_its_bit_depth(tmp_path):
@@ -176,7 +176,7 @@ def test_other_modes_become_rgb_as_pil_converts_them():
 
 def test_large_image_is_decoded_once_and_kept_at_its_resized_size(tmp_path):
     original = _noise((400, 300))  # 120000 pixels, over 16 x max_pixels
-    pixels = dict(min_pixels=3136, max_pixels=6272)
+    pixels = dict(min_pixels=3136, max_pixels=6272, factor=28)
     path = _write(tmp_path, [_row(_encoded(original)), _row(_png())])
     out = io.StringIO()
     data = load_split(str(path), "train", TASK, console=Console(file=out, width=200), **pixels)

@@ -39,22 +39,23 @@ def _launch(*args: str, processes: int = 2) -> None:
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     """The weights of a from_pretrained folder, as plain transformers loads them."""
-    from transformers import Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    model, info = Qwen2VLForConditionalGeneration.from_pretrained(str(folder), output_loading_info=True)
+    model, info = AutoModelForImageTextToText.from_pretrained(str(folder), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info  # nothing left at random init
     return model.state_dict()
 
 
 @pytest.mark.slow
-def test_paper_mode_trains_on_two_zero3_processes_and_saves_a_plain_model(tmp_path):
+@pytest.mark.parametrize("preset", ["tiny", "qwen2.5-vl-tiny", "qwen3-vl-tiny"])  # every family
+def test_paper_mode_trains_on_two_zero3_processes_and_saves_a_plain_model(tmp_path, preset):
     from transformers import AutoProcessor
 
     from qlora_rft.model import resolve_model_path
 
-    base = resolve_model_path("tiny:tiny")  # built here once, in the test session's cache
+    base = resolve_model_path(f"tiny:{preset}")  # built here once, in the test session's cache
     out = tmp_path / "run"
-    _launch("-m", "qlora_rft", "train", str(PAPER), f"train.output_dir={out}")
+    _launch("-m", "qlora_rft", "train", str(PAPER), f"model.name_or_path=tiny:{preset}", f"train.output_dir={out}")
 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]  # one writer, not one per process

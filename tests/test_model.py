@@ -25,7 +25,7 @@ def _policy(overrides):
 def _prompt(cfg, policy):
     task = get_task(cfg.data.task)
     example = load_split(cfg.data.train, "train", task, min_pixels=cfg.data.min_pixels,
-                         max_pixels=cfg.data.max_pixels).examples[0]
+                         max_pixels=cfg.data.max_pixels, factor=policy.family.factor).examples[0]
     return encode_prompt(policy.processor, task, example, cfg.data, policy.device)
 
 

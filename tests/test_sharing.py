@@ -22,7 +22,7 @@ def _setup(tiny_overrides):
             torch.nn.init.normal_(p, std=0.2)  # adapters that matter
     task = get_task("classification")
     examples = load_split(cfg.data.train, "train", task, min_pixels=cfg.data.min_pixels,
-                          max_pixels=cfg.data.max_pixels).examples[:2]
+                          max_pixels=cfg.data.max_pixels, factor=policy.family.factor).examples[:2]
     prompts = [encode_prompt(policy.processor, task, ex, cfg.data, policy.device) for ex in examples]
     return policy, prompts
 

@@ -7,7 +7,7 @@ import json
 import torch
 
 from qlora_rft import tiny
-from qlora_rft.tiny import PRESETS, SPECIAL_TOKENS
+from qlora_rft.tiny import SPECIAL_TOKENS
 
 
 def test_tiny_model_round_trips_through_from_pretrained(tmp_path):
@@ -38,12 +38,12 @@ def test_tiny_model_round_trips_through_from_pretrained(tmp_path):
 def test_real_presets_have_the_published_shapes():
     tok = tiny.build_tokenizer()
     for name, hidden, vocab in (("qwen2-vl-2b", 1536, 151936), ("qwen2-vl-7b", 3584, 152064)):
-        cfg = tiny.build_config(PRESETS[name], tok)
+        cfg = tiny.build_config(name, tok)
         assert cfg.text_config.hidden_size == hidden and cfg.text_config.vocab_size == vocab
         assert cfg.text_config.num_hidden_layers == 28
         assert cfg.text_config.rope_parameters["mrope_section"] == [16, 24, 24]
         assert cfg.vision_config.depth == 32 and cfg.vision_config.embed_dim == 1280
-    assert tiny.build_config(PRESETS["qwen2-vl-2b"], tok).tie_word_embeddings
+    assert tiny.build_config("qwen2-vl-2b", tok).tie_word_embeddings
 
 
 def test_cached_model_is_built_once(private_cache):

@@ -28,7 +28,7 @@ def _snapshot(model):
     }
 
 
-def _alternating_rewards(texts, solution, weights):
+def _alternating_rewards(texts, solution, weights, frame=None):
     return {name: [float(k % 2) for k in range(len(texts))] for name in weights}
 
 
@@ -91,7 +91,7 @@ def test_backward_chunks_give_the_same_gradient_as_the_whole_group(tiny_override
             torch.nn.init.normal_(p, std=0.1)  # non-zero adapters so that both LoRA factors get gradients
     task = get_task("classification")
     example = load_split(cfg.data.train, "train", task, min_pixels=cfg.data.min_pixels,
-                         max_pixels=cfg.data.max_pixels).examples[0]
+                         max_pixels=cfg.data.max_pixels, factor=policy.family.factor).examples[0]
     prompt = encode_prompt(policy.processor, task, example, cfg.data, policy.device)
     torch.manual_seed(0)
     rollout = sample_group(policy.model, policy.processor, prompt, 4, 4, Sampling(8), policy.tokens)

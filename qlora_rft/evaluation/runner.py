@@ -4,6 +4,7 @@ metrics from that file alone (`scoring`), so `qlora-rft score` reproduces them w
 Resumable: each line is written as soon as its batch is done, and a rerun skips the prompts already written; a
 rerun whose settings would change the answers (eval_info.json) is refused rather than mixed into the same file.
 Detection asks every (image, class) pair of an annotation file, or only the classes present (`eval.protocol`).
+A family that answers boxes in pixels (Qwen2.5-VL) gets a `frame` [width, height] in each line, for the scorer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from qlora_rft.data import Example, encode_prompts, load_images, load_split, res
 from qlora_rft.errors import DataError, UserError
 from qlora_rft.rollout import Sampling
 from qlora_rft.tasks import Task, detection, get_task
-from qlora_rft.tasks.boxes import to_scale
+from qlora_rft.tasks.boxes import RELATIVE, Frame, to_scale
 
 PREDICTIONS, METRICS, INFO = "predictions.jsonl", "metrics.json", "eval_info.json"
 
@@ -66,7 +67,8 @@ def detection_items(cfg: Config) -> list[EvalItem]:
     for ann in coco.get("annotations", []):
         truth.setdefault((ann["image_id"], names[ann["category_id"]]), []).append(ann["bbox"])
     files = [str(root / image["file_name"]) for image in coco.get("images", [])]
-    cells = load_images(files, cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.on_bad_row, str(path))
+    cells = load_images(files, cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.on_bad_row, str(path),
+                        factor=_factor(cfg))
     items = []
     for image, file in zip(coco.get("images", []), files):
         if file not in cells:  # skipped, reported
@@ -90,8 +92,14 @@ def dataset_items(cfg: Config, task: Task) -> list[EvalItem]:
     """Each usable row of data.eval (default: data.train's source) at data.eval_split."""
     source = cfg.data.eval or cfg.data.train
     data = load_split(source, cfg.data.eval_split, task, cfg.data.on_bad_row, cfg.data.image_root,
-                      min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+                      min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels, factor=_factor(cfg))
     return [EvalItem(str(ex.index), ex, {"id": ex.index, "solution": ex.solution}) for ex in data.examples]
+
+
+def _factor(cfg: Config) -> int:
+    from qlora_rft.model import model_family
+
+    return model_family(cfg.model.name_or_path).factor
 
 
 def eval_items(cfg: Config, task: Task) -> list[EvalItem]:
@@ -103,17 +111,25 @@ def eval_items(cfg: Config, task: Task) -> list[EvalItem]:
 
 
 @torch.no_grad()
-def generate(policy, task: Task, items: list[EvalItem], cfg: Config) -> Iterator[tuple[list[EvalItem], list[str]]]:
-    """Greedy completions, one batch at a time (left padding, explicit settings, the training image rules)."""
+def generate(policy, task: Task, items: list[EvalItem], cfg: Config
+             ) -> Iterator[tuple[list[EvalItem], list[str], list[Frame]]]:
+    """Greedy completions, one batch at a time (left padding, explicit settings, the training image rules), with
+    the box frame each prompt asked for."""
     config = Sampling(max_new_tokens=cfg.eval.max_new_tokens, do_sample=False).generation_config(policy.tokens)
     policy.model.eval()
     for start in range(0, len(items), cfg.eval.batch_size):
         batch_items = items[start : start + cfg.eval.batch_size]
-        batch = encode_prompts(policy.processor, task, [it.example for it in batch_items], cfg.data.min_pixels,
-                               cfg.data.max_pixels, cfg.data.max_prompt_length, policy.device)
+        batch, frames = encode_prompts(policy.processor, task, [it.example for it in batch_items],
+                                       cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.max_prompt_length,
+                                       policy.device)
         out = policy.model.generate(**batch, generation_config=config)  # [b, P + t]
         texts = policy.processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        yield batch_items, texts
+        yield batch_items, texts, frames
+
+
+def frame_record(frame: Frame) -> dict:
+    """A prediction's `frame` field: the pixel frame its boxes are written in; none for the 0-1000 scale."""
+    return {} if frame == RELATIVE else {"frame": [frame.width, frame.height]}
 
 
 def done_keys(path: Path, detection_task: bool) -> set[str]:
@@ -182,9 +198,9 @@ def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
                             TimeRemainingColumn(), console=console)
         with progress, predictions.open("a") as f:
             bar = progress.add_task("eval", total=len(items), completed=len(items) - len(todo))
-            for batch_items, texts in generate(policy, task, todo, cfg):
-                for item, text in zip(batch_items, texts):
-                    f.write(json.dumps({**item.record, "completion": text}) + "\n")
+            for batch_items, texts, frames in generate(policy, task, todo, cfg):
+                for item, text, frame in zip(batch_items, texts, frames):
+                    f.write(json.dumps({**item.record, "completion": text, **frame_record(frame)}) + "\n")
                 f.flush()
                 progress.advance(bar, len(batch_items))
 

@@ -1,7 +1,8 @@
 """Metrics recomputed from a predictions file alone (no model): box mAP with pycocotools or the LVIS API for detection,
 accuracy for classification, mIoU and acc@0.5 for grounding. Completions are read only by the tasks' own parsers;
 a malformed line, or a repeat of a prompt already answered, is skipped and reported by its 1-based line number; only
-a file with no usable line at all is refused.
+a file with no usable line at all is refused. A line's `frame` (pixels its boxes are written in) maps them back to
+the 0-1000 scale first.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pycocotools.cocoeval import COCOeval
 from qlora_rft.errors import ConfigError, DataError
 from qlora_rft.evaluation.class_sets import resolve_classes
 from qlora_rft.tasks import detection, get_task
-from qlora_rft.tasks.boxes import Box, to_pixels
+from qlora_rft.tasks.boxes import RELATIVE, Box, Frame, to_pixels
 
 MAX_SKIPPED_LINES = 100  # metrics.json lists at most this many skipped lines (the count covers them all)
 DECIMALS = 4
@@ -172,10 +173,20 @@ def _per_sample(task_name: str, rows: list[Row]) -> tuple[list[float], int, list
             if first is not None:
                 skipped.append(Skipped(row.line, f"repeats id {row.record['id']!r:.40} of line {first}"))
                 continue
-        if task.parse(completion) is None:
+        frame = row_frame(row)
+        if task.parse(completion, frame) is None:
             unparseable += 1
-        scores.append(float(task.score(completion, solution)))
+        scores.append(float(task.score(completion, solution, frame)))
     return scores, unparseable, skipped
+
+
+def row_frame(row: Row) -> Frame:
+    """The box frame a prediction was asked for: its `frame` [width, height] (pixels, written by families that
+    answer in pixels), else the dataset's 0-1000 scale; answers are mapped back to 0-1000 with it."""
+    frame = row.record.get("frame")
+    if isinstance(frame, list) and len(frame) == 2 and all(_number(v) and v > 0 for v in frame):
+        return Frame(*frame)
+    return RELATIVE
 
 
 def classification_metrics(rows: list[Row]) -> Scored:
@@ -366,7 +377,7 @@ def detection_metrics(rows: list[Row], annotations: str | Path, classes: str | l
             outside += 1
             continue
         used += 1
-        parsed = detection.parse(row.record["completion"])
+        parsed = detection.parse(row.record["completion"], row_frame(row))
         if parsed is None:
             unparseable += 1
             continue

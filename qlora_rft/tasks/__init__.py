@@ -10,6 +10,7 @@ from typing import Callable
 
 from qlora_rft.errors import ConfigError
 from qlora_rft.tasks import classification, detection, grounding
+from qlora_rft.tasks.boxes import RELATIVE, Frame, frame_instruction
 from qlora_rft.tasks.common import FORMAT_INSTRUCTION
 
 
@@ -17,15 +18,24 @@ from qlora_rft.tasks.common import FORMAT_INSTRUCTION
 class Task:
     name: str
     prompt: Callable[[str], str]  # dataset problem -> user text
-    parse: Callable[[str], object]  # completion -> parsed answer (None when unusable)
+    parse: Callable[[str, Frame], object]  # (completion, its box frame) -> parsed answer (None when unusable)
     parse_solution: Callable[[str], object]  # a dataset's solution -> parsed answer (None: a bad row)
-    score: Callable[[str, str], float]  # (completion, solution) -> per-sample score (accuracy, IoU, ...)
+    score: Callable[[str, str, Frame], float]  # (completion, solution, frame) -> per-sample score (accuracy, IoU..)
+    in_frame: Callable[[str, Frame], str]  # a solution with its boxes written in a frame
     thought: str  # fixed reasoning for the supervised warm-up target
     default_rewards: dict = field(default_factory=dict)
+    has_boxes: bool = False
 
-    def warmup_target(self, solution: str) -> str:
-        """The cold-start completion for a solution: a short think block, then the solution's answer."""
-        return f"<think>{self.thought}</think><answer>{solution_answer(solution)}</answer>"
+    def ask(self, problem: str, frame: Frame = RELATIVE) -> str:
+        """The user text; a box task shown to a family that answers in pixels also asks for that frame."""
+        text = self.prompt(problem)
+        note = frame_instruction(frame) if self.has_boxes else ""
+        return f"{text} {note}" if note else text
+
+    def warmup_target(self, solution: str, frame: Frame = RELATIVE) -> str:
+        """The cold-start completion for a solution: a short think block, then the solution's answer (its boxes
+        in `frame`)."""
+        return f"<think>{self.thought}</think><answer>{solution_answer(self.in_frame(solution, frame))}</answer>"
 
 
 def solution_answer(solution: str) -> str:
@@ -35,16 +45,16 @@ def solution_answer(solution: str) -> str:
     return found if found is not None else solution.strip()
 
 
-def _task(name: str, module, default_rewards: dict[str, float]) -> Task:
-    """A Task from a task module: every one defines prompt, parse, parse_solution, score and THOUGHT."""
-    return Task(name, module.prompt, module.parse, module.parse_solution, module.score, module.THOUGHT,
-                default_rewards)
+def _task(name: str, module, default_rewards: dict[str, float], has_boxes: bool) -> Task:
+    """A Task from a task module: every one defines prompt, parse, parse_solution, score, in_frame and THOUGHT."""
+    return Task(name, module.prompt, module.parse, module.parse_solution, module.score, module.in_frame,
+                module.THOUGHT, default_rewards, has_boxes)
 
 
 TASKS: dict[str, Task] = {
-    "classification": _task("classification", classification, {"format": 1.0, "classification": 1.0}),
-    "detection": _task("detection", detection, {"format": 1.0, "iou": 1.0, "confidence": 1.0}),
-    "grounding": _task("grounding", grounding, {"format": 1.0, "grounding": 1.0}),
+    "classification": _task("classification", classification, {"format": 1.0, "classification": 1.0}, False),
+    "detection": _task("detection", detection, {"format": 1.0, "iou": 1.0, "confidence": 1.0}, True),
+    "grounding": _task("grounding", grounding, {"format": 1.0, "grounding": 1.0}, True),
 }
 
 

@@ -1,7 +1,10 @@
-"""Box geometry shared by detection and grounding: one `Box` type, IoU and GIoU, the 0-1000 coordinate scale.
+"""Box geometry shared by detection and grounding: one `Box` type, IoU and GIoU, the 0-1000 coordinate scale, and
+the `Frame` a model family writes its boxes in.
 
 Coordinates are fractions of the image's original width (x) and height (y) times 1000: (x1, y1) is the top-left
-corner, (x2, y2) the bottom-right one. Pure functions, total on finite boxes.
+corner, (x2, y2) the bottom-right one. A family trained on absolute pixels of its resized input (Qwen2.5-VL) is asked
+for those and its answers are mapped back to this scale before any reward or metric. Pure functions, total on
+finite boxes.
 """
 
 from __future__ import annotations
@@ -71,3 +74,49 @@ def to_scale(box: tuple[float, float, float, float], width: int, height: int) ->
     x1, y1, x2, y2 = box
     return Box(round(x1 * SCALE / width), round(y1 * SCALE / height), round(x2 * SCALE / width),
                round(y2 * SCALE / height))
+
+
+class Frame(NamedTuple):
+    """What a model's box coordinates run over: x from 0 to `width`, y from 0 to `height`. `RELATIVE` is the
+    dataset's own 0-1000 scale (Qwen2-VL, Qwen3-VL); Frame(w, h) the pixels of the w x h image the model was shown
+    (Qwen2.5-VL)."""
+
+    width: float = SCALE
+    height: float = SCALE
+
+
+RELATIVE = Frame()
+
+
+def from_frame(box: Box, frame: Frame) -> Box:
+    """A box a model wrote in `frame`, on the dataset's 0-1000 scale (unrounded).
+
+    >>> from_frame(Box(64, 120, 320, 480), Frame(640, 480))
+    Box(x1=100.0, y1=250.0, x2=500.0, y2=1000.0)
+    """
+    if frame == RELATIVE:
+        return box
+    w, h = frame.width, frame.height
+    return Box(box.x1 * SCALE / w, box.y1 * SCALE / h, box.x2 * SCALE / w, box.y2 * SCALE / h)
+
+
+def into_frame(box: tuple[float, float, float, float], frame: Frame) -> Box:
+    """A 0-1000 box as the model writes it in `frame` (rounded to integers in an absolute frame).
+
+    >>> into_frame((100, 250, 500, 1000), Frame(640, 480))
+    Box(x1=64, y1=120, x2=320, y2=480)
+    """
+    if frame == RELATIVE:
+        return Box(*box)
+    x1, y1, x2, y2 = box
+    w, h = frame.width, frame.height
+    return Box(round(x1 * w / SCALE), round(y1 * h / SCALE), round(x2 * w / SCALE), round(y2 * h / SCALE))
+
+
+def frame_instruction(frame: Frame) -> str:
+    """What the prompt adds for an absolute frame (the datasets' problems ask for 0-1000); "" for RELATIVE."""
+    if frame == RELATIVE:
+        return ""
+    w, h = int(frame.width), int(frame.height)
+    return (f"Write every box coordinate in absolute pixels of this {w}x{h} image (x from 0 to {w}, y from 0 to "
+            f"{h}), not on a 0-1000 scale.")

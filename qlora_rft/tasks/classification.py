@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+from qlora_rft.tasks.boxes import RELATIVE, Frame
 from qlora_rft.tasks.common import extract_answer, prompt  # noqa: F401  (prompt: the shared rule)
 
 THOUGHT = "Compare the image with the classes."  # the warm-up's fixed reasoning (cold-start SFT only)
@@ -20,13 +21,17 @@ def normalise(label: str) -> str:
     return _NOISE.sub("", label).lower()
 
 
-def parse(text: str, bare: bool = False) -> str | None:
-    """The normalised class name in the answer tags; None if empty or absent.
+def parse(text: str, frame: Frame = RELATIVE) -> str | None:
+    """The normalised class name in the answer tags; None if empty or absent (`frame` unused: no boxes).
 
-    `bare=True` also reads an untagged label, as some solution columns hold (never for completions).
     >>> parse("<think>..</think><answer>Garden Phlox</answer>")
     'gardenphlox'
     """
+    return _label(text, bare=False)
+
+
+def _label(text: str, bare: bool) -> str | None:
+    """`bare=True` also reads an untagged label, as some solution columns hold (never for completions)."""
     answer = extract_answer(text)
     if answer is None and bare and isinstance(text, str) and "<answer>" not in text:
         answer = text
@@ -37,10 +42,16 @@ def parse(text: str, bare: bool = False) -> str | None:
 
 
 def parse_solution(text: str) -> str | None:
-    return parse(text, bare=True)
+    return _label(text, bare=True)
 
 
-def score(completion: str, solution: str) -> float:
-    """1.0 when the predicted class equals the solution's class, else 0.0 (also when either is missing)."""
-    predicted, truth = parse(completion), parse(solution, bare=True)
+def in_frame(solution: str, frame: Frame) -> str:
+    """No boxes: the solution whatever the frame."""
+    return solution
+
+
+def score(completion: str, solution: str, frame: Frame = RELATIVE) -> float:
+    """1.0 when the predicted class equals the solution's class, else 0.0 (also when either is missing; `frame`
+    unused: no boxes)."""
+    predicted, truth = parse(completion), parse_solution(solution)
     return float(predicted is not None and predicted == truth)

@@ -13,7 +13,8 @@ import re
 import warnings
 from typing import NamedTuple
 
-from qlora_rft.tasks.boxes import SCALE, Box, iou, to_pixels  # noqa: F401  (to_pixels: evaluation uses it)
+from qlora_rft.tasks.boxes import (RELATIVE, SCALE, Box, Frame, from_frame, into_frame, iou,  # noqa: F401
+                                   to_pixels)  # (to_pixels: evaluation uses it)
 from qlora_rft.tasks.common import extract_answer, prompt  # noqa: F401  (prompt: the shared rule)
 
 THOUGHT = "Look for every instance of the category and locate each one."  # warm-up reasoning (cold-start SFT only)
@@ -78,14 +79,16 @@ def _in_range(value, low: float, high: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _box(position) -> Box | None:
+def _box(position, frame: Frame) -> Box | None:
+    """Four coordinates within `frame` with x2 > x1 and y2 > y1, on the 0-1000 scale; None otherwise."""
     if not isinstance(position, (list, tuple)) or len(position) != 4:
         return None
-    coords = [_in_range(v, 0, SCALE) for v in position]
+    limits = (frame.width, frame.height, frame.width, frame.height)
+    coords = [_in_range(v, 0, limit) for v, limit in zip(position, limits)]
     if any(c is None for c in coords):
         return None
     box = Box(*coords)
-    return box if box.x2 > box.x1 and box.y2 > box.y1 else None
+    return from_frame(box, frame) if box.x2 > box.x1 and box.y2 > box.y1 else None
 
 
 def _literal(text: str):
@@ -98,7 +101,7 @@ def _literal(text: str):
         return None
 
 
-def _item(chunk: str, need_confidence: bool) -> Detection | None:
+def _item(chunk: str, need_confidence: bool, frame: Frame) -> Detection | None:
     """One `{'Position': [...], 'Confidence': c}` block; None when it is not exactly a valid item."""
     if len(chunk) > _MAX_ITEM_CHARS:
         return None
@@ -109,7 +112,7 @@ def _item(chunk: str, need_confidence: bool) -> Detection | None:
     allowed = {"Position", "Confidence"}
     if "Position" not in keys or not keys <= allowed or (need_confidence and keys != allowed):
         return None
-    box = _box(value["Position"])
+    box = _box(value["Position"], frame)
     confidence = _in_range(value.get("Confidence", 1.0), 0, 1)
     if box is None or confidence is None:
         return None
@@ -124,7 +127,7 @@ def _answer_text(text: str) -> str | None:
     return answer
 
 
-def _detections(answer: str, need_confidence: bool) -> list[Detection] | None:
+def _detections(answer: str, need_confidence: bool, frame: Frame = RELATIVE) -> list[Detection] | None:
     """Valid items of an answer in order, exact duplicate boxes dropped (first kept); [] for 'No Objects' or `[]`."""
     bare = answer.strip().strip(".'\"").strip()
     if bare.lower() == NO_OBJECTS.lower() or re.fullmatch(r"\[\s*\]", bare):
@@ -132,25 +135,26 @@ def _detections(answer: str, need_confidence: bool) -> list[Detection] | None:
     found: list[Detection] = []
     seen: set[Box] = set()
     for chunk in _DICT.findall(answer):
-        item = _item(chunk, need_confidence)
+        item = _item(chunk, need_confidence, frame)
         if item is not None and item.box not in seen:
             seen.add(item.box)
             found.append(item)
     return found or None
 
 
-def parse(text: str) -> list[Detection] | None:
+def parse(text: str, frame: Frame = RELATIVE) -> list[Detection] | None:
     """The detections of a completion; [] for 'No Objects' (any case) or `[]`; None when nothing usable is there.
 
     Answer tags are required (an unclosed `<answer>` from a truncated completion counts). Single or double quotes.
     An item must have exactly the keys 'Position' and 'Confidence' (a missing Confidence makes the item invalid:
     a completion must commit to a confidence), four coordinates in [0, 1000] with x2 > x1 and y2 > y1, and a
     confidence in [0, 1]; other items are dropped, and an answer with no valid item is None. Never raises.
+    `frame`: the coordinates the model was asked for (an absolute frame's boxes are mapped to 0-1000).
     >>> parse("<answer>[{'Position': [0, 0, 10, 10], 'Confidence': 0.9}, {'Posi")
     [Detection(box=Box(x1=0.0, y1=0.0, x2=10.0, y2=10.0), confidence=0.9)]
     """
     answer = _answer_text(text)
-    return None if answer is None else _detections(answer, need_confidence=True)
+    return None if answer is None else _detections(answer, need_confidence=True, frame=frame)
 
 
 def parse_solution(text: str) -> list[Box] | None:
@@ -190,11 +194,19 @@ def match(predictions: list[Detection], truths: list[Box]) -> list[tuple[Detecti
     return out
 
 
-def _parsed(completion: str, solution_text: str):
-    return parse(completion), parse_solution(solution_text)
+def in_frame(solution_text: str, frame: Frame) -> str:
+    """A dataset solution written in `frame` (the warm-up target of a family that answers in pixels)."""
+    truths = parse_solution(solution_text)
+    if frame == RELATIVE or truths is None:
+        return solution_text
+    return solution([tuple(into_frame(box, frame)) for box in truths])
 
 
-def iou_reward(completion: str, solution: str) -> float:
+def _parsed(completion: str, solution_text: str, frame: Frame):
+    return parse(completion, frame), parse_solution(solution_text)
+
+
+def iou_reward(completion: str, solution: str, frame: Frame = RELATIVE) -> float:
     """Sum of matched IoUs / max(#truths, #predictions), in [0, 1].
 
     Matching is `match`'s (greedy by confidence, IoU > 0.5). Empty truth: 1.0 for 'No Objects', else 0.0.
@@ -202,7 +214,7 @@ def iou_reward(completion: str, solution: str) -> float:
     Worked example: truths A=[0,0,10,10], B=[20,0,30,10]; predictions [0,0,10,10] (conf 0.9) and [50,50,60,60]
     (conf 0.3). The first matches A with IoU 1, the second overlaps nothing: (1 + 0) / max(2, 2) = 0.5.
     """
-    predictions, truths = _parsed(completion, solution)
+    predictions, truths = _parsed(completion, solution, frame)
     if predictions is None or truths is None:
         return 0.0
     if not truths:
@@ -214,7 +226,7 @@ def iou_reward(completion: str, solution: str) -> float:
     return reward if math.isfinite(reward) else 0.0
 
 
-def confidence_reward(completion: str, solution: str) -> float:
+def confidence_reward(completion: str, solution: str, frame: Frame = RELATIVE) -> float:
     """Mean over predictions of (confidence if matched else 1 - confidence), in [0, 1].
 
     Matching is `iou_reward`'s. Empty truth: 1.0 for 'No Objects', and any predicted box is unmatched.
@@ -222,7 +234,7 @@ def confidence_reward(completion: str, solution: str) -> float:
     Worked example: truth [0,0,10,10]; predictions [0,0,10,10] (conf 0.9, matched) and [50,50,60,60] (conf 0.2,
     unmatched): (0.9 + (1 - 0.2)) / 2 = 0.85.
     """
-    predictions, truths = _parsed(completion, solution)
+    predictions, truths = _parsed(completion, solution, frame)
     if predictions is None or truths is None:
         return 0.0
     if not predictions:
@@ -233,6 +245,6 @@ def confidence_reward(completion: str, solution: str) -> float:
     return min(1.0, max(0.0, reward)) if math.isfinite(reward) else 0.0
 
 
-def score(completion: str, solution: str) -> float:
+def score(completion: str, solution: str, frame: Frame = RELATIVE) -> float:
     """The per-sample evaluation value: `iou_reward` (mAP is computed elsewhere from the parsed boxes)."""
-    return iou_reward(completion, solution)
+    return iou_reward(completion, solution, frame)

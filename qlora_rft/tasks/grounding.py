@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qlora_rft.errors import DataError
 from qlora_rft.tasks import boxes
-from qlora_rft.tasks.boxes import Box, giou, iou
+from qlora_rft.tasks.boxes import RELATIVE, Box, Frame, from_frame, giou, into_frame, iou
 from qlora_rft.tasks.common import extract_answer, prompt  # noqa: F401  (prompt: the shared rule)
 
 THOUGHT = "Work out which object the instruction refers to, then find where it is in the image."  # warm-up only
@@ -59,8 +59,9 @@ _BOX = re.compile(
 )
 
 
-def _read_box(text: str) -> Box | None:
-    """The first complete box written in the text, if it is a valid box; None otherwise (never raises)."""
+def _read_box(text: str, frame: Frame = RELATIVE) -> Box | None:
+    """The first complete box written in the text, if it is a valid box within `frame`, on the 0-1000 scale; None
+    otherwise (never raises)."""
     match = _BOX.search(text)
     if match is None:
         return None
@@ -68,22 +69,24 @@ def _read_box(text: str) -> Box | None:
         values = [float(v) for v in match.groups() if v is not None]
     except (ValueError, OverflowError):
         return None
-    if len(values) != 4 or not all(math.isfinite(v) and 0.0 <= v <= SCALE for v in values):
+    limits = (frame.width, frame.height, frame.width, frame.height)
+    if len(values) != 4 or not all(math.isfinite(v) and 0.0 <= v <= limit for v, limit in zip(values, limits)):
         return None
     box = Box(*values)
     if box.x2 <= box.x1 or box.y2 <= box.y1:
         return None
-    return box
+    return from_frame(box, frame)
 
 
-def parse(text: str) -> Box | None:
-    """The box in a completion's (last) answer block; None when the tags, the box or its validity are missing.
+def parse(text: str, frame: Frame = RELATIVE) -> Box | None:
+    """The box in a completion's (last) answer block, on the 0-1000 scale (`frame`: the coordinates the model was
+    asked for); None when the tags, the box or its validity are missing.
 
     >>> parse("<think>..</think><answer>(10,20),(30,40)</answer>")
     Box(x1=10.0, y1=20.0, x2=30.0, y2=40.0)
     """
     answer = extract_answer(text)
-    return None if answer is None else _read_box(answer)
+    return None if answer is None else _read_box(answer, frame)
 
 
 def parse_solution(text: str) -> Box | None:
@@ -99,17 +102,23 @@ def parse_solution(text: str) -> Box | None:
 # ----------------------------------------------------------------------------- overlap
 
 
-def grounding_reward(completion: str, solution: str) -> float:
+def in_frame(solution_text: str, frame: Frame) -> str:
+    """A dataset solution written in `frame` (the warm-up target of a family that answers in pixels)."""
+    truth = parse_solution(solution_text)
+    return solution_text if frame == RELATIVE or truth is None else solution(into_frame(truth, frame))
+
+
+def grounding_reward(completion: str, solution: str, frame: Frame = RELATIVE) -> float:
     """GIoU + 1 between the completion's box and the solution's, in [0, 2]; 0.0 when either does not parse."""
-    predicted, truth = parse(completion), parse_solution(solution)
+    predicted, truth = parse(completion, frame), parse_solution(solution)
     if predicted is None or truth is None:
         return 0.0
     return min(2.0, max(0.0, giou(predicted, truth) + 1.0))
 
 
-def score(completion: str, solution: str) -> float:
+def score(completion: str, solution: str, frame: Frame = RELATIVE) -> float:
     """IoU in [0, 1] (0.0 when either does not parse); its mean is mIoU, its share >= 0.5 is acc@0.5."""
-    predicted, truth = parse(completion), parse_solution(solution)
+    predicted, truth = parse(completion, frame), parse_solution(solution)
     if predicted is None or truth is None:
         return 0.0
     return min(1.0, max(0.0, iou(predicted, truth)))

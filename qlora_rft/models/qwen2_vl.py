@@ -1,0 +1,63 @@
+"""Qwen2-VL (model_type qwen2_vl): 14-pixel patches merged 2x2 (28-pixel image tokens), M-RoPE, boxes on a 0-1000
+scale of the image (Qwen2-VL's grounding format `(x1,y1),(x2,y2)` in 0-1000, per its model card and transformers'
+docs). Real shapes from Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2-VL-7B-Instruct config.json.
+"""
+
+from __future__ import annotations
+
+from qlora_rft.models import Family, mrope_section
+
+
+def build_config(ids: dict, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
+                 vision_depth: int, vision_dim: int, vision_heads: int, tie_embeddings: bool = False):
+    from transformers import Qwen2VLConfig
+
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                             "mrope_section": mrope_section(hidden // heads)},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=tie_embeddings,
+        ),
+        vision_config=dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=vision_heads,
+                           mlp_ratio=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=tie_embeddings,
+    )
+
+
+def build_processor(tokenizer, chat_template: str, min_pixels: int, max_pixels: int):
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
+                            tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=chat_template)
+
+
+FAMILY = Family(
+    name="Qwen2-VL",
+    model_types=("qwen2_vl",),
+    model_class="Qwen2VLForConditionalGeneration",
+    processor_class="Qwen2VLProcessor",
+    patch_size=14,
+    merge_size=2,
+    min_pixels=3136,
+    max_pixels=12845056,
+    box_convention="relative",
+    vision_lora=r"model\.visual\.blocks\.\d+\.(attn|mlp)\.(qkv|proj|fc1|fc2)|model\.visual\.merger\.mlp\.(0|2)",
+    build_config=build_config,
+    build_processor=build_processor,
+    presets={
+        "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2, vision_dim=32,
+                     vision_heads=2),
+        "cpu-small": dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vision_depth=2,
+                          vision_dim=64, vision_heads=4),
+        "qwen2-vl-2b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vision_depth=32,
+                            vision_dim=1280, vision_heads=16, vocab=151936, tie_embeddings=True),
+        "qwen2-vl-7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vision_depth=32,
+                            vision_dim=1280, vision_heads=16, vocab=152064),
+    },
+)

@@ -1,0 +1,263 @@
+"""Model families: the registry by config.json model_type, each family's image rule and LoRA targets, and the tiny
+Qwen2.5-VL and Qwen3-VL presets through every command (shared vision, train, eval, score, merge)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+from conftest import TINY_RUN
+from PIL import Image
+
+from qlora_rft.config import LoraSettings, load_config
+from qlora_rft.data import encode_prompt, load_split, resize_image
+from qlora_rft.errors import UserError
+from qlora_rft.models import families, family_of, preset_names
+from qlora_rft.tasks import get_task
+
+NEW_FAMILIES = ["qwen2.5-vl-tiny", "qwen3-vl-tiny"]
+
+
+def test_each_model_type_picks_its_family_and_others_are_refused_with_the_list():
+    assert family_of({"model_type": "qwen2_vl"}).name == "Qwen2-VL"
+    assert family_of({"model_type": "qwen2_5_vl"}).name == "Qwen2.5-VL"
+    assert family_of({"model_type": "qwen3_vl"}).name == "Qwen3-VL"
+    with pytest.raises(UserError) as caught:
+        family_of({"model_type": "qwen3_vl_moe"})
+    for model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        assert f"({model_type})" in str(caught.value)
+    names = preset_names()
+    assert len(names) == len(set(names)) and {"tiny", *NEW_FAMILIES, "qwen3-vl-8b"} <= set(names)
+
+
+def test_image_token_side_is_the_familys():
+    assert [f.factor for f in families()] == [28, 28, 32]  # 14 x 2, 14 x 2, 16 x 2
+    for factor in (28, 32):
+        w, h = resize_image(Image.new("RGB", (1000, 500)), min_pixels=3136, max_pixels=401408, factor=factor).size
+        assert w % factor == 0 and h % factor == 0 and w * h <= 401408 and abs(w / h - 2) < 0.1
+
+
+def test_real_shapes_have_the_released_config_values():
+    from qlora_rft import tiny
+
+    tok = tiny.build_tokenizer()
+    # name: (hidden, layers, kv heads, vocab, tied, vision depth, vision width)
+    released = {
+        "qwen2.5-vl-3b": (2048, 36, 2, 151936, True, 32, 1280),
+        "qwen2.5-vl-7b": (3584, 28, 4, 152064, False, 32, 1280),
+        "qwen3-vl-2b": (2048, 28, 8, 151936, True, 24, 1024),
+        "qwen3-vl-4b": (2560, 36, 8, 151936, True, 24, 1024),
+        "qwen3-vl-8b": (4096, 36, 8, 151936, False, 27, 1152),
+    }
+    for name, (hidden, layers, kv, vocab, tied, depth, width) in released.items():
+        cfg = tiny.build_config(name, tok)
+        text, vision = cfg.text_config, cfg.vision_config
+        assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads, text.vocab_size,
+                cfg.tie_word_embeddings, vision.depth, vision.hidden_size) == (hidden, layers, kv, vocab, tied, depth,
+                                                                               width), name
+        assert vision.out_hidden_size == hidden
+    assert tiny.build_config("qwen3-vl-8b", tok).vision_config.deepstack_visual_indexes == [8, 16, 24]
+    assert tiny.build_config("qwen3-vl-4b", tok).text_config.rope_parameters["mrope_section"] == [24, 20, 20]
+    assert tiny.build_config("qwen2.5-vl-7b", tok).vision_config.fullatt_block_indexes == [7, 15, 23, 31]
+
+
+@pytest.mark.parametrize("preset", ["tiny", *NEW_FAMILIES])
+def test_lora_targets_are_the_language_linears_and_with_train_vision_every_vision_linear(preset):
+    from qlora_rft import tiny
+
+    model, _ = tiny.build_model(preset)
+    family = family_of(model)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    language = {n for n in linears if ".language_model." in n}
+    vision = {n for n in linears if ".visual." in n}
+    assert any(".merger." in n for n in vision)
+    for train_vision, expected in ((False, language), (True, language | vision)):
+        pattern = family.lora_regex(LoraSettings().target_modules, train_vision)
+        assert {n for n in linears if re.fullmatch(pattern, n)} == expected  # peft matches a string in full
+
+
+def _policy_and_prompt(preset, mode="qlora"):
+    from qlora_rft.model import load_policy
+
+    cfg = load_config(None, [*TINY_RUN, f"model.name_or_path=tiny:{preset}", f"model.mode={mode}"])
+    policy = load_policy(cfg.model, cfg.lora)
+    for name, p in policy.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)  # adapters that matter
+    task = get_task("classification")
+    example = load_split(cfg.data.train, "train", task, min_pixels=cfg.data.min_pixels,
+                         max_pixels=cfg.data.max_pixels, factor=policy.family.factor).examples[0]
+    return policy, encode_prompt(policy.processor, task, example, cfg.data, policy.device)
+
+
+@pytest.mark.parametrize("preset", NEW_FAMILIES)
+def test_shared_vision_and_prefill_give_the_logprobs_of_plain_passes(preset):
+    """The vision encoding reused (Qwen3-VL: with its deepstack levels) and the prompt computed once give the
+    log-probs of passes that run everything."""
+    from qlora_rft.rollout import completion_logprobs, share_vision
+
+    policy, prompt = _policy_and_prompt(preset)
+    ids = torch.randint(7, 300, (3, 5), generator=torch.Generator().manual_seed(0))  # above the special ids
+    mask = torch.ones(3, 5)
+    with torch.no_grad():
+        plain = completion_logprobs(policy.model, prompt, ids, mask, 1024)
+        shared = share_vision(policy.model, copy.copy(prompt))
+        assert len(shared.vision[0]) == (3 if policy.family.name == "Qwen3-VL" else 1)  # merged + 2 deepstack
+        reused = completion_logprobs(policy.model, shared, ids, mask, 1024)
+        prefilled = completion_logprobs(policy.model, shared, ids, mask, 1024, share_prompt=True)
+    assert torch.allclose(reused, plain, atol=1e-5)
+    assert torch.allclose(prefilled, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", NEW_FAMILIES)
+def test_train_qlora_lora_and_sft_eval_score_and_merge(preset, tmp_path):
+    """Every command on the family's tiny preset; the merged folder loads with the Auto class alone."""
+    from transformers import AutoModelForImageTextToText
+
+    from qlora_rft.cli import main
+    from qlora_rft.evaluation import runner
+    from qlora_rft.export import merge_adapter
+    from qlora_rft.sft import train_sft
+    from qlora_rft.trainer import train
+
+    model = [*TINY_RUN, f"model.name_or_path=tiny:{preset}"]
+    qlora = train(load_config(None, [*model, f"train.output_dir={tmp_path / 'qlora'}"]))
+    steps = [json.loads(line)["step"] for line in (qlora.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and (qlora.adapter_dir / "adapter_model.safetensors").is_file()
+    lora = train(load_config(None, [*model, "model.mode=lora", "train.max_steps=1",
+                                    f"train.output_dir={tmp_path / 'lora'}"]))
+    assert (lora.adapter_dir / "adapter_model.safetensors").is_file()
+    sft = train_sft(load_config(None, [*model, "train.method=sft", "train.max_steps=1", "data.task=grounding",
+                                       "data.train=synthetic:shapes-grounding", "data.max_prompt_length=512",
+                                       f"train.output_dir={tmp_path / 'sft'}"]))
+    assert (sft.adapter_dir / "adapter_model.safetensors").is_file()
+
+    run = runner.run_eval(load_config(None, [*model, "eval.limit=2", "eval.max_new_tokens=8",
+                                             f"eval.adapter={qlora.adapter_dir}", f"eval.output_dir={tmp_path / 'eval'}"]))
+    assert "accuracy" in run.metrics
+    assert main(["score", "classification", "--predictions", str(run.predictions), "--out",
+                 str(tmp_path / "scored.json")]) == 0
+    assert json.loads((tmp_path / "scored.json").read_text())["accuracy"] == run.metrics["accuracy"]
+
+    report = merge_adapter(f"tiny:{preset}", qlora.adapter_dir, tmp_path / "merged", dtype="fp32", device="cpu")
+    assert report.ok and report.lora_modules == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    merged = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "merged"))
+    assert family_of(merged).name == family_of(tmp_path / "merged").name != "Qwen2-VL"
+
+
+def test_a_folder_saved_by_transformers_in_the_hub_layout_loads_and_trains(tmp_path):
+    """Sharded weights with an index, preprocessor_config.json, tokenizer files and chat_template.json, written by
+    transformers' own classes (as on the hub), not by our builder's write_model."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qlora_rft import tiny
+    from qlora_rft.trainer import train
+
+    tokenizer = tiny.build_tokenizer()
+    folder = tmp_path / "Qwen2.5-VL-hub-layout"
+    Qwen2_5_VLForConditionalGeneration(tiny.build_config("qwen2.5-vl-tiny", tokenizer)).save_pretrained(
+        folder, max_shard_size="300KB")
+    processor = tiny.build_processor("qwen2.5-vl-tiny", tokenizer)
+    processor.image_processor.save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": tiny.CHAT_TEMPLATE}))
+    assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
+    assert (folder / "preprocessor_config.json").is_file() and not (folder / "processor_config.json").exists()
+
+    result = train(load_config(None, [*TINY_RUN, f"model.name_or_path={folder}", "train.max_steps=1",
+                                      f"train.output_dir={tmp_path / 'run'}"]))
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- box conventions
+# Qwen2.5-VL answers in pixels of its resized input; here a 560x280 input. The truth (100, 250, 500, 1000) on the
+# datasets' 0-1000 scale is x 560/1000 and y 280/1000 in that frame: (56, 70, 280, 280).
+
+def test_the_same_box_scores_the_same_in_either_convention():
+    from qlora_rft import rewards
+    from qlora_rft.tasks import detection, grounding
+    from qlora_rft.tasks.boxes import RELATIVE, Box, Frame
+
+    frame = Frame(560, 280)
+    truth = "<answer>(100,250),(500,1000)</answer>"
+    pixels = "<think>.</think><answer>(56,70),(280,280)</answer>"
+    relative = "<think>.</think><answer>(100,250),(500,1000)</answer>"
+    assert grounding.parse(pixels, frame) == Box(100, 250, 500, 1000)
+    assert grounding.score(pixels, truth, frame) == grounding.score(relative, truth, RELATIVE) == 1.0
+    assert grounding.score(pixels, truth) < 0.3  # read on the wrong scale it is another box
+    assert grounding.parse("<answer>(56,70),(600,280)</answer>", frame) is None  # x beyond the 560-pixel width
+    assert rewards.grounding_reward([pixels, relative], [truth] * 2, frame=[frame, RELATIVE]) == [2.0, 2.0]
+
+    solution = "<answer>[{'Position': [100, 250, 500, 1000], 'Confidence': 1.0}]</answer>"
+    answer = "<answer>[{'Position': [56, 70, 280, 280], 'Confidence': 0.9}]</answer>"
+    assert detection.iou_reward(answer, solution, frame) == 1.0
+    assert rewards.score([answer], solution, {"iou": 1.0, "confidence": 1.0}, frame) == {"iou": [1.0],
+                                                                                          "confidence": [0.9]}
+    # A box past x = 1000 is valid in a 1120-pixel-wide frame: (1000, 0, 1120, 560) -> (892.9, 0, 1000, 1000).
+    wide = detection.parse("<answer>[{'Position': [1000, 0, 1120, 560], 'Confidence': 0.5}]</answer>",
+                           Frame(1120, 560))
+    assert [tuple(round(v, 1) for v in d.box) for d in wide] == [(892.9, 0.0, 1000.0, 1000.0)]
+
+
+def test_prompts_and_warmup_targets_ask_for_the_familys_frame():
+    from qlora_rft.tasks import get_task
+    from qlora_rft.tasks.boxes import RELATIVE, Frame
+
+    detection = get_task("detection")
+    classification = get_task("classification")
+    assert "pixels of this 560x280 image" in detection.ask("Find every cat.", Frame(560, 280))
+    assert detection.ask("Find every cat.", RELATIVE) == detection.prompt("Find every cat.")
+    assert classification.ask("Which flower?", Frame(560, 280)) == classification.prompt("Which flower?")
+    target = detection.warmup_target("<answer>[{'Position': [100, 250, 500, 1000], 'Confidence': 1.0}]</answer>",
+                                     Frame(560, 280))
+    assert target.endswith("<answer>[{'Position': [56, 70, 280, 280], 'Confidence': 1.0}]</answer>")
+
+
+@pytest.mark.parametrize("preset, absolute", [("tiny", False), ("qwen2.5-vl-tiny", True), ("qwen3-vl-tiny", False)])
+def test_encoded_prompts_carry_the_frame_of_the_resized_image(preset, absolute):
+    from qlora_rft import tiny
+    from qlora_rft.data import encode_prompts, load_split
+    from qlora_rft.models import family_of
+    from qlora_rft.tasks.boxes import RELATIVE, Frame
+
+    processor = tiny.build_processor(preset, tiny.build_tokenizer())
+    family = family_of(processor)
+    task = get_task("grounding")
+    examples = load_split("synthetic:shapes-grounding", "train", task, min_pixels=3136, max_pixels=12544,
+                          factor=family.factor).examples[:1]
+    batch, (frame,) = encode_prompts(processor, task, examples, 3136, 12544, 512, torch.device("cpu"))
+    _, h, w = batch["image_grid_thw"][0].tolist()
+    side = processor.image_processor.patch_size
+    assert frame == (Frame(w * side, h * side) if absolute else RELATIVE)
+    text = processor.batch_decode(batch["input_ids"])[0]
+    assert ("absolute pixels" in text) == absolute
+
+
+def test_scoring_maps_recorded_pixel_frames_back(tmp_path):
+    from qlora_rft.evaluation.scoring import score_file
+
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text(
+        '{"id": 1, "completion": "<answer>(56,70),(280,280)</answer>", "solution": "<answer>(100,250),(500,1000)'
+        '</answer>", "frame": [560, 280]}\n'
+        '{"id": 2, "completion": "<answer>(100,250),(500,1000)</answer>", "solution": "<answer>(100,250),'
+        '(500,1000)</answer>"}\n'
+    )
+    metrics = score_file("grounding", predictions)
+    assert metrics["mIoU"] == 100.0 and metrics["acc@0.5"] == 100.0
+
+
+@pytest.mark.parametrize("preset", NEW_FAMILIES)
+def test_tiny_model_command_writes_a_folder_the_auto_classes_load(preset, tmp_path, capsys):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from qlora_rft.cli import main
+
+    assert main(["tiny-model", "--out", str(tmp_path / "m"), "--preset", preset]) == 0
+    family = family_of(tmp_path / "m")
+    assert f"({family.name})" in capsys.readouterr().out
+    assert type(AutoModelForImageTextToText.from_pretrained(str(tmp_path / "m"))).__name__ == family.model_class
+    assert type(AutoProcessor.from_pretrained(str(tmp_path / "m"))).__name__ == family.processor_class
