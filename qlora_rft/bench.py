@@ -96,7 +96,8 @@ def run_bench(
     """Run each side in its own subprocess on identical settings; return and write the comparison JSON.
 
     `gradient_checkpointing` None: off for the tiny presets, on otherwise. Images: at most 84x84 for the tiny
-    presets (`max_pixels` None: 7056); resized up to 23 x 23 visual tokens (529 a prompt: 644x644 pixels for Qwen2/2.5-VL, 736x736 for Qwen3-VL) for the real-size ones.
+    presets (`max_pixels` None: 7056); for the real-size ones resized up to 23 x 23 visual tokens (529 a prompt:
+    644x644 pixels for Qwen2/2.5-VL, 736x736 for Qwen3-VL).
     """
     import torch
 
