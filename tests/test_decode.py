@@ -110,7 +110,8 @@ def setup(tmp_path_factory, private_cache):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.2)
     task = get_task("classification")
-    examples = load_split(cfg.data.train, "train", task, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels).examples[:2]
+    examples = load_split(cfg.data.train, "train", task, min_pixels=cfg.data.min_pixels,
+                          max_pixels=cfg.data.max_pixels, factor=policy.family.factor).examples[:2]
     bigger = replace(cfg.data, min_pixels=7056, max_pixels=7056)
     prompts = [encode_prompt(policy.processor, task, examples[0], cfg.data, policy.device),
                encode_prompt(policy.processor, task, examples[1], bigger, policy.device)]

@@ -35,7 +35,8 @@ def setup(tmp_path_factory, private_cache):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.2)  # adapters that matter
     task = get_task("classification")
-    example = load_split(cfg.data.train, "train", task, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels).examples[0]
+    example = load_split(cfg.data.train, "train", task, min_pixels=cfg.data.min_pixels,
+                          max_pixels=cfg.data.max_pixels, factor=policy.family.factor).examples[0]
     prompt = share_vision(policy.model, encode_prompt(policy.processor, task, example, cfg.data, policy.device))
     return policy, prompt
 
