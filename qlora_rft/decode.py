@@ -135,9 +135,10 @@ class Decoder:
 
     @torch.no_grad()
     def generate(self, model, prefix, mask: torch.Tensor, last: torch.Tensor, repeat: int, sampling,
-                 tokens, generator: torch.Generator | None = None) -> torch.Tensor:
+                 tokens, generator: torch.Generator | None = None, finite=None) -> torch.Tensor:
         """Completions continuing a prefill: `prefix` (rollout.Prefix, k rows, the prompt but its last token),
         `mask` [k, W] the rows' attention masks, `last` [k] their last prompt tokens; each row `repeat` times.
+        `finite` (rollout.FiniteLogits): a row whose logits are NaN or +inf ends with EOS, and it records that.
         -> [k * repeat, t] token ids, t <= max_new_tokens (pad after a row's EOS; trimmed after the last EOS)."""
         from qlora_rft.rollout import base_model
 
@@ -160,6 +161,8 @@ class Decoder:
             logits = slot.step(token, position.view(1, rows, 1).expand(3, rows, 1), slot.mask)  # [B, V]
             scores = filter_logits(logits, early if t < sampling.min_new_tokens else never, sampling.temperature,
                                    sampling.top_k, sampling.top_p, sampling.do_sample)
+            if finite is not None:
+                scores = finite(None, scores)
             noise = (torch.empty_like(scores).exponential_(generator=generator) if sampling.do_sample else None)
             new = torch.where(finished, tokens.pad, draw(scores, noise))  # [B]
             out[:, t] = new

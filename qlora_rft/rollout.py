@@ -163,10 +163,11 @@ def _sample_static(model, processor, prompts: list[PromptInputs], group_size: in
     was_training = model.training
     model.eval()
     pieces: list[list[torch.Tensor]] = [[] for _ in prompts]
+    finite = FiniteLogits(tokens.eos[0])
 
     def decode(batch: dict, repeat: int) -> torch.Tensor:  # batch rows, each `repeat` times -> [rows, t]
         return decoder.generate(model, prefill(model, batch), batch["attention_mask"], batch["input_ids"][:, -1],
-                                repeat, sampling, tokens, generator)
+                                repeat, sampling, tokens, generator, finite)
 
     try:
         if chunk <= group_size:
@@ -184,7 +185,7 @@ def _sample_static(model, processor, prompts: list[PromptInputs], group_size: in
                     pieces[first + j].append(out[j * group_size : (j + 1) * group_size])
     finally:
         model.train(was_training)
-    return [_rollout(prompt, p, processor, tokens) for prompt, p in zip(prompts, pieces)]
+    return [_rollout(prompt, p, processor, tokens, finite.ok) for prompt, p in zip(prompts, pieces)]
 
 
 @dataclass

@@ -373,7 +373,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     if log and accelerator.is_main_process:
         from rich.console import Console
 
-        (console or Console(stderr=True)).print(f"sampling: {sample_with.mode} weights ({sample_with.reason}); "
+        (console or Console()).print(f"sampling: {sample_with.mode} weights ({sample_with.reason}); "
                                                 f"decoding: {decoding.name} ({decoding.reason})")
     skip_uniform = g.skip_uniform_groups and g.beta == 0 and not run.launch.distributed  # engines step in lockstep
     logger = run.logger(console, log)
