@@ -197,7 +197,12 @@ class EvalConfig:
         "Detection: a COCO- or LVIS-format JSON; the evaluation set is its images x the evaluated classes. "
         "Empty: prompts come from data.eval like the other tasks.",
     )
-    images: str = _f("", "Detection: the folder the annotation file's image file_names are relative to.")
+    images: str = _f(
+        "",
+        "Detection: the folder the annotation file's image file_names are relative to; for LVIS v1 (images with a "
+        "coco_url, no file_name) the folder holding COCO's train2017/ and val2017/ (or the images themselves). "
+        "Empty: the annotation file's folder.",
+    )
     classes: str = _f(
         "all",
         "Detection classes evaluated: a named set (coco_fewshot8, coco_ov15, lvis_fewshot6, lvis_ov13), 'all' "

@@ -181,3 +181,55 @@ def test_corrupt_weight_files_are_named(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
     with pytest.raises(UserError, match=f"model weights file {weights} is corrupt or truncated"):
         runner.run_eval(load_config(None, [*overrides[1:], f"model.name_or_path={base}", "eval.adapter="]))
+
+
+def lvis_v1(tmp_path):
+    """An annotation file shaped like LVIS v1's lvis_v1_val.json: images carry coco_url and no file_name, categories
+    synonyms / frequency / synset, and the image files sit in COCO's val2017/ folder."""
+    from PIL import Image
+
+    (tmp_path / "coco" / "val2017").mkdir(parents=True)
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "coco" / "val2017" / "000000397133.jpg")
+    Image.new("RGB", (48, 64), (30, 30, 200)).save(tmp_path / "coco" / "000000037777.jpg")  # fallback: name alone
+    images = [
+        {"id": 397133, "license": 4, "height": 48, "width": 64, "date_captured": "2013-11-14 17:02:52",
+         "flickr_url": "http://farm7.staticflickr.com/6116/6255196340_da26cf2c9e_z.jpg",
+         "coco_url": "http://images.cocodataset.org/val2017/000000397133.jpg",
+         "neg_category_ids": [2], "not_exhaustive_category_ids": []},
+        {"id": 37777, "license": 1, "height": 64, "width": 48, "date_captured": "2013-11-14 20:55:31",
+         "flickr_url": "http://farm9.staticflickr.com/8429/7839199426_f6d48aa585_z.jpg",
+         "coco_url": "http://images.cocodataset.org/val2017/000000037777.jpg",
+         "neg_category_ids": [], "not_exhaustive_category_ids": [1]},
+    ]
+    categories = [
+        {"id": 1, "name": "aerosol_can", "synonyms": ["aerosol_can", "spray_can"], "def": "a dispenser...",
+         "synset": "aerosol.n.02", "frequency": "c", "image_count": 109, "instance_count": 362},
+        {"id": 2, "name": "apple", "synonyms": ["apple"], "def": "fruit with red or yellow or green skin...",
+         "synset": "apple.n.01", "frequency": "f", "image_count": 1207, "instance_count": 5928},
+    ]
+    annotations = [{"id": 1, "image_id": 397133, "category_id": 1, "bbox": [8.0, 6.0, 16.0, 12.0], "area": 192.0,
+                    "segmentation": [[8.0, 6.0, 24.0, 6.0, 24.0, 18.0, 8.0, 18.0]]}]
+    path = tmp_path / "lvis_v1_val.json"
+    path.write_text(json.dumps({"info": {"version": "1.0"}, "licenses": [], "images": images,
+                                "annotations": annotations, "categories": categories}))
+    return path
+
+
+def test_lvis_v1_images_are_found_from_their_coco_url_and_scored(tmp_path):
+    path = lvis_v1(tmp_path)
+    cfg = load_config(None, [*DETECTION, f"eval.annotations={path}", f"eval.images={tmp_path / 'coco'}"])
+    items = runner.eval_items(cfg, get_task("detection"))
+    assert [it.key for it in items] == ["397133|aerosol_can", "397133|apple", "37777|aerosol_can", "37777|apple"]
+    assert items[0].example.image["path"] == str(tmp_path / "coco" / "val2017" / "000000397133.jpg")
+    assert items[2].example.image["path"] == str(tmp_path / "coco" / "000000037777.jpg")
+    assert items[0].example.solution == "<answer>[{'Position': [125, 125, 375, 375], 'Confidence': 1.0}]</answer>"
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text("".join(json.dumps({**it.record, "completion": it.example.solution}) + "\n"
+                                   for it in items))
+    metrics = score_file("detection", predictions, path)
+    assert metrics["annotation_format"] == "lvis" and metrics["per_class"]["aerosol_can"] == 100.0
+    data = json.loads(path.read_text())
+    del data["images"][1]["coco_url"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="image 37777 has neither a 'file_name' nor a 'coco_url'"):
+        runner.eval_items(cfg, get_task("detection"))

@@ -3,7 +3,8 @@ metrics from that file alone (`scoring`), so `qlora-rft score` reproduces them w
 
 Resumable: each line is written as soon as its batch is done, and a rerun skips the prompts already written; a
 rerun whose settings would change the answers (eval_info.json) is refused rather than mixed into the same file.
-Detection asks every (image, class) pair of an annotation file, or only the classes present (`eval.protocol`).
+Detection asks every (image, class) pair of an annotation file, or only the classes present (`eval.protocol`); an
+LVIS v1 image (no file_name) is found from its coco_url, in COCO's train2017/ or val2017/ folder under eval.images.
 A family that answers boxes in pixels (Qwen2.5-VL) gets a `frame` [width, height] in each line, for the scorer.
 """
 
@@ -58,15 +59,16 @@ def detection_items(cfg: Config) -> list[EvalItem]:
         raise DataError(f"eval.annotations={path} not found: pass a COCO- or LVIS-format JSON")
     coco = load_annotations(path)  # the scorer's checks: eval and `score` accept and refuse the same files
     for image in coco["images"]:
-        if not isinstance(image.get("file_name"), str):
-            raise DataError(f"annotation file {path}: image {image['id']!r} has no 'file_name' (eval reads the image)")
+        if not isinstance(image.get("file_name"), str) and not isinstance(image.get("coco_url"), str):
+            raise DataError(f"annotation file {path}: image {image['id']!r} has neither a 'file_name' nor a "
+                            "'coco_url' (eval reads the image)")
     names = {c["id"]: c["name"] for c in coco.get("categories", [])}
     classes = resolve_classes(cfg.eval.classes, list(names.values()))
     root = Path(resolve_source(cfg.eval.images)) if cfg.eval.images else path.parent
     truth: dict[tuple[int, str], list] = {}
     for ann in coco.get("annotations", []):
         truth.setdefault((ann["image_id"], names[ann["category_id"]]), []).append(ann["bbox"])
-    files = [str(root / image["file_name"]) for image in coco.get("images", [])]
+    files = [image_file(image, root) for image in coco.get("images", [])]
     cells = load_images(files, cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.on_bad_row, str(path),
                         factor=_factor(cfg))
     items = []
@@ -86,6 +88,20 @@ def detection_items(cfg: Config) -> list[EvalItem]:
             )
             items.append(EvalItem(f"{image['id']}|{name}", example, {"image_id": image["id"], "category": name}))
     return items
+
+
+def image_file(image: dict, root: Path) -> str:
+    """The file of an annotation image: COCO's `file_name` under `root`; for LVIS v1, which has only a `coco_url`
+    (".../val2017/000000397133.jpg"), its split folder and name under `root` (COCO's layout), else the name alone.
+
+    >>> image_file({"coco_url": "http://images.cocodataset.org/val2017/1.jpg"}, Path("/nowhere"))
+    '/nowhere/1.jpg'
+    """
+    if isinstance(image.get("file_name"), str):
+        return str(root / image["file_name"])
+    split, name = image["coco_url"].split("/")[-2:]
+    in_split = root / split / name
+    return str(in_split if in_split.is_file() else root / name)
 
 
 def dataset_items(cfg: Config, task: Task) -> list[EvalItem]:
