@@ -233,3 +233,40 @@ def test_lvis_v1_images_are_found_from_their_coco_url_and_scored(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(DataError, match="image 37777 has neither a 'file_name' nor a 'coco_url'"):
         runner.eval_items(cfg, get_task("detection"))
+
+
+def test_a_prompt_over_max_prompt_length_is_recorded_as_skipped_not_asked(tmp_path):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(runner.resolve_source("synthetic:shapes/test.parquet")).slice(0, 3)
+    problems = table.column("problem").to_pylist()
+    problems[1] = "Look very carefully at the picture. " * 40 + problems[1]
+    (tmp_path / "data").mkdir()
+    pq.write_table(table.set_column(table.schema.get_field_index("problem"), "problem", [problems]),
+                   tmp_path / "data" / "test.parquet")
+    overrides = ["model.name_or_path=tiny:tiny", "data.max_pixels=3136", "data.max_prompt_length=128",
+                 f"data.eval={tmp_path / 'data'}", "eval.max_new_tokens=4", f"eval.output_dir={tmp_path / 'eval'}"]
+    run = runner.run_eval(load_config(None, overrides))
+    assert run.metrics["num_predictions"] == 2 and run.metrics["skipped"] == 1
+    [line] = run.metrics["skipped_lines"]
+    assert line["line"] == 1 and "not asked: prompt is" in line["reason"] and "max_prompt_length=128" in line["reason"]
+    assert score_file("classification", run.predictions) == run.metrics
+    with pytest.raises(DataError, match=r"eval prompt 1: prompt is \d+ tokens"):
+        runner.run_eval(load_config(None, [*overrides, "data.on_bad_row=error", f"eval.output_dir={tmp_path / 'e2'}"]))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "qwen2.5-vl-tiny", "qwen3-vl-tiny"])
+def test_prompt_lengths_are_the_encoded_lengths(preset):
+    from transformers import AutoProcessor
+
+    from qlora_rft.data import encode_prompts, load_split, prompt_lengths
+    from qlora_rft.model import model_family, resolve_model_path
+
+    processor = AutoProcessor.from_pretrained(str(resolve_model_path(f"tiny:{preset}")))
+    task = get_task("classification")
+    factor = model_family(f"tiny:{preset}").factor
+    examples = load_split("synthetic:shapes", "test", task, min_pixels=3136, max_pixels=12544, factor=factor).examples
+    lengths = prompt_lengths(processor, task, examples[:6], 3136, 12544)
+    for example, length in zip(examples[:6], lengths):
+        batch, _ = encode_prompts(processor, task, [example], 3136, 12544, 10_000, "cpu")
+        assert batch["input_ids"].shape[1] == length

@@ -3,6 +3,7 @@ metrics from that file alone (`scoring`), so `qlora-rft score` reproduces them w
 
 Resumable: each line is written as soon as its batch is done, and a rerun skips the prompts already written; a
 rerun whose settings would change the answers (eval_info.json) is refused rather than mixed into the same file.
+A prompt over data.max_prompt_length is not asked: its line says why (`skipped`), and the scorer reports it.
 Detection asks every (image, class) pair of an annotation file, or only the classes present (`eval.protocol`); an
 LVIS v1 image (no file_name) is found from its coco_url, in COCO's train2017/ or val2017/ folder under eval.images.
 A family that answers boxes in pixels (Qwen2.5-VL) gets a `frame` [width, height] in each line, for the scorer.
@@ -21,7 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from qlora_rft.config import Config
-from qlora_rft.data import Example, encode_prompts, load_images, load_split, resolve_source
+from qlora_rft.data import (Example, encode_prompts, load_images, load_split, prompt_lengths, resolve_source,
+                             too_long)
 from qlora_rft.errors import DataError, UserError
 from qlora_rft.rollout import Sampling
 from qlora_rft.tasks import Task, detection, get_task
@@ -143,6 +145,23 @@ def generate(policy, task: Task, items: list[EvalItem], cfg: Config
         yield batch_items, texts, frames
 
 
+def fitting_prompts(processor, task: Task, items: list[EvalItem], cfg: Config
+                    ) -> tuple[list[EvalItem], list[tuple[EvalItem, str]]]:
+    """The items whose prompt fits data.max_prompt_length, and the others with the reason (refused instead under
+    data.on_bad_row=error)."""
+    lengths = prompt_lengths(processor, task, [it.example for it in items], cfg.data.min_pixels, cfg.data.max_pixels)
+    fitting, refused = [], []
+    for item, length in zip(items, lengths):
+        reason = too_long(length, cfg.data.max_prompt_length)
+        if reason is None:
+            fitting.append(item)
+        elif cfg.data.on_bad_row == "error":
+            raise DataError(f"eval prompt {item.key}: {reason} (set data.on_bad_row=skip to skip it)")
+        else:
+            refused.append((item, reason))
+    return fitting, refused
+
+
 def frame_record(frame: Frame) -> dict:
     """A prediction's `frame` field: the pixel frame its boxes are written in; none for the 0-1000 scale."""
     return {} if frame == RELATIVE else {"frame": [frame.width, frame.height]}
@@ -210,9 +229,12 @@ def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
     todo = [it for it in items if it.key not in done]
     if todo:
         policy = load_for_inference(cfg.model, cfg.eval.adapter or None)
+        todo, too_long = fitting_prompts(policy.processor, task, todo, cfg)
         progress = Progress(TextColumn(f"[bold]eval {label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TimeRemainingColumn(), console=console)
         with progress, predictions.open("a") as f:
+            for item, reason in too_long:  # the scorer reports these lines as skipped
+                f.write(json.dumps({**item.record, "skipped": reason}) + "\n")
             bar = progress.add_task("eval", total=len(items), completed=len(items) - len(todo))
             for batch_items, texts, frames in generate(policy, task, todo, cfg):
                 for item, text, frame in zip(batch_items, texts, frames):
