@@ -86,10 +86,11 @@ class DataConfig:
     )
     train: str = _f(
         "synthetic:shapes",
-        "Training data: a parquet file or folder, a `datasets.load_dataset` path, or `synthetic:NAME` "
-        "(generated on demand into the cache).",
+        "Training data: a parquet file or folder, a `datasets.load_dataset` path, a LISA JSON (ours, or the "
+        "original Visual-RFT's box annotations), LISA's ReasonSeg folder (train/, val/, test/: each image beside "
+        "its JSON), or `synthetic:NAME` (generated on demand into the cache).",
     )
-    train_split: str = _f("train", "Split of `train` to train on.")
+    train_split: str = _f("train", "Split of `train` to train on (for ReasonSeg: the folder).")
     eval: str = _f("", "Held-out data, same forms as `train`; empty: same source as `train`.")
     eval_split: str = _f("test", "Split of `eval` to evaluate on.")
     image_root: str = _f("", "Folder that relative image paths of a LISA-style JSON are under; empty: the JSON's.")

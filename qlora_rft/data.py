@@ -1,7 +1,8 @@
 """Datasets in the released ViRFT schema (image, problem, solution) and turning a row into model inputs.
 
 Sources: a parquet file or folder, any `datasets.load_dataset` path (never `load_from_disk`), a LISA-style JSON
-(a `.json` file, or a folder holding `SPLIT.json`; image paths relative to it), or `synthetic:NAME`.
+(a `.json` file, or a folder holding `SPLIT.json`; image paths relative to it), LISA's raw ReasonSeg folder
+(`SPLIT/` holding each image beside its JSON), or `synthetic:NAME`.
 Bad rows (an image that does not decode in full or that the resize rule refuses, a solution that does not parse)
 are found at load time and skipped and counted, or refused; so is a prompt over data.max_prompt_length, once the
 processor is known (`without_long_prompts`, before the first step). Images are resized with qwen-vl-utils' rule,
@@ -128,11 +129,11 @@ def _rows(resolved: str, split: str, image_root: str | None):
     """(rows, column names) of one split, whatever the source form."""
     import datasets
 
-    json_file = _json_source(resolved, split)
-    if json_file is not None:
-        from qlora_rft.tasks.grounding import load_lisa_json
+    from qlora_rft.tasks.grounding import is_reasonseg, load_lisa_json, load_reasonseg
 
-        rows = load_lisa_json(json_file, image_root or None)
+    json_file = _json_source(resolved, split)
+    if json_file is not None or is_reasonseg(resolved, split):
+        rows = load_lisa_json(json_file, image_root or None) if json_file else load_reasonseg(resolved, split)
         return rows, list(rows[0].keys()) if rows else list(REQUIRED_COLUMNS)
     table = _load_table(resolved, split)
     if "image" in table.column_names and isinstance(table.features["image"], datasets.Image):
