@@ -86,10 +86,11 @@ class DataConfig:
     )
     train: str = _f(
         "synthetic:shapes",
-        "Training data: a parquet file or folder, a `datasets.load_dataset` path, or `synthetic:NAME` "
-        "(generated on demand into the cache).",
+        "Training data: a parquet file or folder, a `datasets.load_dataset` path, a LISA JSON (ours, or the "
+        "original Visual-RFT's box annotations), LISA's ReasonSeg folder (train/, val/, test/: each image beside "
+        "its JSON), or `synthetic:NAME` (generated on demand into the cache).",
     )
-    train_split: str = _f("train", "Split of `train` to train on.")
+    train_split: str = _f("train", "Split of `train` to train on (for ReasonSeg: the folder).")
     eval: str = _f("", "Held-out data, same forms as `train`; empty: same source as `train`.")
     eval_split: str = _f("test", "Split of `eval` to evaluate on.")
     image_root: str = _f("", "Folder that relative image paths of a LISA-style JSON are under; empty: the JSON's.")
@@ -197,7 +198,12 @@ class EvalConfig:
         "Detection: a COCO- or LVIS-format JSON; the evaluation set is its images x the evaluated classes. "
         "Empty: prompts come from data.eval like the other tasks.",
     )
-    images: str = _f("", "Detection: the folder the annotation file's image file_names are relative to.")
+    images: str = _f(
+        "",
+        "Detection: the folder the annotation file's image file_names are relative to; for LVIS v1 (images with a "
+        "coco_url, no file_name) the folder holding COCO's train2017/ and val2017/ (or the images themselves). "
+        "Empty: the annotation file's folder.",
+    )
     classes: str = _f(
         "all",
         "Detection classes evaluated: a named set (coco_fewshot8, coco_ov15, lvis_fewshot6, lvis_ov13), 'all' "

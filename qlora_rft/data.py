@@ -1,11 +1,14 @@
 """Datasets in the released ViRFT schema (image, problem, solution) and turning a row into model inputs.
 
 Sources: a parquet file or folder, any `datasets.load_dataset` path (never `load_from_disk`), a LISA-style JSON
-(a `.json` file, or a folder holding `SPLIT.json`; image paths relative to it), or `synthetic:NAME`.
+(a `.json` file, or a folder holding `SPLIT.json`; image paths relative to it), LISA's raw ReasonSeg folder
+(`SPLIT/` holding each image beside its JSON), or `synthetic:NAME`.
 Bad rows (an image that does not decode in full or that the resize rule refuses, a solution that does not parse)
-are found at load time and skipped and counted, or refused. Images are resized with qwen-vl-utils' rule, the
-config's pixel bounds and the model family's token side (`factor`), the same in training and evaluation; high-bit-depth images are scaled to 8 bits by their
-depth; an image far larger than needed is resized once at load and kept small (PNG), with one line saying so.
+are found at load time and skipped and counted, or refused; so is a prompt over data.max_prompt_length, once the
+processor is known (`without_long_prompts`, before the first step). Images are resized with qwen-vl-utils' rule,
+the config's pixel bounds and the model family's token side (`factor`), the same in training and evaluation;
+high-bit-depth images are scaled to 8 bits by their depth; an image far larger than needed is resized once at load
+and kept small (PNG), with one line saying so.
 """
 
 from __future__ import annotations
@@ -126,11 +129,11 @@ def _rows(resolved: str, split: str, image_root: str | None):
     """(rows, column names) of one split, whatever the source form."""
     import datasets
 
-    json_file = _json_source(resolved, split)
-    if json_file is not None:
-        from qlora_rft.tasks.grounding import load_lisa_json
+    from qlora_rft.tasks.grounding import is_reasonseg, load_lisa_json, load_reasonseg
 
-        rows = load_lisa_json(json_file, image_root or None)
+    json_file = _json_source(resolved, split)
+    if json_file is not None or is_reasonseg(resolved, split):
+        rows = load_lisa_json(json_file, image_root or None) if json_file else load_reasonseg(resolved, split)
         return rows, list(rows[0].keys()) if rows else list(REQUIRED_COLUMNS)
     table = _load_table(resolved, split)
     if "image" in table.column_names and isinstance(table.features["image"], datasets.Image):
@@ -385,6 +388,59 @@ def model_inputs(processor, examples: list[Example], min_pixels: int, max_pixels
     family = family_of(processor)
     images = [resize_image(open_image(ex), min_pixels, max_pixels, family.factor) for ex in examples]
     return images, [family.frame(*image.size) for image in images]
+
+
+def prompt_lengths(processor, task: Task, examples: list[Example], min_pixels: int, max_pixels: int) -> list[int]:
+    """Each example's prompt length in tokens, as encode_prompts makes it (image tokens included), without its
+    pixels: the text is tokenized per row, the image tokens counted once per resized size (on a blank image)."""
+    from qwen_vl_utils.vision_process import smart_resize
+
+    from qlora_rft.models import family_of
+
+    family = family_of(processor)
+    image_tokens: dict[tuple[int, int], int] = {}
+    lengths = []
+    for ex in examples:
+        with _open(ex.image) as image:
+            width, height = image.size  # the header alone
+        height, width = smart_resize(height, width, family.factor, min_pixels, max_pixels)
+        text = prompt_text(processor, task, ex.problem, family.frame(width, height))
+        length = len(processor.tokenizer(text)["input_ids"])
+        if (width, height) not in image_tokens:
+            full = processor(text=[text], images=[Image.new("RGB", (width, height))], return_tensors="pt")
+            image_tokens[(width, height)] = full["input_ids"].shape[1] - length
+        lengths.append(length + image_tokens[(width, height)])
+    return lengths
+
+
+def too_long(length: int, max_prompt_length: int) -> str | None:
+    """Why a prompt of `length` tokens is refused, or None when it fits."""
+    if length <= max_prompt_length:
+        return None
+    return (f"prompt is {length} tokens, over data.max_prompt_length={max_prompt_length} (prompts are never cut: "
+            "raise it or lower data.max_pixels)")
+
+
+def without_long_prompts(data: Dataset, processor, task: Task, data_cfg) -> Dataset:
+    """`data` less the rows whose prompt is over data.max_prompt_length: skipped and counted as bad rows, or
+    refused under data.on_bad_row=error. Run once the processor is known, before the first step."""
+    lengths = prompt_lengths(processor, task, data.examples, data_cfg.min_pixels, data_cfg.max_pixels)
+    kept, bad = [], []
+    for example, length in zip(data.examples, lengths):
+        reason = too_long(length, data_cfg.max_prompt_length)
+        if reason is None:
+            kept.append(example)
+        elif data_cfg.on_bad_row == "error":
+            raise DataError(f"{data.source} split {data.split!r} row {example.index}: {reason} "
+                            "(set data.on_bad_row=skip to skip it)")
+        else:
+            bad.append(BadRow(example.index, reason))
+    if not kept:
+        raise DataError(f"{data.source} split {data.split!r} has no usable rows: every prompt is too long "
+                        f"(row {bad[0].index}: {bad[0].reason})")
+    dropped = {b.index for b in bad}
+    return Dataset(data.source, data.split, kept, sorted(data.skipped + bad, key=lambda b: b.index),
+                   [i for i in data.downsized if i not in dropped])
 
 
 def encode_prompts(

@@ -29,7 +29,7 @@ import torch
 
 from qlora_rft import checkpoint, grpo
 from qlora_rft.config import Config, dump
-from qlora_rft.data import encode_prompt, load_split
+from qlora_rft.data import encode_prompt, load_split, without_long_prompts
 from qlora_rft.decode import choose_decoding
 from qlora_rft.distributed import (
     Launch,
@@ -236,12 +236,14 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
                           console=console if accelerator.is_main_process else Console(quiet=True))
         base_path = str(resolve_model_path(warmed_base(cfg, console)))
     check_launch(cfg, launch, rows=len(data.examples))
-    if accelerator.is_main_process:
-        report_skipped(data, console)
 
     seed_everything(cfg.train.seed)  # after building and warm-up: the same start whether they ran or were cached
     model_cfg = replace(cfg.model, name_or_path=base_path)
     policy = load_policy(model_cfg, cfg.lora)
+    data = without_long_prompts(data, policy.processor, task, cfg.data)  # so no prompt fails mid-run
+    check_launch(cfg, launch, rows=len(data.examples))
+    if accelerator.is_main_process:
+        report_skipped(data, console)
     optimizer = make_optimizer(policy, cfg)
     warmup_steps = math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps)
     scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, warmup_steps, cfg.train.max_steps)

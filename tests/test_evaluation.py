@@ -181,3 +181,92 @@ def test_corrupt_weight_files_are_named(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
     with pytest.raises(UserError, match=f"model weights file {weights} is corrupt or truncated"):
         runner.run_eval(load_config(None, [*overrides[1:], f"model.name_or_path={base}", "eval.adapter="]))
+
+
+def lvis_v1(tmp_path):
+    """An annotation file shaped like LVIS v1's lvis_v1_val.json: images carry coco_url and no file_name, categories
+    synonyms / frequency / synset, and the image files sit in COCO's val2017/ folder."""
+    from PIL import Image
+
+    (tmp_path / "coco" / "val2017").mkdir(parents=True)
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "coco" / "val2017" / "000000397133.jpg")
+    Image.new("RGB", (48, 64), (30, 30, 200)).save(tmp_path / "coco" / "000000037777.jpg")  # fallback: name alone
+    images = [
+        {"id": 397133, "license": 4, "height": 48, "width": 64, "date_captured": "2013-11-14 17:02:52",
+         "flickr_url": "http://farm7.staticflickr.com/6116/6255196340_da26cf2c9e_z.jpg",
+         "coco_url": "http://images.cocodataset.org/val2017/000000397133.jpg",
+         "neg_category_ids": [2], "not_exhaustive_category_ids": []},
+        {"id": 37777, "license": 1, "height": 64, "width": 48, "date_captured": "2013-11-14 20:55:31",
+         "flickr_url": "http://farm9.staticflickr.com/8429/7839199426_f6d48aa585_z.jpg",
+         "coco_url": "http://images.cocodataset.org/val2017/000000037777.jpg",
+         "neg_category_ids": [], "not_exhaustive_category_ids": [1]},
+    ]
+    categories = [
+        {"id": 1, "name": "aerosol_can", "synonyms": ["aerosol_can", "spray_can"], "def": "a dispenser...",
+         "synset": "aerosol.n.02", "frequency": "c", "image_count": 109, "instance_count": 362},
+        {"id": 2, "name": "apple", "synonyms": ["apple"], "def": "fruit with red or yellow or green skin...",
+         "synset": "apple.n.01", "frequency": "f", "image_count": 1207, "instance_count": 5928},
+    ]
+    annotations = [{"id": 1, "image_id": 397133, "category_id": 1, "bbox": [8.0, 6.0, 16.0, 12.0], "area": 192.0,
+                    "segmentation": [[8.0, 6.0, 24.0, 6.0, 24.0, 18.0, 8.0, 18.0]]}]
+    path = tmp_path / "lvis_v1_val.json"
+    path.write_text(json.dumps({"info": {"version": "1.0"}, "licenses": [], "images": images,
+                                "annotations": annotations, "categories": categories}))
+    return path
+
+
+def test_lvis_v1_images_are_found_from_their_coco_url_and_scored(tmp_path):
+    path = lvis_v1(tmp_path)
+    cfg = load_config(None, [*DETECTION, f"eval.annotations={path}", f"eval.images={tmp_path / 'coco'}"])
+    items = runner.eval_items(cfg, get_task("detection"))
+    assert [it.key for it in items] == ["397133|aerosol_can", "397133|apple", "37777|aerosol_can", "37777|apple"]
+    assert items[0].example.image["path"] == str(tmp_path / "coco" / "val2017" / "000000397133.jpg")
+    assert items[2].example.image["path"] == str(tmp_path / "coco" / "000000037777.jpg")
+    assert items[0].example.solution == "<answer>[{'Position': [125, 125, 375, 375], 'Confidence': 1.0}]</answer>"
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text("".join(json.dumps({**it.record, "completion": it.example.solution}) + "\n"
+                                   for it in items))
+    metrics = score_file("detection", predictions, path)
+    assert metrics["annotation_format"] == "lvis" and metrics["per_class"]["aerosol_can"] == 100.0
+    data = json.loads(path.read_text())
+    del data["images"][1]["coco_url"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="image 37777 has neither a 'file_name' nor a 'coco_url'"):
+        runner.eval_items(cfg, get_task("detection"))
+
+
+def test_a_prompt_over_max_prompt_length_is_recorded_as_skipped_not_asked(tmp_path):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(runner.resolve_source("synthetic:shapes/test.parquet")).slice(0, 3)
+    problems = table.column("problem").to_pylist()
+    problems[1] = "Look very carefully at the picture. " * 40 + problems[1]
+    (tmp_path / "data").mkdir()
+    pq.write_table(table.set_column(table.schema.get_field_index("problem"), "problem", [problems]),
+                   tmp_path / "data" / "test.parquet")
+    overrides = ["model.name_or_path=tiny:tiny", "data.max_pixels=3136", "data.max_prompt_length=128",
+                 f"data.eval={tmp_path / 'data'}", "eval.max_new_tokens=4", f"eval.output_dir={tmp_path / 'eval'}"]
+    run = runner.run_eval(load_config(None, overrides))
+    assert run.metrics["num_predictions"] == 2 and run.metrics["skipped"] == 1
+    [line] = run.metrics["skipped_lines"]
+    assert line["line"] == 1 and "not asked: prompt is" in line["reason"] and "max_prompt_length=128" in line["reason"]
+    assert score_file("classification", run.predictions) == run.metrics
+    with pytest.raises(DataError, match=r"eval prompt 1: prompt is \d+ tokens"):
+        runner.run_eval(load_config(None, [*overrides, "data.on_bad_row=error", f"eval.output_dir={tmp_path / 'e2'}"]))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "qwen2.5-vl-tiny", "qwen3-vl-tiny"])
+def test_prompt_lengths_are_the_encoded_lengths(preset):
+    from transformers import AutoProcessor
+
+    from qlora_rft.data import encode_prompts, load_split, prompt_lengths
+    from qlora_rft.model import model_family, resolve_model_path
+
+    processor = AutoProcessor.from_pretrained(str(resolve_model_path(f"tiny:{preset}")))
+    task = get_task("classification")
+    factor = model_family(f"tiny:{preset}").factor
+    examples = load_split("synthetic:shapes", "test", task, min_pixels=3136, max_pixels=12544, factor=factor).examples
+    lengths = prompt_lengths(processor, task, examples[:6], 3136, 12544)
+    for example, length in zip(examples[:6], lengths):
+        batch, _ = encode_prompts(processor, task, [example], 3136, 12544, 10_000, "cpu")
+        assert batch["input_ids"].shape[1] == length

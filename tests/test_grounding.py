@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from qlora_rft.data import load_split
 from qlora_rft.errors import DataError
-from qlora_rft.tasks import grounding
+from qlora_rft.tasks import get_task, grounding
 from qlora_rft.tasks.common import FORMAT_INSTRUCTION
 from qlora_rft.tasks.grounding import Box, giou, grounding_reward, iou, parse, parse_solution, score
 
@@ -276,3 +277,62 @@ def test_load_lisa_json_errors(tmp_path):
     (tmp_path / "broken.json").write_text("[{")
     with pytest.raises(DataError, match="broken.json"):
         grounding.load_lisa_json(tmp_path / "broken.json")
+
+
+# ----------------------------------------------------------------------------- LISA as released
+
+PIXELS = dict(min_pixels=3136, max_pixels=12544, factor=28)
+
+
+def test_the_originals_box_annotation_json_gives_one_row_per_instruction(tmp_path):
+    """gen_box_ann.py's output: image_path, the `text` list as `instruction`, pixel boxes (the first one is used)."""
+    Image.new("RGB", (200, 100), (200, 30, 30)).save(tmp_path / "img_1.jpg")
+    records = [{"image_path": str(tmp_path / "img_1.jpg"),
+                "instruction": ["What holds the soup?", "Something to eat the soup with."],
+                "boxes": [[20.5, 10.0, 100.0, 50.25], [0, 0, 5, 5]]},
+               {"image_path": str(tmp_path / "gone.jpg"), "instruction": ["Where to sit?"], "boxes": [[1, 2, 3, 4]]}]
+    (tmp_path / "lisa_train.json").write_text(json.dumps(records, indent=4))
+    data = load_split(str(tmp_path / "lisa_train.json"), "train", get_task("grounding"), **PIXELS)
+    assert [e.problem for e in data.examples] == [grounding.problem("What holds the soup?"),
+                                                  grounding.problem("Something to eat the soup with.")]
+    assert {e.solution for e in data.examples} == {"<answer>(102,100),(500,502)</answer>"}
+    assert [b.index for b in data.skipped] == [2] and "image does not decode" in data.skipped[0].reason
+    with pytest.raises(DataError, match=r"record 0: field 'instruction' must be a list"):
+        grounding.load_lisa_json(_dump(tmp_path, [{**records[0], "instruction": []}]))
+    with pytest.raises(DataError, match=r"record 0: field 'boxes' must be a list of pixel boxes"):
+        grounding.load_lisa_json(_dump(tmp_path, [{**records[0], "boxes": [[1, 2, 3]]}]))
+
+
+def _dump(tmp_path, records):
+    (tmp_path / "bad.json").write_text(json.dumps(records))
+    return tmp_path / "bad.json"
+
+
+def _reasonseg_item(tmp_path, split, name, size, texts, shapes):
+    (tmp_path / "ReasonSeg" / split).mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (30, 200, 30)).save(tmp_path / "ReasonSeg" / split / f"{name}.jpg")
+    item = {"text": texts, "is_sentence": True,
+            "shapes": [{"label": label, "labelme_type": "polygon", "points": points, "group_id": None,
+                        "shape_type": "polygon", "flags": {}} for label, points in shapes]}
+    (tmp_path / "ReasonSeg" / split / f"{name}.json").write_text(json.dumps(item))
+
+
+def test_the_raw_reasonseg_layout_loads_by_split_from_the_target_polygons(tmp_path):
+    _reasonseg_item(tmp_path, "train", "1001", (400, 200), ["the thing that keeps you dry"],
+                    [("ignore", [[0, 0], [400, 0], [400, 200]]),  # ignore: not part of the answer
+                     ("target", [[40, 20], [120, 20], [80, 100]]),
+                     ("target", [[100, 60], [200, 60], [200, 150], [100, 150]])])
+    _reasonseg_item(tmp_path, "val", "2002", (100, 100), ["what a cat sleeps on", "the soft place"],
+                    [("target", [[10.5, 20], [50, 20], [50, 60.4]])])
+    train = load_split(str(tmp_path / "ReasonSeg"), "train", get_task("grounding"), **PIXELS)
+    [row] = train.examples
+    assert row.problem == grounding.problem("the thing that keeps you dry")
+    assert row.solution == "<answer>(100,100),(500,750)</answer>"  # bounds of both targets: (40,20)-(200,150)
+    assert row.image["path"] == str(tmp_path / "ReasonSeg" / "train" / "1001.jpg")
+    val = load_split(str(tmp_path / "ReasonSeg"), "val", get_task("grounding"), **PIXELS)
+    assert [e.solution for e in val.examples] == ["<answer>(105,200),(500,604)</answer>"] * 2
+    assert [e.problem for e in val.examples] == [grounding.problem("what a cat sleeps on"),
+                                                 grounding.problem("the soft place")]
+    _reasonseg_item(tmp_path, "test", "3003", (10, 10), ["x"], [("ignore", [[1, 1], [2, 2], [3, 1]])])
+    with pytest.raises(DataError, match=r"3003\.json: needs 'shapes' with a polygon labelled 'target'"):
+        load_split(str(tmp_path / "ReasonSeg"), "test", get_task("grounding"), **PIXELS)

@@ -209,3 +209,31 @@ def test_rows_of_logits_with_nan_or_inf_end_their_completion():
     clean = FiniteLogits(eos)
     clean(None, scores[:1].clone())
     assert clean.ok
+
+
+def _with_a_long_prompt(folder: Path) -> Path:
+    """Three rows of the synthetic shapes set, the middle one with a problem far over data.max_prompt_length=128."""
+    import pyarrow.parquet as pq
+
+    from qlora_rft.data import resolve_source
+
+    table = pq.read_table(Path(resolve_source("synthetic:shapes")) / "train.parquet").slice(0, 3)
+    problems = table.column("problem").to_pylist()
+    problems[1] = "Look very carefully at the picture. " * 40 + problems[1]
+    folder.mkdir()
+    pq.write_table(table.set_column(table.schema.get_field_index("problem"), "problem", [problems]),
+                   folder / "train.parquet")
+    return folder
+
+
+def test_a_prompt_over_max_prompt_length_is_skipped_and_training_goes_on(tiny_overrides, tmp_path):
+    data = _with_a_long_prompt(tmp_path / "data")
+    result = train(load_config(None, [*tiny_overrides, f"data.train={data}", "train.max_steps=3"]), log=False)
+    assert [line["step"] for line in result.metrics] == [1, 2, 3] and result.skipped_rows == 1
+    summary = json.loads((result.output_dir / "train_summary.json").read_text())
+    assert summary["data_rows"] == 2
+    [bad] = summary["data_skipped"]
+    assert bad["index"] == 1 and "over data.max_prompt_length=128" in bad["reason"]
+    with pytest.raises(UserError, match=r"row 1: prompt is \d+ tokens, over data.max_prompt_length=128"):
+        train(load_config(None, [*tiny_overrides, f"data.train={data}", "data.on_bad_row=error",
+                                 f"train.output_dir={tmp_path / 'run2'}"]), log=False)

@@ -3,7 +3,9 @@ metrics from that file alone (`scoring`), so `qlora-rft score` reproduces them w
 
 Resumable: each line is written as soon as its batch is done, and a rerun skips the prompts already written; a
 rerun whose settings would change the answers (eval_info.json) is refused rather than mixed into the same file.
-Detection asks every (image, class) pair of an annotation file, or only the classes present (`eval.protocol`).
+A prompt over data.max_prompt_length is not asked: its line says why (`skipped`), and the scorer reports it.
+Detection asks every (image, class) pair of an annotation file, or only the classes present (`eval.protocol`); an
+LVIS v1 image (no file_name) is found from its coco_url, in COCO's train2017/ or val2017/ folder under eval.images.
 A family that answers boxes in pixels (Qwen2.5-VL) gets a `frame` [width, height] in each line, for the scorer.
 """
 
@@ -20,7 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from qlora_rft.config import Config
-from qlora_rft.data import Example, encode_prompts, load_images, load_split, resolve_source
+from qlora_rft.data import (Example, encode_prompts, load_images, load_split, prompt_lengths, resolve_source,
+                             too_long)
 from qlora_rft.errors import DataError, UserError
 from qlora_rft.rollout import Sampling
 from qlora_rft.tasks import Task, detection, get_task
@@ -58,15 +61,16 @@ def detection_items(cfg: Config) -> list[EvalItem]:
         raise DataError(f"eval.annotations={path} not found: pass a COCO- or LVIS-format JSON")
     coco = load_annotations(path)  # the scorer's checks: eval and `score` accept and refuse the same files
     for image in coco["images"]:
-        if not isinstance(image.get("file_name"), str):
-            raise DataError(f"annotation file {path}: image {image['id']!r} has no 'file_name' (eval reads the image)")
+        if not isinstance(image.get("file_name"), str) and not isinstance(image.get("coco_url"), str):
+            raise DataError(f"annotation file {path}: image {image['id']!r} has neither a 'file_name' nor a "
+                            "'coco_url' (eval reads the image)")
     names = {c["id"]: c["name"] for c in coco.get("categories", [])}
     classes = resolve_classes(cfg.eval.classes, list(names.values()))
     root = Path(resolve_source(cfg.eval.images)) if cfg.eval.images else path.parent
     truth: dict[tuple[int, str], list] = {}
     for ann in coco.get("annotations", []):
         truth.setdefault((ann["image_id"], names[ann["category_id"]]), []).append(ann["bbox"])
-    files = [str(root / image["file_name"]) for image in coco.get("images", [])]
+    files = [image_file(image, root) for image in coco.get("images", [])]
     cells = load_images(files, cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.on_bad_row, str(path),
                         factor=_factor(cfg))
     items = []
@@ -86,6 +90,20 @@ def detection_items(cfg: Config) -> list[EvalItem]:
             )
             items.append(EvalItem(f"{image['id']}|{name}", example, {"image_id": image["id"], "category": name}))
     return items
+
+
+def image_file(image: dict, root: Path) -> str:
+    """The file of an annotation image: COCO's `file_name` under `root`; for LVIS v1, which has only a `coco_url`
+    (".../val2017/000000397133.jpg"), its split folder and name under `root` (COCO's layout), else the name alone.
+
+    >>> image_file({"coco_url": "http://images.cocodataset.org/val2017/1.jpg"}, Path("/nowhere"))
+    '/nowhere/1.jpg'
+    """
+    if isinstance(image.get("file_name"), str):
+        return str(root / image["file_name"])
+    split, name = image["coco_url"].split("/")[-2:]
+    in_split = root / split / name
+    return str(in_split if in_split.is_file() else root / name)
 
 
 def dataset_items(cfg: Config, task: Task) -> list[EvalItem]:
@@ -125,6 +143,23 @@ def generate(policy, task: Task, items: list[EvalItem], cfg: Config
         out = policy.model.generate(**batch, generation_config=config)  # [b, P + t]
         texts = policy.processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         yield batch_items, texts, frames
+
+
+def fitting_prompts(processor, task: Task, items: list[EvalItem], cfg: Config
+                    ) -> tuple[list[EvalItem], list[tuple[EvalItem, str]]]:
+    """The items whose prompt fits data.max_prompt_length, and the others with the reason (refused instead under
+    data.on_bad_row=error)."""
+    lengths = prompt_lengths(processor, task, [it.example for it in items], cfg.data.min_pixels, cfg.data.max_pixels)
+    fitting, refused = [], []
+    for item, length in zip(items, lengths):
+        reason = too_long(length, cfg.data.max_prompt_length)
+        if reason is None:
+            fitting.append(item)
+        elif cfg.data.on_bad_row == "error":
+            raise DataError(f"eval prompt {item.key}: {reason} (set data.on_bad_row=skip to skip it)")
+        else:
+            refused.append((item, reason))
+    return fitting, refused
 
 
 def frame_record(frame: Frame) -> dict:
@@ -194,9 +229,12 @@ def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
     todo = [it for it in items if it.key not in done]
     if todo:
         policy = load_for_inference(cfg.model, cfg.eval.adapter or None)
+        todo, too_long = fitting_prompts(policy.processor, task, todo, cfg)
         progress = Progress(TextColumn(f"[bold]eval {label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TimeRemainingColumn(), console=console)
         with progress, predictions.open("a") as f:
+            for item, reason in too_long:  # the scorer reports these lines as skipped
+                f.write(json.dumps({**item.record, "skipped": reason}) + "\n")
             bar = progress.add_task("eval", total=len(items), completed=len(items) - len(todo))
             for batch_items, texts, frames in generate(policy, task, todo, cfg):
                 for item, text, frame in zip(batch_items, texts, frames):

@@ -101,9 +101,9 @@ def _mean(values: list[float]) -> float | None:
 def read_predictions(path: str | Path, required: tuple[str, ...] = ("completion",)) -> Predictions:
     """The JSON-lines predictions file as rows; bad lines are skipped with their line number and reason.
 
-    A line is skipped when it is not UTF-8, not valid JSON, not a JSON object, lacks one of `required`, or holds a
-    non-string `completion` / `solution` / `category` among them. Blank lines are neither rows nor skipped (they
-    still count for the numbering). Only a missing or unreadable file raises (DataError).
+    A line is skipped when it is not UTF-8, not valid JSON, not a JSON object, says why it was not asked
+    (`skipped`), lacks one of `required`, or holds a non-string `completion` / `solution` / `category` among them.
+    Blank lines are neither rows nor skipped (they still count for the numbering). Only a missing or unreadable file raises (DataError).
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -127,6 +127,8 @@ def read_predictions(path: str | Path, required: tuple[str, ...] = ("completion"
             reason = f"not valid JSON ({getattr(e, 'msg', type(e).__name__)})"
         if reason is None and not isinstance(record, dict):
             reason = f"not a JSON object (a {type(record).__name__})"
+        if reason is None and isinstance(record.get("skipped"), str):  # the evaluation did not ask this prompt
+            reason = f"not asked: {record['skipped']}"
         if reason is None:
             missing = [key for key in required if key not in record]
             wrong = [k for k in required if k in _TEXT_KEYS and k in record and not isinstance(record[k], str)]

@@ -130,12 +130,15 @@ def score(completion: str, solution: str, frame: Frame = RELATIVE) -> float:
 def load_lisa_json(path: str | Path, image_root: str | Path | None = None) -> list[dict]:
     """Rows `{"image": {"bytes": None, "path": ABSOLUTE}, "problem": ..., "solution": ...}` from a LISA JSON list.
 
-    LISA ships a JSON list of instruction/box records plus an image folder (no parquet); its box is the first
-    polygon's bounding box scaled to 0-1000. Two record forms are read, and may be mixed in one file:
+    A JSON list of instruction/box records plus an image folder (no parquet). Three record forms are read, and may
+    be mixed in one file:
       canonical: {"image": "a/b.jpg", "problem": "<problem text>", "solution": "<answer>(x1,y1),(x2,y2)</answer>"}
                  (taken as written: the problem is used verbatim, so write it with `problem(instruction)`);
       box:       {"image": "a/b.jpg", "text" or "instruction": "<instruction>", "box": [x1, y1, x2, y2]}
-                 (0-1000 numbers; becomes problem(instruction) and solution(box)).
+                 (0-1000 numbers; becomes problem(instruction) and solution(box));
+      released:  {"image_path": "a/b.jpg", "instruction": ["<instruction>", ...], "boxes": [[x1, y1, x2, y2], ...]}
+                 (the original Visual-RFT's gen_box_ann.py output: pixel boxes; one row per instruction, the
+                 first box scaled to 0-1000 by the image's size).
     Relative image paths are taken from image_root (default: the JSON's folder). Only the structure is checked
     here; whether a box is valid and an image decodes is the dataset loader's bad-row check.
     """
@@ -149,15 +152,17 @@ def load_lisa_json(path: str | Path, image_root: str | Path | None = None) -> li
     if not isinstance(records, list):
         raise DataError(f"{path} must hold a JSON list of records, not a {type(records).__name__}")
     root = Path(image_root).expanduser() if image_root is not None else path.parent
-    return [_lisa_row(record, index, path, root) for index, record in enumerate(records)]
+    return [row for index, record in enumerate(records) for row in _lisa_rows(record, index, path, root)]
 
 
-def _lisa_row(record, index: int, path: Path, root: Path) -> dict:
+def _lisa_rows(record, index: int, path: Path, root: Path) -> list[dict]:
     def fail(what: str) -> DataError:
         return DataError(f"{path} record {index}: {what}")
 
     if not isinstance(record, dict):
         raise fail(f"is a {type(record).__name__}, not an object with image, problem and solution")
+    if "image_path" in record:
+        return _released_rows(record, root, fail)
     image = record.get("image")
     if not isinstance(image, str) or not image.strip():
         raise fail("missing field 'image' (the image path, relative to the image folder or absolute)")
@@ -189,4 +194,92 @@ def _lisa_row(record, index: int, path: Path, root: Path) -> dict:
     else:
         raise fail("missing field 'solution' (or 'box'): the answer box")
 
-    return {"image": {"bytes": None, "path": image_path}, "problem": problem_text, "solution": solution_text}
+    return [{"image": {"bytes": None, "path": image_path}, "problem": problem_text, "solution": solution_text}]
+
+
+def _released_rows(record: dict, root: Path, fail) -> list[dict]:
+    """The original's box-annotation record (its gen_box_ann.py output): one row per instruction, the answer its
+    first pixel box scaled to 0-1000 by the image's size."""
+    image = record["image_path"]
+    if not isinstance(image, str) or not image.strip():
+        raise fail("field 'image_path' must be the image's path")
+    image_path = os.path.abspath(root / image) if not os.path.isabs(image) else os.path.abspath(image)
+    instructions = _instructions(record.get("instruction"))
+    if instructions is None:
+        raise fail("field 'instruction' must be a list of instruction texts (or one text)")
+    found = record.get("boxes")
+    if not isinstance(found, list) or not found or not _four_numbers(found[0]):
+        raise fail(f"field 'boxes' must be a list of pixel boxes [x1, y1, x2, y2], not {found!r:.80}")
+    return _rows_for(image_path, instructions, tuple(found[0]))
+
+
+def _instructions(value) -> list[str] | None:
+    """A `text` / `instruction` field as a list of non-empty texts (one text is a list of one); None if malformed."""
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        return None
+    return texts
+
+
+def _four_numbers(box) -> bool:
+    return (isinstance(box, (list, tuple)) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box))
+
+
+def _rows_for(image_path: str, instructions: list[str], pixel_box: tuple) -> list[dict]:
+    """One row per instruction, the answer `pixel_box` scaled to 0-1000 by the image's size (read from its header).
+    An image that cannot be opened has no size: its rows get the whole image as a placeholder answer, never used,
+    since the loader's image check skips (or refuses) them and says why."""
+    from PIL import Image
+
+    try:
+        with Image.open(image_path) as image:
+            width, height = image.size
+        answer = solution(boxes.to_scale(pixel_box, width, height))
+    except Exception:  # any reason the size is unknown: the image check reports it
+        answer = solution((0, 0, 1000, 1000))
+    cell = {"bytes": None, "path": image_path}
+    return [{"image": cell, "problem": problem(text), "solution": answer} for text in instructions]
+
+
+def is_reasonseg(folder: str | Path, split: str) -> bool:
+    """Whether `folder/split` holds the raw ReasonSeg layout: NAME.json beside NAME.jpg (a folder of JSON files
+    alone is left to `datasets`)."""
+    split_dir = Path(folder).expanduser() / split
+    return split_dir.is_dir() and any(path.with_suffix(".jpg").is_file() for path in split_dir.glob("*.json"))
+
+
+def load_reasonseg(folder: str | Path, split: str) -> list[dict]:
+    """Rows from LISA's raw ReasonSeg layout: `folder/SPLIT/NAME.jpg` beside `NAME.json`, which holds a `text` list
+    of instructions, `is_sentence`, and labelme `shapes` (polygons labelled "target" or "ignore"). One row per
+    instruction; the answer is the bounding box of every target polygon (ignore and the deprecated "flag" shapes
+    left out), scaled to 0-1000 by the image's size. The original's gen_box_ann.py took the first shape alone."""
+    split_dir = Path(folder).expanduser() / split
+    rows = []
+    for path in sorted(split_dir.glob("*.json")):
+        try:
+            item = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"cannot read ReasonSeg annotation {path} as JSON: {e}") from None
+        instructions = _instructions(item.get("text")) if isinstance(item, dict) else None
+        if instructions is None:
+            raise DataError(f"{path}: field 'text' must be a list of instruction texts")
+        points = [point for shape in item.get("shapes") or [] if _is_target(shape) for point in shape["points"]]
+        if not points or not all(isinstance(p, (list, tuple)) and len(p) == 2 and _four_numbers([*p, *p])
+                                 for p in points):
+            raise DataError(f"{path}: needs 'shapes' with a polygon labelled 'target' (its 'points' [[x, y], ...])")
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        bounds = (min(xs), min(ys), max(xs), max(ys))
+        rows += _rows_for(str(path.with_suffix(".jpg").absolute()), instructions, bounds)
+    if not rows:
+        raise DataError(f"{split_dir} holds no ReasonSeg annotation (NAME.json beside NAME.jpg)")
+    return rows
+
+
+def _is_target(shape) -> bool:
+    """A ReasonSeg shape that belongs to the answer: labelled target (LISA's loader: any label but "ignore" and the
+    deprecated "flag"), with a list of points."""
+    if not isinstance(shape, dict) or not isinstance(shape.get("points"), list):
+        return False
+    label = str(shape.get("label", "")).lower()
+    return "ignore" not in label and label != "flag"
