@@ -11,15 +11,15 @@ import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from qlora_rft.errors import ConfigError
 
 
-def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A dataclass field with its documentation (and allowed values) attached."""
+def _f(default: Any, help: str, choices: tuple | Callable[[], tuple] | None = None) -> Any:
+    """A dataclass field with its documentation (and allowed values, or a function returning them) attached."""
     meta = {"help": help, "choices": choices}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
@@ -77,12 +77,19 @@ class LoraSettings:
     )
 
 
+def _task_names() -> tuple[str, ...]:
+    from qlora_rft.tasks import TASKS  # read when checked: a task registered later is a choice too
+
+    return tuple(TASKS)
+
+
 @dataclass
 class DataConfig:
     task: str = _f(
         "classification",
-        "Task family: sets the prompt template, the answer parser and the default rewards.",
-        ("classification", "detection", "grounding"),
+        "Task family: sets the prompt template, the answer parser, the default rewards and the metric (the tasks "
+        "registered in qlora_rft.tasks.TASKS).",
+        _task_names,
     )
     train: str = _f(
         "synthetic:shapes",
@@ -402,7 +409,7 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
         raise ConfigError(f"{key} must be a {kind.__name__}, got {value!r}")
     if kind is float and not math.isfinite(value):  # YAML's .inf and .nan, an override's inf, nan or 1e400
         raise ConfigError(f"{key} must be a finite number, got {value!r}")
-    choices = f.metadata.get("choices")
+    choices = _choices(f)
     if choices and value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
     return value
@@ -476,10 +483,11 @@ def validate(cfg: Config) -> None:
     need(0 < w.learning_rate < FLOAT32_MAX, "warmup.learning_rate must be > 0 and < 3.4e38 (float32's range)")
     need(w.batch_size >= 1, "warmup.batch_size must be >= 1")
 
-    from qlora_rft.rewards import REWARDS, default_weights  # local: rewards import no config
+    from qlora_rft.rewards import builtin_rewards, default_weights  # local: rewards import no config
 
+    known = builtin_rewards()
     for name, weight in cfg.rewards.weights.items():
-        need(name in REWARDS, f"rewards.weights names unknown reward {name!r}{_suggest(name, REWARDS)}")
+        need(name in known, f"rewards.weights names unknown reward {name!r}{_suggest(name, known)}")
         need(_finite_number(weight),
              f"rewards.weights.{name} must be a finite number, got {weight!r}")
     weights = cfg.rewards.weights or default_weights(d.task)
@@ -497,6 +505,11 @@ def validate(cfg: Config) -> None:
 
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _choices(f: dataclasses.Field) -> tuple | None:
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
 
 
 def _finite_number(value: Any) -> bool:
@@ -520,7 +533,7 @@ def describe() -> str:
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            choices = f.metadata.get("choices")
+            choices = _choices(f)
             extra = f" [{' | '.join(choices)}]" if choices else ""
             lines.append(f"  {f.name}: {default!r}  # {f.metadata['help']}{extra}")
     return "\n".join(lines)

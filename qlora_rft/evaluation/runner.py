@@ -250,19 +250,22 @@ def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
     return EvalRun(out, predictions, metrics, label)
 
 
+PERCENT = ("mAP", "accuracy", "mIoU", "acc@0.5")  # metrics in percent, shown in the table when present
+
+
 def main_metric(metrics: dict) -> tuple[str, float]:
-    """The headline number of a metrics dict: mAP, accuracy or mIoU (percent)."""
-    for key in ("mAP", "accuracy", "mIoU"):
-        if key in metrics:
-            return key, metrics[key]
-    raise KeyError("no mAP, accuracy or mIoU in the metrics")
+    """The headline number of a metrics dict: its task's headline metric (mAP, accuracy, mIoU...)."""
+    key = get_task(metrics.get("task", "")).headline
+    if key not in metrics:
+        raise KeyError(f"no {key} in the {metrics.get('task')} metrics")
+    return key, metrics[key]
 
 
 def metrics_table(metrics: dict, label: str) -> Table:
     table = Table(title=f"{metrics.get('task', '')} evaluation: {label}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("mAP", "accuracy", "mIoU", "acc@0.5"):
+    for key in PERCENT:
         if key in metrics:
             table.add_row(f"{key} (%)", "n/a" if metrics[key] is None else f"{metrics[key]:.2f}")
     for name, value in (metrics.get("per_class") or {}).items():

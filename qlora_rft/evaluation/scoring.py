@@ -1,8 +1,8 @@
-"""Metrics recomputed from a predictions file alone (no model): box mAP with pycocotools or the LVIS API for detection,
-accuracy for classification, mIoU and acc@0.5 for grounding. Completions are read only by the tasks' own parsers;
-a malformed line, or a repeat of a prompt already answered, is skipped and reported by its 1-based line number; only
-a file with no usable line at all is refused. A line's `frame` (pixels its boxes are written in) maps them back to
-the 0-1000 scale first.
+"""Metrics recomputed from a predictions file alone (no model), by the task's own metric function (`Task.metrics`:
+accuracy for classification, mIoU and acc@0.5 for grounding, box mAP for detection, with pycocotools or the LVIS
+API, which live here). Completions are read only by the tasks' own parsers; a malformed line, or a repeat of a
+prompt already answered, is skipped and reported by its 1-based line number; only a file with no usable line at all
+is refused. A line's `frame` (pixels its boxes are written in) maps them back to the 0-1000 scale first.
 """
 
 from __future__ import annotations
@@ -24,35 +24,14 @@ from pycocotools.cocoeval import COCOeval
 
 from qlora_rft.errors import ConfigError, DataError
 from qlora_rft.evaluation.class_sets import resolve_classes
+from qlora_rft.evaluation.rows import Row, ScoreOptions, Scored, Skipped, mean, percent, repeat_of, row_frame
 from qlora_rft.tasks import detection, get_task
-from qlora_rft.tasks.boxes import RELATIVE, Box, Frame, to_pixels
+from qlora_rft.tasks.boxes import Box, to_pixels
 
 MAX_SKIPPED_LINES = 100  # metrics.json lists at most this many skipped lines (the count covers them all)
-DECIMALS = 4
 
-REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
-    "detection": ("image_id", "category", "completion"),
-    "classification": ("completion", "solution"),
-    "grounding": ("completion", "solution"),
-}
 _TEXT_KEYS = ("completion", "solution", "category")  # when required, these must be strings
 _ANNOTATION_LISTS = ("images", "annotations", "categories")
-
-
-@dataclass
-class Skipped:
-    """A predictions line left out of the metric: its 1-based line number and why."""
-
-    line: int
-    reason: str
-
-
-@dataclass
-class Row:
-    """One usable predictions line: its 1-based line number and the JSON object written there."""
-
-    line: int
-    record: dict
 
 
 @dataclass
@@ -64,35 +43,6 @@ class Predictions:
 
     def __iter__(self):
         return iter((self.rows, self.skipped))
-
-
-@dataclass
-class Scored:
-    """What a task's metric function returns: the metric values and the rows it had to skip itself."""
-
-    metrics: dict
-    skipped: list[Skipped]
-
-
-# ---------------------------------------------------------------------------------------------------------- numbers
-
-
-def _percent(fraction) -> float | None:
-    """A fraction as a rounded percentage; None for a missing value (pycocotools' -1, NaN, None).
-
-    >>> _percent(0.123456789), _percent(-1), _percent(None)
-    (12.3457, None, None)
-    """
-    if fraction is None:
-        return None
-    value = float(fraction)
-    if not math.isfinite(value) or value < 0:
-        return None
-    return round(100.0 * value, DECIMALS)
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 # ---------------------------------------------------------------------------------------------------------- reading
@@ -141,83 +91,6 @@ def read_predictions(path: str | Path, required: tuple[str, ...] = ("completion"
         else:
             skipped.append(Skipped(number, reason))
     return Predictions(rows, skipped)
-
-
-# ---------------------------------------------------------------------------------------------------------- per sample
-
-
-def _repeat_of(first_line: dict, key, line: int) -> int | None:
-    """The line that already answered `key` (a repeat: only the first answer counts), else None after recording
-    `line` as its answer. Every task de-duplicates this way: detection by (image, category), the others by id."""
-    first = first_line.setdefault(key, line)
-    return None if first == line else first
-
-
-def _per_sample(task_name: str, rows: list[Row]) -> tuple[list[float], int, list[Skipped]]:
-    """The task's own score per row, the number of unparseable completions, and the rows skipped.
-
-    An unparseable completion scores 0 (the task's score says so) and is used; a solution that does not parse
-    cannot be scored at all, so its row is skipped; so is a repeat of an `id` an earlier line answered (rows
-    without an `id` are all used).
-    """
-    task = get_task(task_name)
-    scores: list[float] = []
-    unparseable = 0
-    skipped: list[Skipped] = []
-    first_line: dict[str, int] = {}
-    for row in rows:
-        completion, solution = row.record["completion"], row.record["solution"]
-        if task.parse_solution(solution) is None:
-            skipped.append(Skipped(row.line, f"solution {solution!r:.60} does not parse"))
-            continue
-        if "id" in row.record:
-            first = _repeat_of(first_line, str(row.record["id"]), row.line)
-            if first is not None:
-                skipped.append(Skipped(row.line, f"repeats id {row.record['id']!r:.40} of line {first}"))
-                continue
-        frame = row_frame(row)
-        if task.parse(completion, frame) is None:
-            unparseable += 1
-        scores.append(float(task.score(completion, solution, frame)))
-    return scores, unparseable, skipped
-
-
-def row_frame(row: Row) -> Frame:
-    """The box frame a prediction was asked for: its `frame` [width, height] (pixels, written by families that
-    answer in pixels), else the dataset's 0-1000 scale; answers are mapped back to 0-1000 with it."""
-    frame = row.record.get("frame")
-    if isinstance(frame, list) and len(frame) == 2 and all(_number(v) and v > 0 for v in frame):
-        return Frame(*frame)
-    return RELATIVE
-
-
-def classification_metrics(rows: list[Row]) -> Scored:
-    """`accuracy`: percent of rows whose class equals the solution's (an unparseable completion is wrong).
-
-    >>> rows = [Row(1, {"completion": "<answer>Rose</answer>", "solution": "<answer>rose</answer>"}),
-    ...         Row(2, {"completion": "no idea", "solution": "<answer>rose</answer>"})]
-    >>> classification_metrics(rows).metrics
-    {'num_predictions': 2, 'accuracy': 50.0, 'unparseable': 1}
-    """
-    scores, unparseable, skipped = _per_sample("classification", rows)
-    return Scored(
-        {"num_predictions": len(scores), "accuracy": _percent(_mean(scores)), "unparseable": unparseable}, skipped
-    )
-
-
-def grounding_metrics(rows: list[Row]) -> Scored:
-    """`mIoU`: mean IoU in percent (an unparseable completion counts 0); `acc@0.5`: percent of rows with IoU >= 0.5."""
-    scores, unparseable, skipped = _per_sample("grounding", rows)
-    hits = [float(s >= 0.5) for s in scores]
-    return Scored(
-        {
-            "num_predictions": len(scores),
-            "mIoU": _percent(_mean(scores)),
-            "acc@0.5": _percent(_mean(hits)),
-            "unparseable": unparseable,
-        },
-        skipped,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------- annotations
@@ -359,7 +232,7 @@ def detection_metrics(rows: list[Row], annotations: str | Path, classes: str | l
         if name is None:
             skipped.append(Skipped(row.line, f"unknown category {category!r:.60}"))
             continue
-        first = _repeat_of(first_line, (image["id"], name), row.line)
+        first = repeat_of(first_line, (image["id"], name), row.line)
         if first is not None:
             skipped.append(Skipped(row.line, f"repeats image {image['id']!r} / {name!r} of line {first}"))
             continue
@@ -412,8 +285,8 @@ def detection_metrics(rows: list[Row], annotations: str | Path, classes: str | l
     else:
         aps, extra = _coco_eval(data, found, ids)
     per_class = {name: aps.get(cat_id[name]) for name in evaluated}
-    metrics["mAP"] = _percent(_mean([ap for ap in per_class.values() if ap is not None]))
-    metrics["per_class"] = {name: _percent(ap) for name, ap in per_class.items()}
+    metrics["mAP"] = percent(mean([ap for ap in per_class.values() if ap is not None]))
+    metrics["per_class"] = {name: percent(ap) for name, ap in per_class.items()}
     metrics.update(extra)
     return Scored(metrics, skipped)
 
@@ -448,7 +321,7 @@ def _coco_eval(data: dict, found: list[dict], cat_ids: list) -> tuple[dict, dict
     precision = evaluator.eval["precision"][:, :, :, params.areaRngLbl.index("all"), -1]
     order = list(params.catIds)  # evaluate() sorted them
     aps = {c: _class_ap(precision, order.index(c)) for c in cat_ids}
-    return aps, {"coco_stats": [_percent(v) for v in evaluator.stats]}
+    return aps, {"coco_stats": [percent(v) for v in evaluator.stats]}
 
 
 @contextlib.contextmanager
@@ -500,7 +373,7 @@ def _lvis_eval(data: dict, found: list[dict], cat_ids: list) -> tuple[dict, dict
     precision = evaluator.eval["precision"][:, :, :, params.area_rng_lbl.index("all")]
     order = list(params.cat_ids)
     aps = {c: _class_ap(precision, order.index(c)) for c in cat_ids}
-    return aps, {"lvis_results": {key: _percent(value) for key, value in evaluator.results.items()}}
+    return aps, {"lvis_results": {key: percent(value) for key, value in evaluator.results.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------------- files
@@ -512,19 +385,14 @@ def score_file(
     """The metrics of a predictions file, as written to metrics.json.
 
     Keys: task, num_predictions (lines used), skipped (count), the task's metrics, then skipped_lines (the first
-    100 as {"line", "reason"}). Detection needs `annotations` (COCO or LVIS JSON) and uses `classes`; the other
-    tasks ignore both. A file with no usable line raises DataError saying what was skipped and why.
+    100 as {"line", "reason"}). The lines need the task's `prediction_keys`. Detection needs `annotations` (COCO or
+    LVIS JSON) and uses `classes`; the other tasks ignore both. A file with no usable line raises DataError saying what was skipped and why.
     """
-    get_task(task)  # an unknown task is a ConfigError naming the known ones
-    if task == "detection" and annotations is None:
-        raise ConfigError("detection metrics need the annotation file (COCO or LVIS JSON) of the evaluated images")
-    rows, skipped = read_predictions(predictions, REQUIRED_KEYS[task])
-    if task == "detection":
-        scored = detection_metrics(rows, annotations, classes)
-    elif task == "classification":
-        scored = classification_metrics(rows)
-    else:
-        scored = grounding_metrics(rows)
+    spec = get_task(task)  # an unknown task is a ConfigError naming the known ones
+    if spec.needs_annotations and annotations is None:
+        raise ConfigError(f"{task} metrics need the annotation file (COCO or LVIS JSON) of the evaluated images")
+    rows, skipped = read_predictions(predictions, spec.prediction_keys)
+    scored = spec.metrics(rows, ScoreOptions(annotations, classes))
     skipped = sorted(skipped + scored.skipped, key=lambda s: s.line)
     if scored.metrics["num_predictions"] == 0:
         raise _no_usable_line(predictions, skipped, scored.metrics.get("outside_classes", 0))
