@@ -116,7 +116,19 @@ class DataConfig:
 class RewardConfig:
     weights: dict = _f(
         {},
-        "Reward functions by name and their weights, summed into the reward; empty: the task's defaults.",
+        "Reward functions by name and their weights, summed into the reward; empty: the task's defaults. Built-in "
+        "names, or those of rewards.plugins functions.",
+    )
+    plugins: list = _f(
+        [],
+        "Python files of your own rewards: each public module-level function `fn(completions, **columns) -> "
+        "list[float]` (completions: the completions' text; columns: every column of the row, one value per "
+        "completion) is a reward by its name. Loaded when the config is; kept as absolute paths.",
+    )
+    plugin_sha256: dict = _f(
+        {},
+        "Set when the config is loaded: each rewards.plugins file's sha256, so a run's config.yaml records the version "
+        "it ran with; a value given (a run's config.yaml) must match the file.",
     )
 
 
@@ -312,8 +324,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"section {section!r} must be a mapping")
         raw[section][name] = parse_yaml(value, f"override {item!r}") if value else ""
     cfg = from_dict(raw)
+    record_plugins(cfg.rewards)
     validate(cfg)
     return cfg
+
+
+def record_plugins(rewards: RewardConfig) -> None:
+    """rewards.plugins as absolute paths and rewards.plugin_sha256 as their files' hashes; a hash already recorded
+    for a path must still match (a run's config.yaml names the plugin version it ran with)."""
+    from qlora_rft.rewards import file_sha256  # local: rewards import no config
+
+    rewards.plugins = [str(Path(p).expanduser().absolute()) for p in rewards.plugins]
+    found = {}
+    for path in rewards.plugins:
+        found[path] = file_sha256(path)
+        recorded = rewards.plugin_sha256.get(path)
+        if recorded is not None and recorded != found[path]:
+            raise ConfigError(f"rewards.plugins: {path} has changed since rewards.plugin_sha256 recorded it "
+                              f"({recorded[:12]}... -> {found[path][:12]}...): restore that version, or drop "
+                              "rewards.plugin_sha256 to use this one")
+    rewards.plugin_sha256 = found
 
 
 MAX_YAML_NODES = 10_000  # a config has a few hundred; more only comes from nested aliases ("billion laughs")
@@ -483,9 +513,9 @@ def validate(cfg: Config) -> None:
     need(0 < w.learning_rate < FLOAT32_MAX, "warmup.learning_rate must be > 0 and < 3.4e38 (float32's range)")
     need(w.batch_size >= 1, "warmup.batch_size must be >= 1")
 
-    from qlora_rft.rewards import builtin_rewards, default_weights  # local: rewards import no config
+    from qlora_rft.rewards import builtin_rewards, default_weights, plugin_rewards  # local: rewards import no config
 
-    known = builtin_rewards()
+    known = {**builtin_rewards(), **plugin_rewards(cfg.rewards.plugins)}  # a bad plugin: a one-line ConfigError
     for name, weight in cfg.rewards.weights.items():
         need(name in known, f"rewards.weights names unknown reward {name!r}{_suggest(name, known)}")
         need(_finite_number(weight),

@@ -38,6 +38,11 @@ class Example:
     problem: str
     solution: str
     image: dict  # the stored cell {"bytes": ..., "path": ...}; decoded by open_image()
+    columns: dict = field(default_factory=dict)  # the row's other columns, for the rewards
+
+    def reward_columns(self) -> dict:
+        """What reward functions get besides the completions: the problem, the solution and every other column."""
+        return {"problem": self.problem, "solution": self.solution, **self.columns}
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,8 @@ def load_split(source: str, split: str, task: Task, on_bad_row: str = "skip", im
                                 ) from None
             skipped.append(BadRow(index, str(e)))
             continue
-        examples.append(Example(index, row["problem"], row["solution"], image.cell))
+        others = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS}
+        examples.append(Example(index, row["problem"], row["solution"], image.cell, others))
         if image.downsized:
             large[index] = image.size
     if not examples:

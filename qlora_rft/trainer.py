@@ -59,7 +59,7 @@ from qlora_rft.model import (
     reference_mode,
     resolve_model_path,
 )
-from qlora_rft.rewards import default_weights, score
+from qlora_rft.rewards import reward_set
 from qlora_rft.rollout import CompletionScorer, Rollout, Sampling, sample_groups, share_vision
 from qlora_rft.runlog import NullLogger, RunLogger
 from qlora_rft.tasks import get_task
@@ -363,7 +363,8 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     policy, accelerator, model, task = run.policy, run.accelerator, run.model, run.task
     g = cfg.grpo
     G = g.num_generations
-    weights = cfg.rewards.weights or default_weights(task.name)
+    rewarder = reward_set(cfg.rewards, task)  # built-in and plugin rewards, by name
+    weights = rewarder.weights
     sampling = Sampling(g.max_completion_length, g.temperature, g.top_p, g.top_k,
                         min_new_tokens=g.min_completion_length)
     sample_with = choose_sampling_weights(g.sampling_weights, policy.model, policy.device, policy.dtype)
@@ -405,7 +406,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
             # 2. Score with the verifiable rewards; 3. advantages over each whole group (never across processes).
             groups = []
             for example, rollout in zip(examples, rollouts):
-                rewards = score(rollout.texts, example.solution, weights, rollout.prompt.frame)
+                rewards = rewarder.score(rollout.texts, example.reward_columns(), rollout.prompt.frame, example.index)
                 total = torch.tensor([sum(weights[n] * rewards[n][k] for n in weights) for k in range(G)])
                 advantages = grpo.group_advantages(total, g.scale_rewards, g.advantage_eps).to(policy.device)
                 groups.append(Group(rollout, rewards, total, advantages))

@@ -17,6 +17,7 @@ from qlora_rft import checkpoint
 from qlora_rft.config import load_config
 from qlora_rft.distributed import Updates
 from qlora_rft.errors import TrainingError, UserError
+from qlora_rft.rewards import RewardSet
 from qlora_rft.rollout import FiniteLogits
 from qlora_rft.runlog import read_metrics
 from qlora_rft.trainer import fit, train
@@ -28,8 +29,8 @@ def _snapshot(model):
     }
 
 
-def _alternating_rewards(texts, solution, weights, frame=None):
-    return {name: [float(k % 2) for k in range(len(texts))] for name in weights}
+def _alternating_rewards(rewards, texts, columns, frame=None, row=None):
+    return {name: [float(k % 2) for k in range(len(texts))] for name in rewards.weights}
 
 
 def test_two_step_qlora_grpo_changes_lora_weights_only(tiny_overrides, monkeypatch):
@@ -46,7 +47,7 @@ def test_two_step_qlora_grpo_changes_lora_weights_only(tiny_overrides, monkeypat
 
     monkeypatch.setattr(trainer_module, "load_policy", spy)
     # A random tiny model never earns a reward, so every advantage would be 0: give the group some spread.
-    monkeypatch.setattr(trainer_module, "score", _alternating_rewards)
+    monkeypatch.setattr(RewardSet, "score", _alternating_rewards)
     cfg = load_config(None, tiny_overrides)
     result = train(cfg, log=True)
 
