@@ -88,12 +88,14 @@ class DataConfig:
     task: str = _f(
         "classification",
         "Task family: sets the prompt template, the answer parser, the default rewards and the metric (the tasks "
-        "registered in qlora_rft.tasks.TASKS).",
+        "registered in qlora_rft.tasks.TASKS). generic: any rows with a prompt (problem; image or images) and the "
+        "columns your rewards read, trained and evaluated by the rewards that rewards.weights names.",
         _task_names,
     )
     train: str = _f(
         "synthetic:shapes",
-        "Training data: a parquet file or folder, a `datasets.load_dataset` path, a LISA JSON (ours, or the "
+        "Training data: a parquet file or folder, a JSON-lines file (or a folder of SPLIT.jsonl; image paths "
+        "relative to it), a `datasets.load_dataset` path, a LISA JSON (ours, or the "
         "original Visual-RFT's box annotations), LISA's ReasonSeg folder (train/, val/, test/: each image beside "
         "its JSON), or `synthetic:NAME` (generated on demand into the cache).",
     )
@@ -521,7 +523,9 @@ def validate(cfg: Config) -> None:
         need(_finite_number(weight),
              f"rewards.weights.{name} must be a finite number, got {weight!r}")
     weights = cfg.rewards.weights or default_weights(d.task)
-    need(any(w != 0 for w in weights.values()), "rewards.weights: at least one reward needs a non-zero weight")
+    need(any(w != 0 for w in weights.values()), "rewards.weights: at least one reward needs a non-zero weight"
+         + ("" if default_weights(d.task) else f" (data.task={d.task} has no default rewards: name yours, built-in "
+                                                "or from rewards.plugins)"))
 
     if cfg.model.mode == "full":
         need(t.optimizer != "paged_adamw_8bit", "train.optimizer=paged_adamw_8bit is for the adapters of qlora/lora "

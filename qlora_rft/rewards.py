@@ -98,6 +98,11 @@ class RewardSet:
         kwargs = {name: [value] * n for name, value in columns.items()} | {"frame": [frame] * n}
         return {name: self._checked(name, completions, kwargs, row) for name in self.weights}
 
+    def weighted(self, values: dict[str, list[float]]) -> list[float]:
+        """The reward of each completion: the weighted sum of its rewards (`values` as `score` returns them)."""
+        return [sum(self.weights[name] * values[name][k] for name in self.weights)
+                for k in range(len(next(iter(values.values()), [])))]
+
     def _checked(self, name: str, completions: list[str], kwargs: dict, row: int | None) -> list[float]:
         """One function's values, or a RewardError when it raised, returned a wrong length or a non-finite value."""
         where = f"reward {name!r}" + ("" if self.origins[name] == BUILT_IN else f" (from {self.origins[name]})")

@@ -71,7 +71,8 @@ def test_a_registered_task_is_a_config_choice_with_its_rewards_and_metric(toy, t
 
 
 def test_an_unknown_task_is_refused_everywhere(tmp_path):
-    with pytest.raises(ConfigError, match="data.task must be one of classification, detection, grounding"):
+    with pytest.raises(ConfigError, match="data.task must be one of classification, detection, grounding, generic; "
+                                          "got 'toy_count'"):
         load_config(None, ["data.task=toy_count"])  # not registered outside the fixture
     (tmp_path / "p.jsonl").write_text('{"completion": "<answer>(0,0),(1,1)</answer>", "solution": "(0,0),(1,1)"}\n')
     with pytest.raises(ConfigError, match="unknown task 'toy_count'"):  # never scored as grounding

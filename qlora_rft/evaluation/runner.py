@@ -7,6 +7,8 @@ A prompt over data.max_prompt_length is not asked: its line says why (`skipped`)
 Detection asks every (image, class) pair of an annotation file, or only the classes present (`eval.protocol`); an
 LVIS v1 image (no file_name) is found from its coco_url, in COCO's train2017/ or val2017/ folder under eval.images.
 A family that answers boxes in pixels (Qwen2.5-VL) gets a `frame` [width, height] in each line, for the scorer.
+A task whose metric is its rewards (generic) gets each completion's rewards in its line, computed with the run's
+rewards (built-in and rewards.plugins).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from qlora_rft.config import Config
 from qlora_rft.data import (Example, encode_prompts, load_images, load_split, prompt_lengths, resolve_source,
                              too_long)
 from qlora_rft.errors import DataError, UserError
+from qlora_rft.rewards import RewardSet, reward_set
 from qlora_rft.rollout import Sampling
 from qlora_rft.tasks import Task, detection, get_task
 from qlora_rft.tasks.boxes import RELATIVE, Frame, to_scale
@@ -180,14 +183,29 @@ def done_keys(path: Path, detection_task: bool) -> set[str]:
     return {f"{r.record['image_id']}|{r.record['category']}" if detection_task else str(r.record["id"]) for r in rows}
 
 
+def reward_record(rewards: RewardSet, item: EvalItem, completion: str, frame: Frame) -> dict:
+    """A line's rewards, for a task scored by them: each one (`rewards`) and their weighted sum (`reward`)."""
+    values = rewards.score([completion], item.example.reward_columns(), frame, item.example.index)
+    return {"reward": rewards.weighted(values)[0], "rewards": {name: v[0] for name, v in values.items()}}
+
+
+def records_rewards(task: Task) -> bool:
+    """Whether the task's predictions lines carry the completions' rewards (its metric is their mean)."""
+    return "rewards" in task.prediction_keys
+
+
 def eval_settings(cfg: Config, task: Task) -> dict:
-    """What decides the prompts asked and the answers given: a resumed evaluation must keep every one of these."""
-    return {"task": task.name, "model": cfg.model.name_or_path, "mode": cfg.model.mode, "dtype": cfg.model.dtype,
-            "adapter": cfg.eval.adapter or None, "annotations": cfg.eval.annotations or None,
-            "images": cfg.eval.images or None, "classes": cfg.eval.classes, "protocol": cfg.eval.protocol,
-            "data": cfg.data.eval or cfg.data.train, "split": cfg.data.eval_split, "image_root": cfg.data.image_root,
-            "min_pixels": cfg.data.min_pixels, "max_pixels": cfg.data.max_pixels,
-            "max_prompt_length": cfg.data.max_prompt_length, "max_new_tokens": cfg.eval.max_new_tokens}
+    """What decides the prompts asked and the answers given (and, for a task scored by its rewards, the rewards):
+    a resumed evaluation must keep every one of these."""
+    settings = {"task": task.name, "model": cfg.model.name_or_path, "mode": cfg.model.mode, "dtype": cfg.model.dtype,
+                "adapter": cfg.eval.adapter or None, "annotations": cfg.eval.annotations or None,
+                "images": cfg.eval.images or None, "classes": cfg.eval.classes, "protocol": cfg.eval.protocol,
+                "data": cfg.data.eval or cfg.data.train, "split": cfg.data.eval_split,
+                "image_root": cfg.data.image_root, "min_pixels": cfg.data.min_pixels, "max_pixels": cfg.data.max_pixels,
+                "max_prompt_length": cfg.data.max_prompt_length, "max_new_tokens": cfg.eval.max_new_tokens}
+    if records_rewards(task):
+        settings["rewards"] = {"weights": cfg.rewards.weights, "plugin_sha256": cfg.rewards.plugin_sha256}
+    return settings
 
 
 def check_resumable(out: Path, info: dict) -> None:
@@ -223,6 +241,7 @@ def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
     check_resumable(out, info)
     (out / INFO).write_text(json.dumps(info, indent=2))
 
+    rewards = reward_set(cfg.rewards, task) if records_rewards(task) else None  # plugins load before the model
     items = eval_items(cfg, task)
     predictions = out / PREDICTIONS
     done = done_keys(predictions, task.name == "detection")
@@ -238,7 +257,8 @@ def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
             bar = progress.add_task("eval", total=len(items), completed=len(items) - len(todo))
             for batch_items, texts, frames in generate(policy, task, todo, cfg):
                 for item, text, frame in zip(batch_items, texts, frames):
-                    f.write(json.dumps({**item.record, "completion": text, **frame_record(frame)}) + "\n")
+                    scored = reward_record(rewards, item, text, frame) if rewards is not None else {}
+                    f.write(json.dumps({**item.record, "completion": text, **frame_record(frame), **scored}) + "\n")
                 f.flush()
                 progress.advance(bar, len(batch_items))
 
@@ -268,6 +288,9 @@ def metrics_table(metrics: dict, label: str) -> Table:
     for key in PERCENT:
         if key in metrics:
             table.add_row(f"{key} (%)", "n/a" if metrics[key] is None else f"{metrics[key]:.2f}")
+    for key, value in metrics.items():
+        if key == "reward" or key.startswith("rewards/"):
+            table.add_row(key, "n/a" if value is None else f"{value:.4f}")
     for name, value in (metrics.get("per_class") or {}).items():
         table.add_row(f"  AP {name}", "n/a" if value is None else f"{value:.2f}")
     table.add_row("predictions", str(metrics.get("num_predictions", "")))

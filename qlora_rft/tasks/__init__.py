@@ -1,5 +1,6 @@
-"""Task families of Visual-RFT, registered by name: each module defines its `Task` (prompt, parser, rewards, metric
-function, prediction keys, headline metric), and `TASKS` lists them.
+"""Task families, registered by name: Visual-RFT's three and `generic` (your own data, scored by its rewards). Each
+module defines its `Task` (prompt, parser, rewards, metric function, prediction keys, headline metric), and `TASKS`
+lists them.
 
 Adding a task is one module defining `TASK = Task(...)` plus its line in `TASKS`; the config's `data.task` choices,
 the reward registry and the scorer all read this registry. `get_task(name)` refuses an unknown name.
@@ -8,7 +9,7 @@ the reward registry and the scorer all read this registry. `get_task(name)` refu
 from __future__ import annotations
 
 from qlora_rft.errors import ConfigError
-from qlora_rft.tasks import classification, detection, grounding
+from qlora_rft.tasks import classification, detection, generic, grounding
 from qlora_rft.tasks.common import FORMAT_INSTRUCTION
 from qlora_rft.tasks.task import Reward, Task  # noqa: F401  (the public names)
 
@@ -18,6 +19,7 @@ TASKS: dict[str, Task] = {
         classification.TASK,
         detection.TASK,
         grounding.TASK,
+        generic.TASK,
     )
 }
 

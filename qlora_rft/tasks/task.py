@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from qlora_rft.errors import DataError
 from qlora_rft.tasks.boxes import RELATIVE, Frame, frame_instruction
 from qlora_rft.tasks.common import extract_answer
 
@@ -57,7 +58,10 @@ class Task:
 
     def warmup_target(self, solution: str, frame: Frame = RELATIVE) -> str:
         """The cold-start completion for a solution: a short think block, then the solution's answer (its boxes
-        in `frame`)."""
+        in `frame`). A task without solutions (generic) imitates the row's `solution` column, so it needs one."""
+        if self.parse_solution is None and not solution.strip():
+            raise DataError(f"data.task={self.name}: a row has no solution to learn from (train.method=sft and "
+                            "warmup.steps imitate each row's 'solution' column): add one, or train with GRPO alone")
         return f"<think>{self.thought}</think><answer>{solution_answer(self.in_frame(solution, frame))}</answer>"
 
 
