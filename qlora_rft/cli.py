@@ -85,7 +85,8 @@ def cmd_convert_classification(args) -> None:
     from qlora_rft.evaluation.classification_lists import convert
 
     done = convert(args.pth, args.image_root, args.out, classes=args.classes, problem=args.problem,
-                   skip_missing=args.skip_missing, overwrite=args.overwrite)
+                   original_question=args.original_question, skip_missing=args.skip_missing,
+                   overwrite=args.overwrite)
     if done.missing:
         print(f"left out {len(done.missing)} entries whose image is not under {args.image_root} "
               f"(first: {done.missing[0]})")
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "beside the .pth)")
     p.add_argument("--problem", default=None, help="the question asked about each image (default: the original's "
                    "for fgvc_aircraft, oxford_flowers, pets, stanford_cars)")
+    p.add_argument("--original-question", action="store_true", help="append the original's answer-format lines, "
+                   "asking its evaluation question verbatim (default: our think/answer instruction, as in training)")
     p.add_argument("--skip-missing", action="store_true", help="leave out entries whose image is not found "
                    "(default: refuse, naming them)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

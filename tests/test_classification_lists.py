@@ -72,6 +72,23 @@ def test_a_released_shaped_list_is_rerooted_and_loads_as_a_dataset(tmp_path):
     assert len(data) == 3 and data.examples[1].solution == "<answer>pink primrose</answer>"
 
 
+def test_the_question_is_ours_or_the_originals_verbatim(tmp_path):
+    from qlora_rft.tasks import get_task
+    from qlora_rft.tasks.common import FORMAT_INSTRUCTION
+
+    image(tmp_path / "images" / "1.jpg")
+    pth = write_list(tmp_path / "stanford_cars.pth", [(f"{AUTHORS}/stanford_cars/cars_test/1.jpg", 0)], ["a car"])
+    ours = convert(pth, tmp_path / "images", tmp_path / "ours.parquet")
+    theirs = convert(pth, tmp_path / "images", tmp_path / "theirs.parquet", original_question=True)
+    [ours], [theirs] = pq.read_table(ours.out).to_pylist(), pq.read_table(theirs.out).to_pylist()
+    short = "This is an image containing a car. Please identify the model of the car based on the image."
+    assert get_task("classification").prompt(ours["problem"]) == f"{short} {FORMAT_INSTRUCTION}"
+    verbatim = (f"{short}\nOutput the thinking process in <think> </think> and final answer in <answer> </answer> "
+                "tags.The output answer format should be as follows:\n<think> ... </think> <answer>species name"
+                "</answer>\nPlease strictly follow the format.")
+    assert theirs["problem"] == verbatim and get_task("classification").prompt(theirs["problem"]) == verbatim
+
+
 def test_the_longest_tail_wins_and_a_path_never_climbs_above_the_root(tmp_path):
     root = tmp_path / "root"
     image(root / "images" / "x.jpg")

@@ -22,7 +22,8 @@ from qlora_rft.files import atomic_file, reporting_full_disk
 from qlora_rft.tasks.classification import normalise
 
 # The original's evaluation question per set (named by the .pth file's stem), less its answer-format lines: our
-# prompt adds the think/answer instruction, as in training.
+# prompt adds the think/answer instruction, as in training. With ORIGINAL_FORMAT it is their question verbatim
+# (a problem holding "<answer>" is asked as it is).
 QUESTIONS = {
     "fgvc_aircraft": "This is an image containing an aircraft. Please identify the model of the aircraft based on "
                      "the image.",
@@ -31,6 +32,11 @@ QUESTIONS = {
     "pets": "This is an image containing a pet. Please identify the species of the pet based on the image.",
     "stanford_cars": "This is an image containing a car. Please identify the model of the car based on the image.",
 }
+ORIGINAL_FORMAT = (
+    "\nOutput the thinking process in <think> </think> and final answer in <answer> </answer> tags.The output "
+    "answer format should be as follows:\n<think> ... </think> <answer>species name</answer>\nPlease strictly "
+    "follow the format."
+)
 SHOWN = 3  # missing images named in an error
 
 
@@ -150,9 +156,11 @@ def find_image(path: str, root: Path) -> Path | None:
 
 
 def convert(pth: str | Path, image_root: str | Path, out: str | Path, classes: str | Path | None = None,
-            problem: str | None = None, skip_missing: bool = False, overwrite: bool = False) -> Conversion:
+            problem: str | None = None, original_question: bool = False, skip_missing: bool = False,
+            overwrite: bool = False) -> Conversion:
     """Write `out` (parquet: image, problem, solution, label, original_path) from a .pth list and its class names
-    (default: the .txt of the same stem beside it). Images missing under `image_root` are refused, naming the first
+    (default: the .txt of the same stem beside it). The problem is `problem`, else the set's question (`QUESTIONS`;
+    `original_question`: with the original's answer-format lines, verbatim). Images missing under `image_root` are refused, naming the first
     ones, unless `skip_missing` leaves them out. `out` is written whole or not at all; an existing one is replaced
     only with `overwrite`. Images are found, not decoded: the data loader checks each when the rows are used."""
     from qlora_rft.tasks.synthetic import write_parquet
@@ -165,6 +173,8 @@ def convert(pth: str | Path, image_root: str | Path, out: str | Path, classes: s
     if not root.is_dir():
         raise DataError(f"image root {root} is not a folder: pass the folder holding the set's images")
     question = problem if problem is not None else QUESTIONS.get(pth.stem)
+    if question and original_question:
+        question += ORIGINAL_FORMAT
     if not question or not question.strip():
         raise UserError(f"no question for a set named {pth.stem!r} (known: {', '.join(QUESTIONS)}): pass --problem "
                         "with the question to ask about each image")
