@@ -159,10 +159,11 @@ def convert(pth: str | Path, image_root: str | Path, out: str | Path, classes: s
             problem: str | None = None, original_question: bool = False, skip_missing: bool = False,
             overwrite: bool = False) -> Conversion:
     """Write `out` (parquet: image, problem, solution, label, original_path) from a .pth list and its class names
-    (default: the .txt of the same stem beside it). The problem is `problem`, else the set's question (`QUESTIONS`;
-    `original_question`: with the original's answer-format lines, verbatim). Images missing under `image_root` are refused, naming the first
-    ones, unless `skip_missing` leaves them out. `out` is written whole or not at all; an existing one is replaced
-    only with `overwrite`. Images are found, not decoded: the data loader checks each when the rows are used."""
+    (default: the .txt of the same stem beside it). The problem is `problem`, else the set's question (`QUESTIONS`);
+    `original_question` appends the original's answer-format lines (their question verbatim). Images missing under
+    `image_root` are refused, naming the first ones, unless `skip_missing` leaves them out. `out` is written whole
+    or not at all; an existing one is replaced only with `overwrite`. Images are found, not decoded: the data loader
+    checks each when the rows are used."""
     from qlora_rft.tasks.synthetic import write_parquet
 
     pth, root, out = Path(pth).expanduser(), Path(image_root).expanduser(), Path(out).expanduser()
