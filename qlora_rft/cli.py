@@ -81,6 +81,18 @@ def cmd_score(args) -> None:
     print(f"metrics written to {out}")
 
 
+def cmd_convert_classification(args) -> None:
+    from qlora_rft.evaluation.classification_lists import convert
+
+    done = convert(args.pth, args.image_root, args.out, classes=args.classes, problem=args.problem,
+                   original_question=args.original_question, skip_missing=args.skip_missing,
+                   overwrite=args.overwrite)
+    if done.missing:
+        print(f"left out {len(done.missing)} entries whose image is not under {args.image_root} "
+              f"(first: {done.missing[0]})")
+    print(f"wrote {done.rows} rows ({done.classes} classes) to {done.out}")
+
+
 def cmd_report(args) -> None:
     from qlora_rft.evaluation.report import make_report
 
@@ -172,6 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None, help="detection: named set, 'all', or comma-separated names")
     p.add_argument("--out", default="metrics.json", help="JSON file to write (an existing folder: metrics.json in it)")
     p.set_defaults(run=cmd_score)
+
+    p = sub.add_parser("convert-classification", help="the original's classification evaluation list (.pth + .txt) "
+                       "as a parquet eval set")
+    p.add_argument("pth", help="the released <set>.pth: a list of {image path: {'label': ...}} (read weights-only)")
+    p.add_argument("--image-root", required=True, help="local folder of the set's images; each path is matched by "
+                   "its longest tail found there, down to the file name")
+    p.add_argument("--out", required=True, help="parquet file to write (then data.eval=FILE)")
+    p.add_argument("--classes", default=None, help="class names in label order, one a line (default: <set>.txt "
+                   "beside the .pth)")
+    p.add_argument("--problem", default=None, help="the question asked about each image (default: the original's "
+                   "for fgvc_aircraft, oxford_flowers, pets, stanford_cars)")
+    p.add_argument("--original-question", action="store_true", help="append the original's answer-format lines, "
+                   "asking its evaluation question verbatim (default: our think/answer instruction, as in training)")
+    p.add_argument("--skip-missing", action="store_true", help="leave out entries whose image is not found "
+                   "(default: refuse, naming them)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(run=cmd_convert_classification)
 
     p = sub.add_parser("report", help="plots and markdown summaries of a run folder (training and evaluations)")
     p.add_argument("run_dir", type=Path)
