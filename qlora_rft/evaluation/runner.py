@@ -113,10 +113,11 @@ def shipped_repetition_penalty(path: Path) -> float:
 # ----------------------------------------------------------------------------- what is asked
 
 
-def detection_items(cfg: Config, asking: Asking) -> list[EvalItem]:
+def detection_items(cfg: Config, asking: Asking | None = None) -> list[EvalItem]:
     """Every image of a COCO/LVIS annotation file x the evaluated classes (or only those present, or under the
     paper protocol those its class-existence map lists). The images asked something are checked first (decoded,
-    sized), as dataset rows are: a bad one is refused or skipped per data.on_bad_row."""
+    sized), as dataset rows are: a bad one is refused or skipped per data.on_bad_row. `asking`: resolved from cfg
+    when not given."""
     from qlora_rft.evaluation.class_sets import resolve_classes
     from qlora_rft.evaluation.exist_map import asked_classes, check_exist_map, read_exist_map
     from qlora_rft.evaluation.scoring import load_annotations
@@ -135,6 +136,7 @@ def detection_items(cfg: Config, asking: Asking) -> list[EvalItem]:
     truth: dict[tuple[int, str], list] = {}
     for ann in coco.get("annotations", []):
         truth.setdefault((ann["image_id"], names[ann["category_id"]]), []).append(ann["bbox"])
+    asking = asking or resolve_asking(cfg, "detection")
     paper = asking.protocol == "paper"
     if paper:
         exist_map = read_exist_map(resolve_source(cfg.eval.exist_map))
