@@ -19,7 +19,7 @@ from qlora_rft.tasks import detection, get_task, grounding
 from qlora_rft.tasks.boxes import Box, Frame
 
 EXCERPT = Path(__file__).parent / "data" / "exist_map_coco_Qwen2_vl_2B_baseline_excerpt.json"
-RELEASED = Path("/work/shared/data/visual-rft-original")
+RELEASED = Path(__file__).resolve().parents[2] / "shared" / "data" / "visual-rft-original"  # ../shared beside the repo
 ANNOTATIONS = "synthetic:shapes-detection/test_coco.json"
 DETECTION = [
     "model.name_or_path=tiny:tiny",
