@@ -68,14 +68,15 @@ def cmd_eval(args) -> None:
 def cmd_score(args) -> None:
     from rich.console import Console
 
-    from qlora_rft.evaluation.runner import metrics_table
+    from qlora_rft.evaluation.runner import metrics_table, recorded_protocol
     from qlora_rft.evaluation.scoring import score_file, write_metrics
     from qlora_rft.tasks import get_task
 
     get_task(args.task)
     if args.task == "detection" and not args.annotations:
         raise UserError("score detection needs --annotations: the COCO- or LVIS-format JSON of the images")
-    metrics = score_file(args.task, args.predictions, args.annotations, args.classes)
+    protocol = args.protocol or recorded_protocol(args.predictions)
+    metrics = score_file(args.task, args.predictions, args.annotations, args.classes, protocol)
     out = write_metrics(metrics, args.out)
     Console().print(metrics_table(metrics, Path(args.predictions).name))
     print(f"metrics written to {out}")
@@ -182,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True, help="predictions.jsonl")
     p.add_argument("--annotations", default=None, help="detection: COCO- or LVIS-format JSON")
     p.add_argument("--classes", default=None, help="detection: named set, 'all', or comma-separated names")
+    p.add_argument("--protocol", choices=("ours", "paper"), default=None,
+                   help="how completions are read (eval.protocol); default: what eval_info.json beside the "
+                        "predictions records, else ours")
     p.add_argument("--out", default="metrics.json", help="JSON file to write (an existing folder: metrics.json in it)")
     p.set_defaults(run=cmd_score)
 

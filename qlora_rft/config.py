@@ -210,10 +210,28 @@ class EvalConfig:
         "the annotation file's categories, or comma-separated names.",
     )
     protocol: str = _f(
-        "all_classes",
-        "Which (image, class) pairs are asked: every evaluated class for every image (honest, the default), or "
-        "only the classes present in each image's ground truth.",
-        ("all_classes", "present_classes"),
+        "ours",
+        "ours: greedy, eval.max_new_tokens, the data.* image bounds and prompt-length limit, our prompts and parsers, "
+        "detection asking per eval.ask. paper: the original Visual-RFT evaluation (the paper's tables): detection asks "
+        "each image only its classes in eval.exist_map, with the released training data's prompt; max_new_tokens "
+        "1024 (detection, classification) or 128 (grounding); images within the processor's own pixel bounds and "
+        "no prompt-length limit; greedy with the model folder's repetition_penalty; grounding asks the original's "
+        "prompt (with its system prompt), the first instruction of each image only, and reads the first "
+        "(x1,y1),(x2,y2) anywhere in the completion.",
+        ("ours", "paper"),
+    )
+    ask: str = _f(
+        "all",
+        "Detection under eval.protocol=ours: which evaluated classes each image is asked about: all (every one; "
+        "the honest default, false positives count) or present (only those in its ground truth).",
+        ("all", "present"),
+    )
+    exist_map: str = _f(
+        "",
+        "Detection under eval.protocol=paper (required there): the original's class-existence map "
+        "{\"<image id>\": [\"class name\", ...]} (its released "
+        "coco_evaluation/exist_map_coco_Qwen2_vl_2B_baseline.json, lvis_evaluation/exist_map_lvis_Qwen2_vl_7B_baseline"
+        ".json, ...); each image is asked its listed classes that eval.classes evaluates.",
     )
 
 
@@ -470,6 +488,17 @@ def validate(cfg: Config) -> None:
     need(e.batch_size >= 1, "eval.batch_size must be >= 1")
     need(e.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1")
     need(e.limit >= 0, "eval.limit must be >= 0 (0: all)")
+    if e.protocol == "paper":
+        need(e.ask == "all", "eval.ask is for eval.protocol=ours: under paper eval.exist_map picks each image's "
+             "classes (remove eval.ask)")
+        need(bool(e.exist_map) or d.task != "detection" or not e.annotations,
+             "eval.protocol=paper asks each image the classes of a class-existence map: set eval.exist_map=FILE "
+             "(the original's coco_evaluation/ or lvis_evaluation/ exist_map_*.json), or use eval.protocol=ours")
+    else:
+        need(not e.exist_map, "eval.exist_map is read only under eval.protocol=paper: set eval.protocol=paper, or "
+             "remove eval.exist_map")
+    need(not e.exist_map or bool(e.annotations), "eval.exist_map needs eval.annotations (the COCO/LVIS file whose "
+         "images it maps)")
 
     w = cfg.warmup
     need(w.steps >= 0, "warmup.steps must be >= 0")

@@ -374,7 +374,8 @@ def shared_features(images: tuple[tuple[torch.Tensor, ...], ...]) -> dict:
 
 
 def messages(task: Task, problem: str, frame: Frame = RELATIVE) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": task.ask(problem, frame)}]}]
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": task.ask(problem, frame)}]}
+    return [{"role": "system", "content": [{"type": "text", "text": task.system}]}, user] if task.system else [user]
 
 
 def prompt_text(processor, task: Task, problem: str, frame: Frame = RELATIVE) -> str:

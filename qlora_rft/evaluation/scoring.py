@@ -2,7 +2,8 @@
 accuracy for classification, mIoU and acc@0.5 for grounding. Completions are read only by the tasks' own parsers;
 a malformed line, or a repeat of a prompt already answered, is skipped and reported by its 1-based line number; only
 a file with no usable line at all is refused. A line's `frame` (pixels its boxes are written in) maps them back to
-the 0-1000 scale first.
+the 0-1000 scale first. Under the paper protocol a task reads completions as the original evaluation did (grounding:
+the first box anywhere); metrics.json records the protocol.
 """
 
 from __future__ import annotations
@@ -153,14 +154,15 @@ def _repeat_of(first_line: dict, key, line: int) -> int | None:
     return None if first == line else first
 
 
-def _per_sample(task_name: str, rows: list[Row]) -> tuple[list[float], int, list[Skipped]]:
-    """The task's own score per row, the number of unparseable completions, and the rows skipped.
+def _per_sample(task_name: str, rows: list[Row], protocol: str = "ours") -> tuple[list[float], int, list[Skipped]]:
+    """The task's own score per row (its `protocol` variant's), the number of unparseable completions, and the rows
+    skipped.
 
     An unparseable completion scores 0 (the task's score says so) and is used; a solution that does not parse
     cannot be scored at all, so its row is skipped; so is a repeat of an `id` an earlier line answered (rows
     without an `id` are all used).
     """
-    task = get_task(task_name)
+    task = get_task(task_name, protocol)
     scores: list[float] = []
     unparseable = 0
     skipped: list[Skipped] = []
@@ -191,7 +193,7 @@ def row_frame(row: Row) -> Frame:
     return RELATIVE
 
 
-def classification_metrics(rows: list[Row]) -> Scored:
+def classification_metrics(rows: list[Row], protocol: str = "ours") -> Scored:
     """`accuracy`: percent of rows whose class equals the solution's (an unparseable completion is wrong).
 
     >>> rows = [Row(1, {"completion": "<answer>Rose</answer>", "solution": "<answer>rose</answer>"}),
@@ -199,15 +201,16 @@ def classification_metrics(rows: list[Row]) -> Scored:
     >>> classification_metrics(rows).metrics
     {'num_predictions': 2, 'accuracy': 50.0, 'unparseable': 1}
     """
-    scores, unparseable, skipped = _per_sample("classification", rows)
+    scores, unparseable, skipped = _per_sample("classification", rows, protocol)
     return Scored(
         {"num_predictions": len(scores), "accuracy": _percent(_mean(scores)), "unparseable": unparseable}, skipped
     )
 
 
-def grounding_metrics(rows: list[Row]) -> Scored:
-    """`mIoU`: mean IoU in percent (an unparseable completion counts 0); `acc@0.5`: percent of rows with IoU >= 0.5."""
-    scores, unparseable, skipped = _per_sample("grounding", rows)
+def grounding_metrics(rows: list[Row], protocol: str = "ours") -> Scored:
+    """`mIoU`: mean IoU in percent (an unparseable completion counts 0); `acc@0.5`: percent of rows with IoU >= 0.5.
+    Under the paper protocol a completion's box is its first one anywhere (`grounding.parse_first_box`)."""
+    scores, unparseable, skipped = _per_sample("grounding", rows, protocol)
     hits = [float(s >= 0.5) for s in scores]
     return Scored(
         {
@@ -507,13 +510,15 @@ def _lvis_eval(data: dict, found: list[dict], cat_ids: list) -> tuple[dict, dict
 
 
 def score_file(
-    task: str, predictions: str | Path, annotations: str | Path | None = None, classes: str | list | None = None
+    task: str, predictions: str | Path, annotations: str | Path | None = None, classes: str | list | None = None,
+    protocol: str = "ours",
 ) -> dict:
     """The metrics of a predictions file, as written to metrics.json.
 
-    Keys: task, num_predictions (lines used), skipped (count), the task's metrics, then skipped_lines (the first
-    100 as {"line", "reason"}). Detection needs `annotations` (COCO or LVIS JSON) and uses `classes`; the other
-    tasks ignore both. A file with no usable line raises DataError saying what was skipped and why.
+    Keys: task, protocol (eval.protocol: how completions are read), num_predictions (lines used), skipped (count),
+    the task's metrics, then skipped_lines (the first 100 as {"line", "reason"}). Detection needs `annotations`
+    (COCO or LVIS JSON) and uses `classes`; the other tasks ignore both. A file with no usable line raises DataError
+    saying what was skipped and why.
     """
     get_task(task)  # an unknown task is a ConfigError naming the known ones
     if task == "detection" and annotations is None:
@@ -522,14 +527,15 @@ def score_file(
     if task == "detection":
         scored = detection_metrics(rows, annotations, classes)
     elif task == "classification":
-        scored = classification_metrics(rows)
+        scored = classification_metrics(rows, protocol)
     else:
-        scored = grounding_metrics(rows)
+        scored = grounding_metrics(rows, protocol)
     skipped = sorted(skipped + scored.skipped, key=lambda s: s.line)
     if scored.metrics["num_predictions"] == 0:
         raise _no_usable_line(predictions, skipped, scored.metrics.get("outside_classes", 0))
     values = dict(scored.metrics)
-    metrics = {"task": task, "num_predictions": values.pop("num_predictions"), "skipped": len(skipped)}
+    metrics = {"task": task, "protocol": protocol, "num_predictions": values.pop("num_predictions"),
+               "skipped": len(skipped)}
     metrics.update(values)
     metrics["skipped_lines"] = [{"line": s.line, "reason": s.reason} for s in skipped[:MAX_SKIPPED_LINES]]
     return metrics

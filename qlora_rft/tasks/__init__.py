@@ -1,11 +1,12 @@
 """Task families of Visual-RFT. Each owns its prompt, its answer parser, its per-sample score and default rewards.
 
-`get_task(name)` returns a `Task`; rewards and evaluation both go through the task's own parser.
+`get_task(name)` returns a `Task`; rewards and evaluation both go through the task's own parser. `get_task(name,
+"paper")` is the task as the original evaluation asks and reads it (eval.protocol=paper; only grounding differs).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from qlora_rft.errors import ConfigError
@@ -25,6 +26,7 @@ class Task:
     thought: str  # fixed reasoning for the supervised warm-up target
     default_rewards: dict = field(default_factory=dict)
     has_boxes: bool = False
+    system: str = ""  # a system prompt before the user turn; empty: the chat template's default
 
     def ask(self, problem: str, frame: Frame = RELATIVE) -> str:
         """The user text; a box task shown to a family that answers in pixels also asks for that frame."""
@@ -58,10 +60,18 @@ TASKS: dict[str, Task] = {
 }
 
 
-def get_task(name: str) -> Task:
+# The original evaluation's LISA prompt (with its system prompt) and reading: the first box anywhere in the text.
+PAPER_TASKS: dict[str, Task] = {
+    "grounding": replace(TASKS["grounding"], prompt=grounding.paper_prompt, parse=grounding.parse_first_box,
+                         score=grounding.paper_score, system=grounding.PAPER_SYSTEM),
+}
+
+
+def get_task(name: str, protocol: str = "ours") -> Task:
+    """The task by name; under the paper protocol (eval.protocol) its original-evaluation variant, if it has one."""
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
-    return TASKS[name]
+    return PAPER_TASKS.get(name, TASKS[name]) if protocol == "paper" else TASKS[name]
 
 
 def corpus_lines() -> list[str]:
