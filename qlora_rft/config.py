@@ -422,8 +422,17 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
         raise ConfigError(f"{key} must be a finite number, got {value!r}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+        moved = MOVED_VALUES.get((key, value))
+        hint = f" ({key}={value} is now {moved})" if moved else ""
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}{hint}")
     return value
+
+
+# Values a field no longer takes, and the setting that replaced each (named in the error).
+MOVED_VALUES = {
+    ("eval.protocol", "all_classes"): "eval.ask=all",
+    ("eval.protocol", "present_classes"): "eval.ask=present",
+}
 
 
 # --------------------------------------------------------------------------- validation
