@@ -53,6 +53,9 @@ FAMILY = Family(
     presets={
         "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2, vision_dim=32,
                      vision_heads=2),
+        # `tiny` with lm_head tied to embed_tokens, as Qwen2-VL-2B: what tied weights do under ZeRO-3 and merge
+        "tiny-tied": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2, vision_dim=32,
+                          vision_heads=2, tie_embeddings=True),
         "cpu-small": dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vision_depth=2,
                           vision_dim=64, vision_heads=4),
         "qwen2-vl-2b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vision_depth=32,
