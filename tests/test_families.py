@@ -93,7 +93,7 @@ RELEASED = {
                       **_shape(3584, 28, 28, 4, 18944, False, out_hidden_size=3584)},
     # Qwen/Qwen3-VL-2B-Instruct: no copy of the hub file itself was found; two public code files that state the
     # 2B's config agree on every field here (text 2048 x 28 layers, 6144 MLP, tied; vision 24 x 1024, deepstack
-    # 5/11/17). The weakest-sourced preset.
+    # 5/11/17) but mrope_interleaved, which is the family's (in the 4B and 8B files). The weakest-sourced preset.
     "qwen3-vl-2b": {**_QWEN3_TEXT, **_QWEN3_VISION, **_shape(2048, 28, 16, 8, 6144, True, depth=24, hidden_size=1024,
                                                              intermediate_size=4096, out_hidden_size=2048,
                                                              deepstack_visual_indexes=[5, 11, 17])},
