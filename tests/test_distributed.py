@@ -47,9 +47,12 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tiny", "qwen2.5-vl-tiny", "qwen3-vl-tiny"])  # every family
+@pytest.mark.parametrize("preset", ["tiny", "qwen2.5-vl-tiny", "qwen3-vl-tiny", "tiny-tied"])  # every family; tied
 def test_paper_mode_trains_on_two_zero3_processes_and_saves_a_plain_model(tmp_path, preset):
-    from transformers import AutoProcessor
+    """tiny-tied: lm_head is embed_tokens (as in Qwen2-VL-2B); the saved model loads tied, and the one weight
+    trained."""
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from qlora_rft.model import resolve_model_path
 
@@ -66,6 +69,14 @@ def test_paper_mode_trains_on_two_zero3_processes_and_saves_a_plain_model(tmp_pa
     assert weights.keys() == reference.keys()
     for name, tensor in reference.items():
         assert weights[name].shape == tensor.shape, name
+    tied = preset == "tiny-tied"
+    model = AutoModelForImageTextToText.from_pretrained(str(out / "model"))
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert (head is embed) == model.config.tie_word_embeddings == tied
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:  # tied: one weight, stored once
+        assert any("lm_head" in k for k in f.keys()) != tied
+    embed_key = next(k for k in reference if k.endswith("embed_tokens.weight"))
+    assert not torch.equal(weights[embed_key], reference[embed_key])  # trained
 
 
 @pytest.mark.slow
