@@ -59,11 +59,22 @@ def test_every_launch_config_is_read_by_accelerate(path):
         ("rewards.weights={format: 0}", "at least one reward needs a non-zero weight"),
         ("data.max_pixels=1000", "data.max_pixels=1000 must be >= data.min_pixels=3136"),
         ("train_max_steps", "must look like section.key=value"),
+        ("train.epochs=2", "train.max_steps=200 and train.epochs=2 both set the training length: set one and the "
+                           "other to 0 .train.max_steps=0 train.epochs=2, or train.epochs=0 train.max_steps=200."),
+        ("train.epochs=-1", "train.epochs=-1 must be >= 1 .or 0 when train.max_steps sets the length."),
+        ("train.max_steps=0", "no training length: set train.max_steps .steps. or train.epochs"),
     ],
 )
 def test_validation_names_the_problem_and_the_fix(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_config(None, [override])
+
+
+def test_epochs_alone_set_the_training_length():
+    cfg = load_config(None, ["train.max_steps=0", "train.epochs=2"])
+    assert (cfg.train.max_steps, cfg.train.epochs) == (0, 2)
+    with pytest.raises(ConfigError, match="no training length"):
+        load_config(None, ["train.max_steps=0", "train.epochs=0"])
 
 
 def test_floats_in_exponent_form_without_a_dot():
