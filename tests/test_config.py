@@ -30,6 +30,16 @@ def test_every_shipped_config_loads(path):
     load_config(path)
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "qlora").glob("*.yaml")), ids=lambda p: p.name)
+def test_qlora_configs_train_as_long_as_their_paper_twin_and_sample_alike(path):
+    """Each one-GPU config keeps the paper config's passes over the data (or steps) and its top_k."""
+    task = path.stem.split("_", 1)[1] if path.stem[:2] in ("2b", "7b") else path.stem.split("b_", 1)[1]
+    cfg, paper = load_config(path), load_config(ROOT / "configs" / "paper" / f"2b_{task}.yaml")
+    assert (cfg.train.epochs, cfg.train.max_steps, cfg.grpo.top_k) == \
+           (paper.train.epochs, paper.train.max_steps, paper.grpo.top_k)
+    assert " Length: " in path.read_text() and "~200 steps" not in path.read_text()
+
+
 @pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=lambda p: p.name)
 def test_every_launch_config_is_read_by_accelerate(path):
     from accelerate.commands.config.config_args import ClusterConfig
