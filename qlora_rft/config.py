@@ -128,7 +128,7 @@ class GRPOConfig:
     )
     temperature: float = _f(1.0, "Sampling temperature (set explicitly; a checkpoint's own is ignored).")
     top_p: float = _f(1.0, "Nucleus sampling mass (1.0: off).")
-    top_k: int = _f(0, "Top-k sampling (0: off).")
+    top_k: int = _f(0, "Top-k sampling (0: off; the original Visual-RFT sampled with transformers' default, 50).")
     beta: float = _f(0.04, "KL coefficient to the reference (adapters off); 0 skips the reference pass.")
     epsilon: float = _f(0.2, "PPO clip range of the probability ratio (acts when num_iterations > 1).")
     num_iterations: int = _f(1, "Optimizer updates per batch of rollouts (mu); 1 is the paper's setting.")
@@ -244,7 +244,17 @@ class TrainConfig:
         ("grpo", "sft"),
     )
     output_dir: str = _f("runs/train", "Where metrics.jsonl, checkpoint-STEP/ and adapter/ are written.")
-    max_steps: int = _f(200, "Optimizer steps.")
+    max_steps: int = _f(
+        200,
+        "Training length in optimizer steps; 0 when train.epochs sets it instead (exactly one of the two is set).",
+    )
+    epochs: int = _f(
+        0,
+        "Training length in passes over the training prompts (rows left after bad rows are skipped), as the "
+        "original Visual-RFT trains: ceil(epochs x rows / prompts per step over all processes) steps, the last one "
+        "filled from the next pass's start. 0: train.max_steps sets the length. Every row comes once per pass, in "
+        "a fresh seeded order; metrics.jsonl's `epoch` is the passes done.",
+    )
     prompts_per_step: int = _f(
         1,
         "Prompts (groups) per optimizer step and process: gradient accumulation over prompts (sft: examples per "
@@ -252,7 +262,7 @@ class TrainConfig:
     )
     learning_rate: float = _f(1e-5, "Peak learning rate of the adapters.")
     lr_scheduler: str = _f("linear", "Decay after warm-up.", ("linear", "cosine", "constant"))
-    warmup_ratio: float = _f(0.05, "Fraction of max_steps spent warming the learning rate up from 0.")
+    warmup_ratio: float = _f(0.05, "Fraction of the training steps spent warming the learning rate up from 0.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
     optimizer: str = _f(
@@ -474,7 +484,13 @@ def validate(cfg: Config) -> None:
          "grpo.sampling_weights=fp8 needs a CUDA GPU (compute capability 8.9+): use int8 or merged on the CPU")
 
     t = cfg.train
-    need(t.max_steps >= 1, "train.max_steps must be >= 1")
+    need(t.max_steps >= 0, f"train.max_steps={t.max_steps} must be >= 1 (or 0 when train.epochs sets the length)")
+    need(t.epochs >= 0, f"train.epochs={t.epochs} must be >= 1 (or 0 when train.max_steps sets the length)")
+    need(not (t.max_steps > 0 and t.epochs > 0),
+         f"train.max_steps={t.max_steps} and train.epochs={t.epochs} both set the training length: set one and the "
+         f"other to 0 (train.max_steps=0 train.epochs={t.epochs}, or train.epochs=0 train.max_steps={t.max_steps})")
+    need(t.max_steps != 0 or t.epochs != 0,
+         "no training length: set train.max_steps (steps) or train.epochs (passes over the training prompts)")
     need(t.prompts_per_step >= 1, "train.prompts_per_step must be >= 1")
     need(0 < t.learning_rate < FLOAT32_MAX, "train.learning_rate must be > 0 and < 3.4e38 (float32's range)")
     need(0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")
