@@ -273,14 +273,14 @@ def peak_memory() -> tuple[int, str]:
 def measured_rows(s: BenchSettings) -> list:
     """The prompts of steps 1..warmup+steps, in the order our trainer visits them (same seed, same order)."""
     from qlora_rft.data import load_split
+    from qlora_rft.order import PromptOrder
     from qlora_rft.tasks import get_task
-    from qlora_rft.trainer import PromptOrder
 
     from qlora_rft.models import family_of
 
     data = load_split(s.data, s.split, get_task(s.task), min_pixels=s.min_pixels, max_pixels=s.max_pixels,
                       factor=family_of(s.model_path).factor)
-    order = PromptOrder(len(data.examples), s.seed)
+    order = PromptOrder(len(data.examples), s.seed, s.prompts_per_step)
     count = (s.warmup_steps + s.steps) * s.prompts_per_step
     return [data.examples[order.index(i)] for i in range(count)]
 

@@ -68,16 +68,29 @@ def cmd_eval(args) -> None:
 def cmd_score(args) -> None:
     from rich.console import Console
 
-    from qlora_rft.evaluation.runner import metrics_table
+    from qlora_rft.evaluation.runner import metrics_table, recorded_protocol
     from qlora_rft.evaluation.scoring import score_file, write_metrics
     from qlora_rft.tasks import get_task
 
     if get_task(args.task).needs_annotations and not args.annotations:
         raise UserError(f"score {args.task} needs --annotations: the COCO- or LVIS-format JSON of the images")
-    metrics = score_file(args.task, args.predictions, args.annotations, args.classes)
+    protocol = args.protocol or recorded_protocol(args.predictions)
+    metrics = score_file(args.task, args.predictions, args.annotations, args.classes, protocol)
     out = write_metrics(metrics, args.out)
     Console().print(metrics_table(metrics, Path(args.predictions).name))
     print(f"metrics written to {out}")
+
+
+def cmd_convert_classification(args) -> None:
+    from qlora_rft.evaluation.classification_lists import convert
+
+    done = convert(args.pth, args.image_root, args.out, classes=args.classes, problem=args.problem,
+                   original_question=args.original_question, skip_missing=args.skip_missing,
+                   overwrite=args.overwrite)
+    if done.missing:
+        print(f"left out {len(done.missing)} entries whose image is not under {args.image_root} "
+              f"(first: {done.missing[0]})")
+    print(f"wrote {done.rows} rows ({done.classes} classes) to {done.out}")
 
 
 def cmd_report(args) -> None:
@@ -171,8 +184,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True, help="predictions.jsonl")
     p.add_argument("--annotations", default=None, help="detection: COCO- or LVIS-format JSON")
     p.add_argument("--classes", default=None, help="detection: named set, 'all', or comma-separated names")
+    p.add_argument("--protocol", choices=("ours", "paper"), default=None,
+                   help="how completions are read (eval.protocol); default: what eval_info.json beside the "
+                        "predictions records, else ours")
     p.add_argument("--out", default="metrics.json", help="JSON file to write (an existing folder: metrics.json in it)")
     p.set_defaults(run=cmd_score)
+
+    p = sub.add_parser("convert-classification", help="the original's classification evaluation list (.pth + .txt) "
+                       "as a parquet eval set")
+    p.add_argument("pth", help="the released <set>.pth: a list of {image path: {'label': ...}} (read weights-only)")
+    p.add_argument("--image-root", required=True, help="local folder of the set's images; each path is matched by "
+                   "its longest tail found there, down to the file name")
+    p.add_argument("--out", required=True, help="parquet file to write (then data.eval=FILE)")
+    p.add_argument("--classes", default=None, help="class names in label order, one a line (default: <set>.txt "
+                   "beside the .pth)")
+    p.add_argument("--problem", default=None, help="the question asked about each image (default: the original's "
+                   "for fgvc_aircraft, oxford_flowers, pets, stanford_cars)")
+    p.add_argument("--original-question", action="store_true", help="append the original's answer-format lines, "
+                   "asking its evaluation question verbatim (default: our think/answer instruction, as in training)")
+    p.add_argument("--skip-missing", action="store_true", help="leave out entries whose image is not found "
+                   "(default: refuse, naming them)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(run=cmd_convert_classification)
 
     p = sub.add_parser("report", help="plots and markdown summaries of a run folder (training and evaluations)")
     p.add_argument("run_dir", type=Path)

@@ -149,7 +149,7 @@ class GRPOConfig:
     )
     temperature: float = _f(1.0, "Sampling temperature (set explicitly; a checkpoint's own is ignored).")
     top_p: float = _f(1.0, "Nucleus sampling mass (1.0: off).")
-    top_k: int = _f(0, "Top-k sampling (0: off).")
+    top_k: int = _f(0, "Top-k sampling (0: off; the original Visual-RFT sampled with transformers' default, 50).")
     beta: float = _f(0.04, "KL coefficient to the reference (adapters off); 0 skips the reference pass.")
     epsilon: float = _f(0.2, "PPO clip range of the probability ratio (acts when num_iterations > 1).")
     num_iterations: int = _f(1, "Optimizer updates per batch of rollouts (mu); 1 is the paper's setting.")
@@ -231,10 +231,28 @@ class EvalConfig:
         "the annotation file's categories, or comma-separated names.",
     )
     protocol: str = _f(
-        "all_classes",
-        "Which (image, class) pairs are asked: every evaluated class for every image (honest, the default), or "
-        "only the classes present in each image's ground truth.",
-        ("all_classes", "present_classes"),
+        "ours",
+        "ours: greedy, eval.max_new_tokens, the data.* image bounds and prompt-length limit, our prompts and parsers, "
+        "detection asking per eval.ask. paper: the original Visual-RFT evaluation (the paper's tables): detection asks "
+        "each image only its classes in eval.exist_map, with the released training data's prompt; max_new_tokens "
+        "1024 (detection, classification) or 128 (grounding); images within the processor's own pixel bounds and "
+        "no prompt-length limit; greedy with the model folder's repetition_penalty; grounding asks the original's "
+        "prompt (with its system prompt), the first instruction of each image only, and reads the first "
+        "(x1,y1),(x2,y2) anywhere in the completion.",
+        ("ours", "paper"),
+    )
+    ask: str = _f(
+        "all",
+        "Detection under eval.protocol=ours: which evaluated classes each image is asked about: all (every one; "
+        "the honest default, false positives count) or present (only those in its ground truth).",
+        ("all", "present"),
+    )
+    exist_map: str = _f(
+        "",
+        "Detection under eval.protocol=paper (required there): the original's class-existence map "
+        "{\"<image id>\": [\"class name\", ...]} (its released "
+        "coco_evaluation/exist_map_coco_Qwen2_vl_2B_baseline.json, lvis_evaluation/exist_map_lvis_Qwen2_vl_7B_baseline"
+        ".json, ...); each image is asked its listed classes that eval.classes evaluates.",
     )
 
 
@@ -247,7 +265,17 @@ class TrainConfig:
         ("grpo", "sft"),
     )
     output_dir: str = _f("runs/train", "Where metrics.jsonl, checkpoint-STEP/ and adapter/ are written.")
-    max_steps: int = _f(200, "Optimizer steps.")
+    max_steps: int = _f(
+        200,
+        "Training length in optimizer steps; 0 when train.epochs sets it instead (exactly one of the two is set).",
+    )
+    epochs: int = _f(
+        0,
+        "Training length in passes over the training prompts (rows left after bad rows are skipped), as the "
+        "original Visual-RFT trains: ceil(epochs x rows / prompts per step over all processes) steps, the last one "
+        "filled from the next pass's start. 0: train.max_steps sets the length. Every row comes once per pass, in "
+        "a fresh seeded order; metrics.jsonl's `epoch` is the passes done.",
+    )
     prompts_per_step: int = _f(
         1,
         "Prompts (groups) per optimizer step and process: gradient accumulation over prompts (sft: examples per "
@@ -255,7 +283,7 @@ class TrainConfig:
     )
     learning_rate: float = _f(1e-5, "Peak learning rate of the adapters.")
     lr_scheduler: str = _f("linear", "Decay after warm-up.", ("linear", "cosine", "constant"))
-    warmup_ratio: float = _f(0.05, "Fraction of max_steps spent warming the learning rate up from 0.")
+    warmup_ratio: float = _f(0.05, "Fraction of the training steps spent warming the learning rate up from 0.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
     optimizer: str = _f(
@@ -443,8 +471,17 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
         raise ConfigError(f"{key} must be a finite number, got {value!r}")
     choices = _choices(f)
     if choices and value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+        moved = MOVED_VALUES.get((key, value))
+        hint = f" ({key}={value} is now {moved})" if moved else ""
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}{hint}")
     return value
+
+
+# Values a field no longer takes, and the setting that replaced each (named in the error).
+MOVED_VALUES = {
+    ("eval.protocol", "all_classes"): "eval.ask=all",
+    ("eval.protocol", "present_classes"): "eval.ask=present",
+}
 
 
 # --------------------------------------------------------------------------- validation
@@ -486,7 +523,13 @@ def validate(cfg: Config) -> None:
          "grpo.sampling_weights=fp8 needs a CUDA GPU (compute capability 8.9+): use int8 or merged on the CPU")
 
     t = cfg.train
-    need(t.max_steps >= 1, "train.max_steps must be >= 1")
+    need(t.max_steps >= 0, f"train.max_steps={t.max_steps} must be >= 1 (or 0 when train.epochs sets the length)")
+    need(t.epochs >= 0, f"train.epochs={t.epochs} must be >= 1 (or 0 when train.max_steps sets the length)")
+    need(not (t.max_steps > 0 and t.epochs > 0),
+         f"train.max_steps={t.max_steps} and train.epochs={t.epochs} both set the training length: set one and the "
+         f"other to 0 (train.max_steps=0 train.epochs={t.epochs}, or train.epochs=0 train.max_steps={t.max_steps})")
+    need(t.max_steps != 0 or t.epochs != 0,
+         "no training length: set train.max_steps (steps) or train.epochs (passes over the training prompts)")
     need(t.prompts_per_step >= 1, "train.prompts_per_step must be >= 1")
     need(0 < t.learning_rate < FLOAT32_MAX, "train.learning_rate must be > 0 and < 3.4e38 (float32's range)")
     need(0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)")
@@ -509,6 +552,17 @@ def validate(cfg: Config) -> None:
     need(e.batch_size >= 1, "eval.batch_size must be >= 1")
     need(e.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1")
     need(e.limit >= 0, "eval.limit must be >= 0 (0: all)")
+    if e.protocol == "paper":
+        need(e.ask == "all", "eval.ask is for eval.protocol=ours: under paper eval.exist_map picks each image's "
+             "classes (remove eval.ask)")
+        need(bool(e.exist_map) or d.task != "detection" or not e.annotations,
+             "eval.protocol=paper asks each image the classes of a class-existence map: set eval.exist_map=FILE "
+             "(the original's coco_evaluation/ or lvis_evaluation/ exist_map_*.json), or use eval.protocol=ours")
+    else:
+        need(not e.exist_map, "eval.exist_map is read only under eval.protocol=paper: set eval.protocol=paper, or "
+             "remove eval.exist_map")
+    need(not e.exist_map or bool(e.annotations), "eval.exist_map needs eval.annotations (the COCO/LVIS file whose "
+         "images it maps)")
 
     w = cfg.warmup
     need(w.steps >= 0, "warmup.steps must be >= 0")

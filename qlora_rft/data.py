@@ -471,9 +471,10 @@ def shared_features(images: tuple[tuple[torch.Tensor, ...], ...]) -> dict:
 
 
 def messages(task: Task, problem: str, frame: Frame = RELATIVE, images: int = 1) -> list[dict]:
-    """The user turn: the prompt's images, then its text."""
+    """The user turn (the prompt's images, then its text), after the task's system prompt when it has one."""
     content = [{"type": "image"}] * images + [{"type": "text", "text": task.ask(problem, frame)}]
-    return [{"role": "user", "content": content}]
+    user = {"role": "user", "content": content}
+    return [{"role": "system", "content": [{"type": "text", "text": task.system}]}, user] if task.system else [user]
 
 
 def prompt_text(processor, task: Task, problem: str, frame: Frame = RELATIVE, images: int = 1) -> str:

@@ -1,7 +1,8 @@
 """Output folders that stay sound: written whole or not at all, locked by one writer, and failing with a message.
 
 `atomic_folder` writes into a temporary sibling named after its writer (host and pid) and renames it into place; it
-removes the temporaries of writers that died and restores a folder a kill left renamed aside. `lock_folder` holds an
+removes the temporaries of writers that died and restores a folder a kill left renamed aside. `atomic_file` does
+the same for one file. `lock_folder` holds an
 OS lock (flock, released by the kernel when its process dies, so a killed run leaves no live lock behind).
 `reporting_full_disk` turns a write that ran out of space into an OutputError that says so. `cache_dir` is where built
 models, synthetic data and warm-ups are kept.
@@ -94,6 +95,19 @@ def atomic_folder(out: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(out: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `out` to write; when the block succeeds it replaces `out` in one rename, when it
+    fails it is removed and `out` is untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(out, "new")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def lock_folder(folder: Path, name: str) -> None:

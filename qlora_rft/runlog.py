@@ -15,8 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 class RunLogger:
     def __init__(self, path: Path, total_steps: int, start_step: int = 0, console: Console | None = None,
-                 description: str = "GRPO", shown: tuple[str, ...] = ("reward", "kl", "completion_length",
-                                                                         "tokens_per_second")):
+                 description: str = "GRPO",
+                 shown: tuple[str, ...] = ("epoch", "reward", "kl", "completion_length", "tokens_per_second")):
         self._shown = shown
         path.parent.mkdir(parents=True, exist_ok=True)
         # A resumed run continues the file; lines past the resumed step (written after the checkpoint) are dropped.

@@ -39,11 +39,11 @@ def train_sft(cfg: Config, resume: bool = False, console=None, log: bool = True)
     """Supervised fine-tuning: each step, `train.prompts_per_step` examples, target = think + the solution."""
     run = prepare_run(cfg, resume, console)
     policy, model = run.policy, run.unwrapped
-    logger = run.logger(console, log, shown=("loss", "tokens_per_second"))
+    logger = run.logger(console, log, shown=("epoch", "loss", "tokens_per_second"))
     metrics = []
     started = time.perf_counter()
     with logger:
-        for step in range(run.start_step + 1, cfg.train.max_steps + 1):
+        for step in range(run.start_step + 1, run.steps + 1):
             step_start = time.perf_counter()
             batch = supervised_batch(policy.processor, run.task, run.examples(step), cfg.data, policy.device)
             model.train()
@@ -51,11 +51,11 @@ def train_sft(cfg: Config, resume: bool = False, console=None, log: bool = True)
             run.updates.backward(loss)
             grad_norm = run.optimizer_step(step, loss.item())  # stops at a non-finite loss or gradient
             seconds = time.perf_counter() - step_start
-            line = {"step": step, "loss": loss.item(), "grad_norm": grad_norm,
+            line = {"step": step, "epoch": run.epoch(step), "loss": loss.item(), "grad_norm": grad_norm,
                     "learning_rate": run.scheduler.get_last_lr()[0], "target_tokens": tokens,
                     "tokens_per_second": int(batch["attention_mask"].sum()) / max(seconds, 1e-9),
                     "step_seconds": seconds, "elapsed_seconds": time.perf_counter() - started}
             metrics.append(line)
-            logger.log(line, write=step % cfg.train.logging_steps == 0 or step == cfg.train.max_steps)
+            logger.log(line, write=step % cfg.train.logging_steps == 0 or step == run.steps)
             run.checkpoint(step)
     return run.finish(metrics, time.perf_counter() - started)

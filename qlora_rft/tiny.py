@@ -1,8 +1,8 @@
 """Build model folders of any family locally: a byte-level BPE tokenizer trained here, the Qwen chat template, the
 family's processor, and random weights at a preset's shape. Deterministic for a seed; no hub needed.
 
-Presets come from the family modules (`qlora_rft.models`): CPU sizes (`tiny`, `cpu-small`, `qwen2.5-vl-tiny`,
-`qwen3-vl-tiny`) run tests and the demo; the real shapes (`qwen2-vl-7b`, `qwen3-vl-8b`, ...) have random weights,
+Presets come from the family modules (`qlora_rft.models`): CPU sizes (`tiny`, `tiny-tied`, `cpu-small`,
+`qwen2.5-vl-tiny`, `qwen3-vl-tiny`) run tests and the demo; the real shapes (`qwen2-vl-7b`, `qwen3-vl-8b`, ...) have random weights,
 which cost exactly what trained ones cost (memory and speed measurements).
 """
 

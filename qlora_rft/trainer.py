@@ -59,6 +59,7 @@ from qlora_rft.model import (
     reference_mode,
     resolve_model_path,
 )
+from qlora_rft.order import PromptOrder, epochs_done, training_steps
 from qlora_rft.rewards import reward_set
 from qlora_rft.rollout import CompletionScorer, Rollout, Sampling, sample_groups, share_vision
 from qlora_rft.runlog import NullLogger, RunLogger
@@ -115,7 +116,8 @@ class Run:
     updates: Updates
     reference_model: torch.nn.Module | None  # full mode: the frozen copy's scorer (prepared); else None
     start_step: int  # 0, or the step of the checkpoint resumed from
-    order: "PromptOrder"
+    order: PromptOrder
+    steps: int  # the run's optimizer steps: train.max_steps, or from train.epochs and the rows
     sampling: dict = field(default_factory=dict)  # which sampling weights and decoder ran, and why
 
     def examples(self, step: int) -> list:
@@ -124,6 +126,10 @@ class Run:
         per_process = self.cfg.train.prompts_per_step
         first = ((step - 1) * self.launch.world_size + self.launch.rank) * per_process
         return [self.data.examples[self.order.index(first + i)] for i in range(per_process)]
+
+    def epoch(self, step: int) -> float:
+        """Passes over the training rows done after `step` steps (every process's prompts counted)."""
+        return epochs_done(step, len(self.data.examples), self.cfg.train.prompts_per_step * self.launch.world_size)
 
     @contextlib.contextmanager
     def reference(self):
@@ -139,7 +145,7 @@ class Run:
         if not (log and self.accelerator.is_main_process):
             return NullLogger()
         kwargs = {"shown": shown} if shown else {}
-        return RunLogger(self.out / "metrics.jsonl", self.cfg.train.max_steps, self.start_step, console, **kwargs)
+        return RunLogger(self.out / "metrics.jsonl", self.steps, self.start_step, console, **kwargs)
 
     def optimizer_step(self, step: int, loss: float) -> float:
         """The optimizer step (`Updates.step`, given this process's loss); returns the gradient norm. A loss or
@@ -190,7 +196,7 @@ class Run:
         state = self.accelerator.get_state_dict(self.model) if self.launch.deepspeed else None  # every process
         if self.accelerator.is_main_process:
             summary = {"method": self.cfg.train.method, "mode": self.cfg.model.mode,
-                       "steps": self.cfg.train.max_steps, "base": self.base_path,
+                       "steps": self.steps, "epochs": self.epoch(self.steps), "base": self.base_path,
                        "processes": self.launch.world_size, "data_rows": len(self.data.examples),
                        "data_skipped": [vars(b) for b in self.data.skipped], "seconds": seconds,
                        "sampling": self.sampling}
@@ -211,7 +217,7 @@ class Run:
                     self.policy.processor.save_pretrained(tmp)
             unlock_folder(self.out)
         self.accelerator.wait_for_everyone()
-        return TrainResult(self.out, folder, self.cfg.train.max_steps, metrics, len(self.data.skipped))
+        return TrainResult(self.out, folder, self.steps, metrics, len(self.data.skipped))
 
 
 def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
@@ -244,9 +250,16 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
     check_launch(cfg, launch, rows=len(data.examples))
     if accelerator.is_main_process:
         report_skipped(data, console)
+    per_step = cfg.train.prompts_per_step * launch.world_size  # every process's prompts
+    steps = training_steps(cfg.train.max_steps, cfg.train.epochs, len(data.examples), per_step)
+    if cfg.train.epochs and accelerator.is_main_process:
+        from rich.console import Console
+
+        (console or Console()).print(f"training length: {cfg.train.epochs} epoch(s) of {len(data.examples)} rows "
+                                     f"at {per_step} prompts per step = {steps} steps")
     optimizer = make_optimizer(policy, cfg)
-    warmup_steps = math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps)
-    scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, warmup_steps, cfg.train.max_steps)
+    warmup_steps = math.ceil(cfg.train.warmup_ratio * steps)
+    scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, warmup_steps, steps)
     scorer = CompletionScorer(policy.model)
     register_head(scorer, launch)
     # The schedule is stepped once per optimizer step by `Updates` (accelerate's wrapper would step it once per
@@ -270,7 +283,8 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         dump(cfg, out / "config.yaml")
     return Run(cfg, launch, out, task, data, base_path, policy, accelerator, model, policy.model, optimizer,
-               scheduler, updates, reference_model, start_step, PromptOrder(len(data.examples), cfg.train.seed))
+               scheduler, updates, reference_model, start_step,
+               PromptOrder(len(data.examples), cfg.train.seed, per_step), steps)
 
 
 # What a run writes into train.output_dir; any of them (or a checkpoint) means the folder holds a run.
@@ -383,7 +397,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     metrics = []
     started = time.perf_counter()
     with logger:
-        for step in range(run.start_step + 1, cfg.train.max_steps + 1):
+        for step in range(run.start_step + 1, run.steps + 1):
             step_start = time.perf_counter()
             examples = run.examples(step)  # this process's prompts
             prompts = [encode_prompt(policy.processor, task, ex, cfg.data, policy.device) for ex in examples]
@@ -434,8 +448,9 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
                                 time.perf_counter() - step_start, time.perf_counter() - started)
             line.update(gather_mean(accelerator, {k: line[k] for k in line if k in AVERAGED}))
             line.update(decoder.counters() if decoder is not None else {})  # shapes built, graphs compiled
+            line["epoch"] = run.epoch(step)
             metrics.append(line)
-            logger.log(line, write=step % cfg.train.logging_steps == 0 or step == cfg.train.max_steps)
+            logger.log(line, write=step % cfg.train.logging_steps == 0 or step == run.steps)
             run.checkpoint(step)
 
     return run.finish(metrics, time.perf_counter() - started)
@@ -528,22 +543,6 @@ def step_metrics(step, groups, stats, weights, cfg, scheduler, grad_norm, gen_to
     for name in weights:
         line[f"rewards/{name}"] = float(np.mean([np.mean(grp.rewards[name]) for grp in groups]))
     return line
-
-
-class PromptOrder:
-    """Which training row the n-th prompt is: a fresh seeded permutation per epoch, so position n alone
-    (not any hidden iterator state) decides it, and a resumed run continues exactly."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed = size, seed
-        self._epoch, self._perm = -1, []
-
-    def index(self, n: int) -> int:
-        epoch, pos = divmod(n, self.size)
-        if epoch != self._epoch:
-            self._perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-            self._epoch = epoch
-        return self._perm[pos]
 
 
 def report_skipped(data, console=None) -> None:

@@ -47,3 +47,18 @@ TINY_RUN = [
 def tiny_overrides(tmp_path):
     """Overrides for a 2-step QLoRA GRPO run on the tiny preset, writing into tmp_path."""
     return [*TINY_RUN, f"train.output_dir={tmp_path / 'run'}"]
+
+
+def first_shapes_rows(folder, count: int):
+    """A parquet folder holding the first `count` rows of the synthetic shapes set (a training set of known size)."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from qlora_rft.data import resolve_source
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    table = pq.read_table(Path(resolve_source("synthetic:shapes")) / "train.parquet").slice(0, count)
+    pq.write_table(table, folder / "train.parquet")
+    return folder

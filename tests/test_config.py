@@ -30,6 +30,16 @@ def test_every_shipped_config_loads(path):
     load_config(path)
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "qlora").glob("*.yaml")), ids=lambda p: p.name)
+def test_qlora_configs_train_as_long_as_their_paper_twin_and_sample_alike(path):
+    """Each one-GPU config keeps the paper config's passes over the data (or steps) and its top_k."""
+    task = path.stem.split("_", 1)[1] if path.stem[:2] in ("2b", "7b") else path.stem.split("b_", 1)[1]
+    cfg, paper = load_config(path), load_config(ROOT / "configs" / "paper" / f"2b_{task}.yaml")
+    assert (cfg.train.epochs, cfg.train.max_steps, cfg.grpo.top_k) == \
+           (paper.train.epochs, paper.train.max_steps, paper.grpo.top_k)
+    assert " Length: " in path.read_text() and "~200 steps" not in path.read_text()
+
+
 @pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=lambda p: p.name)
 def test_every_launch_config_is_read_by_accelerate(path):
     from accelerate.commands.config.config_args import ClusterConfig
@@ -59,11 +69,22 @@ def test_every_launch_config_is_read_by_accelerate(path):
         ("rewards.weights={format: 0}", "at least one reward needs a non-zero weight"),
         ("data.max_pixels=1000", "data.max_pixels=1000 must be >= data.min_pixels=3136"),
         ("train_max_steps", "must look like section.key=value"),
+        ("train.epochs=2", "train.max_steps=200 and train.epochs=2 both set the training length: set one and the "
+                           "other to 0 .train.max_steps=0 train.epochs=2, or train.epochs=0 train.max_steps=200."),
+        ("train.epochs=-1", "train.epochs=-1 must be >= 1 .or 0 when train.max_steps sets the length."),
+        ("train.max_steps=0", "no training length: set train.max_steps .steps. or train.epochs"),
     ],
 )
 def test_validation_names_the_problem_and_the_fix(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_config(None, [override])
+
+
+def test_epochs_alone_set_the_training_length():
+    cfg = load_config(None, ["train.max_steps=0", "train.epochs=2"])
+    assert (cfg.train.max_steps, cfg.train.epochs) == (0, 2)
+    with pytest.raises(ConfigError, match="no training length"):
+        load_config(None, ["train.max_steps=0", "train.epochs=0"])
 
 
 def test_floats_in_exponent_form_without_a_dot():

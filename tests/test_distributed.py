@@ -47,9 +47,12 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tiny", "qwen2.5-vl-tiny", "qwen3-vl-tiny"])  # every family
+@pytest.mark.parametrize("preset", ["tiny", "qwen2.5-vl-tiny", "qwen3-vl-tiny", "tiny-tied"])  # every family; tied
 def test_paper_mode_trains_on_two_zero3_processes_and_saves_a_plain_model(tmp_path, preset):
-    from transformers import AutoProcessor
+    """tiny-tied: lm_head is embed_tokens (as in Qwen2-VL-2B); the saved model loads tied, and the one weight
+    trained."""
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from qlora_rft.model import resolve_model_path
 
@@ -66,6 +69,14 @@ def test_paper_mode_trains_on_two_zero3_processes_and_saves_a_plain_model(tmp_pa
     assert weights.keys() == reference.keys()
     for name, tensor in reference.items():
         assert weights[name].shape == tensor.shape, name
+    tied = preset == "tiny-tied"
+    model = AutoModelForImageTextToText.from_pretrained(str(out / "model"))
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert (head is embed) == model.config.tie_word_embeddings == tied
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:  # tied: one weight, stored once
+        assert any("lm_head" in k for k in f.keys()) != tied
+    embed_key = next(k for k in reference if k.endswith("embed_tokens.weight"))
+    assert not torch.equal(weights[embed_key], reference[embed_key])  # trained
 
 
 @pytest.mark.slow
@@ -257,7 +268,14 @@ def test_paper_configs_hold_the_papers_settings_and_fit_an_8_gpu_zero3_launch(pa
     assert cfg.train.learning_rate == 1e-6 and cfg.grpo.beta == 0.04 and cfg.train.prompts_per_step == 2
     assert cfg.grpo.num_generations == (8 if path.name.startswith("2b") else 4)
     assert (cfg.data.max_pixels, cfg.data.max_prompt_length, cfg.grpo.max_completion_length) == (401408, 1024, 256)
+    assert cfg.grpo.top_k == 50  # transformers' generate default, which the original sampled with
+    # The original's length: its scripts' num_train_epochs (COCO base65 2, classification 1, LISA 6); 200 steps for
+    # the few-shot detection sets it has no script for.
+    task = path.stem.split("_", 1)[1]
+    epochs = {"coco_base65_ov": 2, "lisa_grounding": 6, "coco_8cat_4shot": 0, "lvis_fewshot": 0}.get(task, 1)
+    assert (cfg.train.epochs, cfg.train.max_steps) == ((epochs, 0) if epochs else (0, 200))
     text = path.read_text()
     assert f"accelerate launch --config_file configs/accelerate/zero3.yaml -m qlora_rft train configs/paper/" \
            f"{path.name}" in text and "# Hardware:" in text
+    assert " Length: " in text and "~200 steps" not in text
     check_launch(cfg, Launch(world_size=8, deepspeed=True, zero_stage=3))

@@ -24,10 +24,9 @@ DETECTION = [
 ]
 
 
-def test_detection_protocols_ask_every_class_or_only_present_ones():
+def test_detection_asks_every_class_or_only_present_ones():
     every = runner.eval_items(load_config(None, DETECTION), get_task("detection"))
-    present = runner.eval_items(load_config(None, [*DETECTION, "eval.protocol=present_classes"]),
-                                get_task("detection"))
+    present = runner.eval_items(load_config(None, [*DETECTION, "eval.ask=present"]), get_task("detection"))
     coco = json.loads(open(runner.resolve_source("synthetic:shapes-detection/test_coco.json")).read())
     assert len(every) == len(coco["images"]) * len(coco["categories"])
     names = {c["id"]: c["name"] for c in coco["categories"]}
@@ -50,8 +49,8 @@ def test_detection_eval_writes_predictions_resumes_and_rescoring_matches(tmp_pat
         f.write('{"image_id": 1, "categ')
     asked = []
     real_generate = runner.generate
-    monkeypatch.setattr(runner, "generate", lambda policy, task, items, cfg: (
-        asked.extend(items) or real_generate(policy, task, items, cfg)))
+    monkeypatch.setattr(runner, "generate", lambda policy, task, items, *rest: (
+        asked.extend(items) or real_generate(policy, task, items, *rest)))
     second = runner.run_eval(load_config(None, [*DETECTION, "eval.limit=6", f"eval.output_dir={out}"]))
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(asked) == 2 and len(rows) == 6

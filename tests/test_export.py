@@ -207,3 +207,31 @@ def test_merge_command_prints_the_check_and_writes_a_plain_model(trained, tmp_pa
     assert "max |logits(merged) - logits(base + adapter)|" in printed and "tolerance" in printed
     assert (out / "config.json").is_file() and (out / "merge_info.json").is_file()
     assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)]) == 2
+
+
+def test_a_tied_base_merges_into_a_model_that_loads_tied(tmp_path):
+    """lm_head shares embed_tokens (Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-2B/4B): the adapters never touch it, and
+    the merged folder stores it once and loads with the tie in place."""
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    from qlora_rft.config import LoraSettings
+    from qlora_rft.model import attach_lora
+    from qlora_rft.tiny import cached_model
+
+    base = cached_model("tiny-tied")
+    torch.manual_seed(0)
+    model = attach_lora(_load(base), LoraSettings(dropout=0.0), gradient_checkpointing=False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=LORA_B_STD)
+    model.save_pretrained(tmp_path / "adapter")
+
+    report = merge_adapter(base, tmp_path / "adapter", tmp_path / "merged", dtype="fp32", device="cpu")
+    assert report.ok and report.lora_modules == 2 * 7
+    merged = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "merged"))
+    embed = merged.get_input_embeddings().weight
+    assert merged.config.tie_word_embeddings and merged.get_output_embeddings().weight is embed
+    assert torch.equal(embed, _load(base).get_input_embeddings().weight)  # the merge left it as it was
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "lm_head" in k]  # stored once, as embed_tokens

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN
+from conftest import TINY_RUN, first_shapes_rows
 from safetensors.torch import load_file
 
 from qlora_rft import checkpoint
@@ -32,10 +32,13 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("method", ["grpo", "sft"])
-def test_killed_and_resumed_run_equals_an_uninterrupted_one(tiny_overrides, tmp_path, method):
+@pytest.mark.parametrize("method,length", [("grpo", "steps"), ("sft", "steps"), ("grpo", "epochs")])
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(tiny_overrides, tmp_path, method, length):
     steps = ["train.max_steps=5", "train.save_steps=1", "train.save_total_limit=2", f"train.method={method}",
              "train.prompts_per_step=2"]
+    if length == "epochs":  # 10 rows, 4 per step, 2 epochs: 5 steps; killed mid-epoch, step 3 crosses into epoch 2
+        data = first_shapes_rows(tmp_path / "data", 10)
+        steps += [f"data.train={data}", "train.max_steps=0", "train.epochs=2", "train.prompts_per_step=4"]
     whole = tmp_path / "whole"
     resume_job.run([*tiny_overrides, *steps, f"train.output_dir={whole}"])
 

@@ -29,8 +29,8 @@ def setup(tmp_path_factory, private_cache):
     from conftest import TINY_RUN
 
     cfg = load_config(None, [*TINY_RUN, f"train.output_dir={tmp_path_factory.mktemp('run')}"])
+    torch.manual_seed(0)  # before the adapters are made: the same lora_A whatever ran before
     policy = load_policy(cfg.model, cfg.lora)
-    torch.manual_seed(0)
     for name, p in policy.model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.2)  # adapters that matter
@@ -39,6 +39,19 @@ def setup(tmp_path_factory, private_cache):
                           max_pixels=cfg.data.max_pixels, factor=policy.family.factor).examples[0]
     prompt = share_vision(policy.model, encode_prompt(policy.processor, task, example, cfg.data, policy.device))
     return policy, prompt
+
+
+def _agree_up_to_a_near_tie(policy, prompt, ours, theirs, margin):
+    """Greedy tokens from compact weights equal the adapters' until a position where the adapters themselves
+    nearly tie: there, the two tokens' log-probs under the adapters differ by less than `margin`."""
+    differ = (ours != theirs).flatten().nonzero()
+    if len(differ) == 0:
+        return
+    d = int(differ[0]) + 1
+    with torch.no_grad():
+        both = completion_logprobs(policy.model, prompt, torch.cat([ours[:, :d], theirs[:, :d]]), torch.ones(2, d),
+                                   1024)[:, -1]
+    assert 0 <= both[0] - both[1] < margin, (d, both)
 
 
 def test_compact_copies_give_log_probs_within_tolerance_of_the_adapters(setup):
@@ -59,7 +72,7 @@ def test_compact_copies_give_log_probs_within_tolerance_of_the_adapters(setup):
         if mode == "int8":
             with merged_weights(policy.model, mode=mode):
                 again = sample_groups(policy.model, policy.processor, [prompt], 2, 2, greedy, policy.tokens)[0]
-            assert torch.equal(again.completion_ids, tokens)  # greedy tokens unchanged on this model
+            _agree_up_to_a_near_tie(policy, prompt, tokens[:1], again.completion_ids[:1], 2 * largest)
     merged, int8 = (copy_bytes(policy.model, m, torch.float32) for m in ("merged", "int8"))
     assert int8 < 0.3 * merged  # 1 byte a weight and a scale per row, against 4 bytes (fp32 on the CPU)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,25 @@ def test_sweep_trains_evaluates_tabulates_and_skips_finished_settings(tiny_overr
     monkeypatch.setattr(trainer, "fit", lambda *a, **k: calls.append(a))
     again = run_sweep(None, ["train.method=grpo,sft"], out=out, overrides=overrides)
     assert calls == [] and [r.value for r in again.rows] == [r.value for r in result.rows]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["qwen2.5-vl-tiny", "qwen3-vl-tiny"])  # tiny (Qwen2-VL): the test above
+def test_a_sweep_of_two_settings_runs_on_every_family(preset, tiny_overrides, tmp_path):
+    from qlora_rft.models import family_of
+    from qlora_rft.tiny import PRESETS
+
+    out = tmp_path / "sweep"
+    overrides = [*tiny_overrides, f"model.name_or_path=tiny:{preset}", "train.max_steps=1", "train.save_steps=0",
+                 "eval.limit=2", "eval.max_new_tokens=6"]
+    result = run_sweep(None, ["train.method=grpo,sft"], out=out, overrides=overrides)
+    assert [(r.setting, r.steps) for r in result.rows] == [("base", 0), ("train.method=grpo", 1),
+                                                           ("train.method=sft", 1)]
+    assert all(r.metric == "accuracy" and 0 <= r.value <= 100 for r in result.rows)
+    bases = {json.loads((out / s / "train" / "train_summary.json").read_text())["base"]
+             for s in ("train.method=grpo", "train.method=sft")}
+    assert [family_of(Path(b)).name for b in bases] == [PRESETS[preset][0].name]  # one base, of the family
+    assert (out / "base" / "eval" / "metrics.json").is_file() and "| train.method=sft |" in result.table.read_text()
 
 
 def test_a_setting_whose_final_save_ran_out_of_space_is_trained_again(tiny_overrides, tmp_path, monkeypatch):

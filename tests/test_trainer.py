@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN
+from conftest import TINY_RUN, first_shapes_rows
 from safetensors.torch import load_file
 
 from qlora_rft import checkpoint
@@ -129,6 +129,30 @@ def test_resume_continues_from_the_newest_complete_checkpoint(tiny_overrides):
     assert [l["step"] for l in lines] == [1, 2, 3]
     state = json.loads((first.output_dir / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["step"] == 3
+
+
+def test_two_epochs_of_ten_rows_at_four_per_step_are_five_steps_each_row_once_per_epoch(tiny_overrides, tmp_path,
+                                                                                       monkeypatch):
+    import qlora_rft.trainer as trainer
+
+    seen = []  # the row of every prompt, in the order trained
+    encode = trainer.encode_prompt
+
+    def recording(processor, task, example, *args):
+        seen.append(example.index)
+        return encode(processor, task, example, *args)
+
+    monkeypatch.setattr(trainer, "encode_prompt", recording)
+    data = first_shapes_rows(tmp_path / "data", 10)
+    cfg = load_config(None, [*tiny_overrides, f"data.train={data}", "train.max_steps=0", "train.epochs=2",
+                             "train.prompts_per_step=4", "train.save_steps=0"])
+    result = train(cfg, log=True)
+    assert result.steps == 5 and [line["step"] for line in result.metrics] == [1, 2, 3, 4, 5]
+    assert [line["epoch"] for line in read_metrics(result.output_dir / "metrics.jsonl")] == [0.4, 0.8, 1.2, 1.6, 2.0]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert all(len(set(seen[i:i + 4])) == 4 for i in range(0, 20, 4))
+    summary = json.loads((result.output_dir / "train_summary.json").read_text())
+    assert (summary["steps"], summary["epochs"], summary["data_rows"]) == (5, 2.0, 10)
 
 
 def test_resume_without_checkpoints_is_a_clear_error(tiny_overrides):

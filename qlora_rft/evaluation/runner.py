@@ -4,9 +4,11 @@ metrics from that file alone (`scoring`), so `qlora-rft score` reproduces them w
 Resumable: each line is written as soon as its batch is done, and a rerun skips the prompts already written; a
 rerun whose settings would change the answers (eval_info.json) is refused rather than mixed into the same file.
 A prompt over data.max_prompt_length is not asked: its line says why (`skipped`), and the scorer reports it.
-Detection asks every (image, class) pair of an annotation file, or only the classes present (`eval.protocol`); an
+Detection asks every (image, class) pair of an annotation file, or only the classes present (`eval.ask`); an
 LVIS v1 image (no file_name) is found from its coco_url, in COCO's train2017/ or val2017/ folder under eval.images.
 A family that answers boxes in pixels (Qwen2.5-VL) gets a `frame` [width, height] in each line, for the scorer.
+`eval.protocol=paper` asks as the original Visual-RFT evaluation did (`Asking`, resolved once per run; detection
+classes from its class-existence map), and eval_info.json and metrics.json record which protocol ran.
 A task whose metric is its rewards (generic) gets each completion's rewards in its line, computed with the run's
 rewards (built-in and rewards.plugins).
 """
@@ -14,6 +16,7 @@ rewards (built-in and rewards.plugins).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +36,8 @@ from qlora_rft.tasks import Task, detection, get_task
 from qlora_rft.tasks.boxes import RELATIVE, Frame, to_scale
 
 PREDICTIONS, METRICS, INFO = "predictions.jsonl", "metrics.json", "eval_info.json"
+PAPER_MAX_NEW_TOKENS = {"detection": 1024, "classification": 1024, "grounding": 128}  # the original's scripts
+FORMER_PROTOCOLS = {"all_classes": "all", "present_classes": "present"}  # eval.protocol values before eval.ask
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,19 @@ class EvalItem:
     key: str  # unique per prompt: a rerun skips keys already in predictions.jsonl
     example: Example
     record: dict  # the identifying fields written next to the completion
+
+
+@dataclass(frozen=True)
+class Asking:
+    """How every prompt of an evaluation is asked, as `eval.protocol` decides: image area bounds, tokens generated,
+    the prompt-length limit (None: none) and greedy decoding's repetition penalty (1.0: none)."""
+
+    protocol: str
+    min_pixels: int
+    max_pixels: int
+    max_new_tokens: int
+    max_prompt_length: int | None
+    repetition_penalty: float
 
 
 @dataclass
@@ -50,13 +68,61 @@ class EvalRun:
     label: str
 
 
+# ----------------------------------------------------------------------------- how it is asked
+
+
+def resolve_asking(cfg: Config, task_name: str) -> Asking:
+    """ours: the config's settings. paper: the original evaluation's: max_new_tokens by task, the model folder's
+    image processor bounds (qwen-vl-utils and the processor applied those), no prompt-length limit, and greedy
+    decoding with the repetition_penalty of the folder's generation_config.json (generate() read it there; its
+    near-greedy temperature 0.01 / top_k 1 sampling is greedy)."""
+    if cfg.eval.protocol == "ours":
+        return Asking("ours", cfg.data.min_pixels, cfg.data.max_pixels, cfg.eval.max_new_tokens,
+                      cfg.data.max_prompt_length, 1.0)
+    from qlora_rft.model import resolve_model_path
+
+    path = resolve_model_path(cfg.model.name_or_path)
+    min_pixels, max_pixels = processor_pixels(path)
+    return Asking("paper", min_pixels, max_pixels, PAPER_MAX_NEW_TOKENS[task_name], None,
+                  shipped_repetition_penalty(path))
+
+
+def processor_pixels(path: Path) -> tuple[int, int]:
+    """The image area bounds of a model folder's own image processor (min_pixels, max_pixels); its family's
+    released bounds when the processor does not say."""
+    from transformers import AutoImageProcessor
+
+    from qlora_rft.models import family_of
+
+    processor = AutoImageProcessor.from_pretrained(str(path))
+    size = getattr(processor, "size", None)
+    low = getattr(processor, "min_pixels", None) or (size.get("shortest_edge") if hasattr(size, "get") else None)
+    high = getattr(processor, "max_pixels", None) or (size.get("longest_edge") if hasattr(size, "get") else None)
+    family = family_of(path)
+    return int(low or family.min_pixels), int(high or family.max_pixels)
+
+
+def shipped_repetition_penalty(path: Path) -> float:
+    """The repetition_penalty of a model folder's generation_config.json; 1.0 (none) when it sets none."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(str(path))
+    except OSError:  # no generation_config.json
+        return 1.0
+    return float(config.repetition_penalty or 1.0)
+
+
 # ----------------------------------------------------------------------------- what is asked
 
 
-def detection_items(cfg: Config) -> list[EvalItem]:
-    """Every image of a COCO/LVIS annotation file x the evaluated classes (or only those present). The images are
-    checked first (decoded, sized), as dataset rows are: a bad one is refused or skipped per data.on_bad_row."""
+def detection_items(cfg: Config, asking: Asking | None = None) -> list[EvalItem]:
+    """Every image of a COCO/LVIS annotation file x the evaluated classes (or only those present, or under the
+    paper protocol those its class-existence map lists). The images asked something are checked first (decoded,
+    sized), as dataset rows are: a bad one is refused or skipped per data.on_bad_row. `asking`: resolved from cfg
+    when not given."""
     from qlora_rft.evaluation.class_sets import resolve_classes
+    from qlora_rft.evaluation.exist_map import asked_classes, check_exist_map, read_exist_map
     from qlora_rft.evaluation.scoring import load_annotations
 
     path = Path(resolve_source(cfg.eval.annotations))
@@ -73,21 +139,34 @@ def detection_items(cfg: Config) -> list[EvalItem]:
     truth: dict[tuple[int, str], list] = {}
     for ann in coco.get("annotations", []):
         truth.setdefault((ann["image_id"], names[ann["category_id"]]), []).append(ann["bbox"])
-    files = [image_file(image, root) for image in coco.get("images", [])]
-    cells = load_images(files, cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.on_bad_row, str(path),
+    asking = asking or resolve_asking(cfg, "detection")
+    paper = asking.protocol == "paper"
+    if paper:
+        exist_map = read_exist_map(resolve_source(cfg.eval.exist_map))
+        check_exist_map(exist_map, [image["id"] for image in coco["images"]], list(names.values()),
+                        cfg.eval.exist_map, path)
+    asked = []  # (image, the classes it is asked)
+    for image in coco["images"]:
+        if paper:
+            chosen = asked_classes(exist_map[str(image["id"])], classes)
+        else:
+            chosen = [name for name in classes if cfg.eval.ask == "all" or (image["id"], name) in truth]
+        if chosen:
+            asked.append((image, chosen))
+    files = [image_file(image, root) for image, _ in asked]
+    cells = load_images(files, asking.min_pixels, asking.max_pixels, cfg.data.on_bad_row, str(path),
                         factor=_factor(cfg))
+    problem = detection.released_problem if paper else detection.problem  # paper: the text the models trained on
     items = []
-    for image, file in zip(coco.get("images", []), files):
+    for (image, chosen), file in zip(asked, files):
         if file not in cells:  # skipped, reported
             continue
         w, h = image["width"], image["height"]
-        for name in classes:
+        for name in chosen:
             boxes = [to_scale((x, y, x + bw, y + bh), w, h) for x, y, bw, bh in truth.get((image["id"], name), [])]
-            if cfg.eval.protocol == "present_classes" and not boxes:
-                continue
             example = Example(
                 index=image["id"],
-                problem=detection.problem(name),
+                problem=problem(name),
                 solution=detection.solution([tuple(b) for b in boxes]),
                 image=cells[file],  # one cell per image: a large one decoded once, for every class
             )
@@ -109,12 +188,31 @@ def image_file(image: dict, root: Path) -> str:
     return str(in_split if in_split.is_file() else root / name)
 
 
-def dataset_items(cfg: Config, task: Task) -> list[EvalItem]:
-    """Each usable row of data.eval (default: data.train's source) at data.eval_split."""
+def dataset_items(cfg: Config, task: Task, asking: Asking) -> list[EvalItem]:
+    """Each usable row of data.eval (default: data.train's source) at data.eval_split; for grounding under the paper
+    protocol only the first row of each image file (the original asked each LISA image its first instruction)."""
     source = cfg.data.eval or cfg.data.train
     data = load_split(source, cfg.data.eval_split, task, cfg.data.on_bad_row, cfg.data.image_root,
-                      min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels, factor=_factor(cfg))
-    return [EvalItem(str(ex.index), ex, {"id": ex.index, "solution": ex.solution}) for ex in data.examples]
+                      min_pixels=asking.min_pixels, max_pixels=asking.max_pixels, factor=_factor(cfg))
+    examples = data.examples
+    if asking.protocol == "paper" and task.name == "grounding":
+        examples = first_per_image(examples)
+    return [EvalItem(str(ex.index), ex, {"id": ex.index, "solution": ex.solution}) for ex in examples]
+
+
+def first_per_image(examples: list[Example]) -> list[Example]:
+    """The first example of each image file, in order. Only absolute paths (what the LISA loaders write) identify a
+    file: examples with none, such as parquet rows, are all kept."""
+    seen: set[str] = set()
+    kept = []
+    for example in examples:
+        path = example.image.get("path")
+        path = path if isinstance(path, str) and os.path.isabs(path) else None
+        if path is None or path not in seen:
+            kept.append(example)
+        if path is not None:
+            seen.add(path)
+    return kept
 
 
 def _factor(cfg: Config) -> int:
@@ -123,8 +221,12 @@ def _factor(cfg: Config) -> int:
     return model_family(cfg.model.name_or_path).factor
 
 
-def eval_items(cfg: Config, task: Task) -> list[EvalItem]:
-    items = detection_items(cfg) if task.name == "detection" and cfg.eval.annotations else dataset_items(cfg, task)
+def eval_items(cfg: Config, task: Task, asking: Asking | None = None) -> list[EvalItem]:
+    asking = asking or resolve_asking(cfg, task.name)
+    if task.name == "detection" and cfg.eval.annotations:
+        items = detection_items(cfg, asking)
+    else:
+        items = dataset_items(cfg, task, asking)
     return items[: cfg.eval.limit] if cfg.eval.limit else items
 
 
@@ -132,30 +234,34 @@ def eval_items(cfg: Config, task: Task) -> list[EvalItem]:
 
 
 @torch.no_grad()
-def generate(policy, task: Task, items: list[EvalItem], cfg: Config
+def generate(policy, task: Task, items: list[EvalItem], asking: Asking, batch_size: int
              ) -> Iterator[tuple[list[EvalItem], list[str], list[Frame]]]:
-    """Greedy completions, one batch at a time (left padding, explicit settings, the training image rules), with
+    """Greedy completions, one batch at a time (left padding, explicit settings, the protocol's image bounds), with
     the box frame each prompt asked for."""
-    config = Sampling(max_new_tokens=cfg.eval.max_new_tokens, do_sample=False).generation_config(policy.tokens)
+    config = Sampling(max_new_tokens=asking.max_new_tokens, do_sample=False).generation_config(policy.tokens)
+    config.repetition_penalty = asking.repetition_penalty
+    no_limit = 2**31 - 1
     policy.model.eval()
-    for start in range(0, len(items), cfg.eval.batch_size):
-        batch_items = items[start : start + cfg.eval.batch_size]
+    for start in range(0, len(items), batch_size):
+        batch_items = items[start : start + batch_size]
         batch, frames = encode_prompts(policy.processor, task, [it.example for it in batch_items],
-                                       cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.max_prompt_length,
+                                       asking.min_pixels, asking.max_pixels, asking.max_prompt_length or no_limit,
                                        policy.device)
         out = policy.model.generate(**batch, generation_config=config)  # [b, P + t]
         texts = policy.processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         yield batch_items, texts, frames
 
 
-def fitting_prompts(processor, task: Task, items: list[EvalItem], cfg: Config
+def fitting_prompts(processor, task: Task, items: list[EvalItem], cfg: Config, asking: Asking
                     ) -> tuple[list[EvalItem], list[tuple[EvalItem, str]]]:
-    """The items whose prompt fits data.max_prompt_length, and the others with the reason (refused instead under
-    data.on_bad_row=error)."""
-    lengths = prompt_lengths(processor, task, [it.example for it in items], cfg.data.min_pixels, cfg.data.max_pixels)
+    """The items whose prompt fits data.max_prompt_length (all of them when the protocol sets no limit), and the
+    others with the reason (refused instead under data.on_bad_row=error)."""
+    if asking.max_prompt_length is None:
+        return items, []
+    lengths = prompt_lengths(processor, task, [it.example for it in items], asking.min_pixels, asking.max_pixels)
     fitting, refused = [], []
     for item, length in zip(items, lengths):
-        reason = too_long(length, cfg.data.max_prompt_length)
+        reason = too_long(length, asking.max_prompt_length)
         if reason is None:
             fitting.append(item)
         elif cfg.data.on_bad_row == "error":
@@ -194,18 +300,30 @@ def records_rewards(task: Task) -> bool:
     return "rewards" in task.prediction_keys
 
 
-def eval_settings(cfg: Config, task: Task) -> dict:
-    """What decides the prompts asked and the answers given (and, for a task scored by its rewards, the rewards):
-    a resumed evaluation must keep every one of these."""
+def eval_settings(cfg: Config, task: Task, asking: Asking) -> dict:
+    """What decides the prompts asked and the answers given (the values in force under the protocol; for a task
+    scored by its rewards, the rewards too): a resumed evaluation must keep every one of these."""
     settings = {"task": task.name, "model": cfg.model.name_or_path, "mode": cfg.model.mode, "dtype": cfg.model.dtype,
                 "adapter": cfg.eval.adapter or None, "annotations": cfg.eval.annotations or None,
-                "images": cfg.eval.images or None, "classes": cfg.eval.classes, "protocol": cfg.eval.protocol,
+                "images": cfg.eval.images or None, "classes": cfg.eval.classes, "protocol": asking.protocol,
+                "ask": cfg.eval.ask, "exist_map": cfg.eval.exist_map or None,
                 "data": cfg.data.eval or cfg.data.train, "split": cfg.data.eval_split,
-                "image_root": cfg.data.image_root, "min_pixels": cfg.data.min_pixels, "max_pixels": cfg.data.max_pixels,
-                "max_prompt_length": cfg.data.max_prompt_length, "max_new_tokens": cfg.eval.max_new_tokens}
+                "image_root": cfg.data.image_root, "min_pixels": asking.min_pixels, "max_pixels": asking.max_pixels,
+                "max_prompt_length": asking.max_prompt_length, "max_new_tokens": asking.max_new_tokens,
+                "repetition_penalty": asking.repetition_penalty}
     if records_rewards(task):
         settings["rewards"] = {"weights": cfg.rewards.weights, "plugin_sha256": cfg.rewards.plugin_sha256}
     return settings
+
+
+def recorded_protocol(predictions: str | Path) -> str:
+    """The eval.protocol an eval_info.json beside a predictions file records; "ours" when there is none."""
+    try:
+        info = json.loads((Path(predictions).expanduser().parent / INFO).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "ours"
+    protocol = info.get("protocol") if isinstance(info, dict) else None
+    return protocol if protocol in ("ours", "paper") else "ours"
 
 
 def check_resumable(out: Path, info: dict) -> None:
@@ -220,6 +338,8 @@ def check_resumable(out: Path, info: dict) -> None:
     if not isinstance(before, dict):
         raise UserError(f"{out / INFO} is unreadable, so {out / PREDICTIONS} cannot be resumed safely: choose another "
                         "eval.output_dir, or delete it to start afresh")
+    if before.get("protocol") in FORMER_PROTOCOLS:  # written before eval.ask: its protocol named the classes asked
+        before = {**before, "protocol": "ours", "ask": FORMER_PROTOCOLS[before["protocol"]]}
     changed = [f"{key} {before[key]!r} -> {value!r}" for key, value in info.items()
                if key != "label" and key in before and before[key] != value]
     if changed:
@@ -233,29 +353,30 @@ def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
     from qlora_rft.model import load_for_inference
 
     console = console or Console()
-    task = get_task(cfg.data.task)
+    task = get_task(cfg.data.task, cfg.eval.protocol)
+    asking = resolve_asking(cfg, task.name)
     out = Path(cfg.eval.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     label = cfg.eval.label or ("adapter" if cfg.eval.adapter else "base")
-    info = {"label": label, **eval_settings(cfg, task)}
+    info = {"label": label, **eval_settings(cfg, task, asking)}
     check_resumable(out, info)
     (out / INFO).write_text(json.dumps(info, indent=2))
 
     rewards = reward_set(cfg.rewards, task) if records_rewards(task) else None  # plugins load before the model
-    items = eval_items(cfg, task)
+    items = eval_items(cfg, task, asking)
     predictions = out / PREDICTIONS
     done = done_keys(predictions, task.name == "detection")
     todo = [it for it in items if it.key not in done]
     if todo:
         policy = load_for_inference(cfg.model, cfg.eval.adapter or None)
-        todo, too_long = fitting_prompts(policy.processor, task, todo, cfg)
+        todo, too_long = fitting_prompts(policy.processor, task, todo, cfg, asking)
         progress = Progress(TextColumn(f"[bold]eval {label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TimeRemainingColumn(), console=console)
         with progress, predictions.open("a") as f:
             for item, reason in too_long:  # the scorer reports these lines as skipped
                 f.write(json.dumps({**item.record, "skipped": reason}) + "\n")
             bar = progress.add_task("eval", total=len(items), completed=len(items) - len(todo))
-            for batch_items, texts, frames in generate(policy, task, todo, cfg):
+            for batch_items, texts, frames in generate(policy, task, todo, asking, cfg.eval.batch_size):
                 for item, text, frame in zip(batch_items, texts, frames):
                     scored = reward_record(rewards, item, text, frame) if rewards is not None else {}
                     f.write(json.dumps({**item.record, "completion": text, **frame_record(frame), **scored}) + "\n")
@@ -264,7 +385,7 @@ def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
 
     annotations = resolve_source(cfg.eval.annotations) if cfg.eval.annotations else None
     classes = cfg.eval.classes if annotations else None
-    metrics = score_file(task.name, predictions, annotations, classes)
+    metrics = score_file(task.name, predictions, annotations, classes, protocol=asking.protocol)
     write_metrics(metrics, out / METRICS)
     console.print(metrics_table(metrics, label))
     return EvalRun(out, predictions, metrics, label)

@@ -2,7 +2,9 @@
 accuracy for classification, mIoU and acc@0.5 for grounding, box mAP for detection, with pycocotools or the LVIS
 API, which live here). Completions are read only by the tasks' own parsers; a malformed line, or a repeat of a
 prompt already answered, is skipped and reported by its 1-based line number; only a file with no usable line at all
-is refused. A line's `frame` (pixels its boxes are written in) maps them back to the 0-1000 scale first.
+is refused. A line's `frame` (pixels its boxes are written in) maps them back to the 0-1000 scale first. Under the
+paper protocol a task reads completions as the original evaluation did (its `get_task(name, "paper")` variant;
+grounding: the first box anywhere); metrics.json records the protocol.
 """
 
 from __future__ import annotations
@@ -380,15 +382,17 @@ def _lvis_eval(data: dict, found: list[dict], cat_ids: list) -> tuple[dict, dict
 
 
 def score_file(
-    task: str, predictions: str | Path, annotations: str | Path | None = None, classes: str | list | None = None
+    task: str, predictions: str | Path, annotations: str | Path | None = None, classes: str | list | None = None,
+    protocol: str = "ours",
 ) -> dict:
     """The metrics of a predictions file, as written to metrics.json.
 
-    Keys: task, num_predictions (lines used), skipped (count), the task's metrics, then skipped_lines (the first
-    100 as {"line", "reason"}). The lines need the task's `prediction_keys`. Detection needs `annotations` (COCO or
-    LVIS JSON) and uses `classes`; the other tasks ignore both. A file with no usable line raises DataError saying what was skipped and why.
+    Keys: task, protocol (eval.protocol: how completions are read), num_predictions (lines used), skipped (count),
+    the task's metrics, then skipped_lines (the first 100 as {"line", "reason"}). The lines need the task's
+    `prediction_keys`. Detection needs `annotations` (COCO or LVIS JSON) and uses `classes`; the other tasks ignore
+    both. A file with no usable line raises DataError saying what was skipped and why.
     """
-    spec = get_task(task)  # an unknown task is a ConfigError naming the known ones
+    spec = get_task(task, protocol)  # an unknown task is a ConfigError naming the known ones
     if spec.needs_annotations and annotations is None:
         raise ConfigError(f"{task} metrics need the annotation file (COCO or LVIS JSON) of the evaluated images")
     rows, skipped = read_predictions(predictions, spec.prediction_keys)
@@ -397,7 +401,8 @@ def score_file(
     if scored.metrics["num_predictions"] == 0:
         raise _no_usable_line(predictions, skipped, scored.metrics.get("outside_classes", 0))
     values = dict(scored.metrics)
-    metrics = {"task": task, "num_predictions": values.pop("num_predictions"), "skipped": len(skipped)}
+    metrics = {"task": task, "protocol": protocol, "num_predictions": values.pop("num_predictions"),
+               "skipped": len(skipped)}
     metrics.update(values)
     metrics["skipped_lines"] = [{"line": s.line, "reason": s.reason} for s in skipped[:MAX_SKIPPED_LINES]]
     return metrics

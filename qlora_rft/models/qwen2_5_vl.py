@@ -12,7 +12,8 @@ from qlora_rft.models import Family, mrope_section
 
 def build_config(ids: dict, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
                  vision_depth: int, vision_dim: int, vision_heads: int, vision_intermediate: int,
-                 fullatt_blocks: tuple[int, ...], tie_embeddings: bool = False):
+                 fullatt_blocks: tuple[int, ...], tie_embeddings: bool = False, norm_eps: float = 1e-5):
+    """norm_eps: the released checkpoints' is 1e-6; the CPU preset keeps transformers' default it was made with."""
     from transformers import Qwen2_5_VLConfig
 
     return Qwen2_5_VLConfig(
@@ -22,7 +23,7 @@ def build_config(ids: dict, vocab: int, hidden: int, layers: int, heads: int, kv
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                              "mrope_section": mrope_section(hidden // heads)},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=tie_embeddings,
+            tie_word_embeddings=tie_embeddings, rms_norm_eps=norm_eps,
         ),
         vision_config=dict(depth=vision_depth, hidden_size=vision_dim, intermediate_size=vision_intermediate,
                            num_heads=vision_heads, out_hidden_size=hidden, fullatt_block_indexes=list(fullatt_blocks),
@@ -63,10 +64,11 @@ FAMILY = Family(
         # huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct/blob/main/config.json
         "qwen2.5-vl-3b": dict(hidden=2048, layers=36, heads=16, kv_heads=2, intermediate=11008, vision_depth=32,
                               vision_dim=1280, vision_heads=16, vision_intermediate=3420,
-                              fullatt_blocks=(7, 15, 23, 31), vocab=151936, tie_embeddings=True),
+                              fullatt_blocks=(7, 15, 23, 31), vocab=151936, tie_embeddings=True,
+                              norm_eps=1e-6),
         # huggingface.co/Qwen/Qwen2.5-VL-7B-Instruct/blob/main/config.json
         "qwen2.5-vl-7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vision_depth=32,
                               vision_dim=1280, vision_heads=16, vision_intermediate=3420,
-                              fullatt_blocks=(7, 15, 23, 31), vocab=152064),
+                              fullatt_blocks=(7, 15, 23, 31), vocab=152064, norm_eps=1e-6),
     },
 )

@@ -9,7 +9,9 @@ from qlora_rft.models import Family, mrope_section
 
 
 def build_config(ids: dict, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
-                 vision_depth: int, vision_dim: int, vision_heads: int, tie_embeddings: bool = False):
+                 vision_depth: int, vision_dim: int, vision_heads: int, tie_embeddings: bool = False,
+                 norm_eps: float = 1e-5):
+    """norm_eps: the released checkpoints' is 1e-6; the CPU presets keep transformers' default they were made with."""
     from transformers import Qwen2VLConfig
 
     return Qwen2VLConfig(
@@ -19,7 +21,7 @@ def build_config(ids: dict, vocab: int, hidden: int, layers: int, heads: int, kv
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                              "mrope_section": mrope_section(hidden // heads)},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=tie_embeddings,
+            tie_word_embeddings=tie_embeddings, rms_norm_eps=norm_eps,
         ),
         vision_config=dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=vision_heads,
                            mlp_ratio=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
@@ -53,11 +55,14 @@ FAMILY = Family(
     presets={
         "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2, vision_dim=32,
                      vision_heads=2),
+        # `tiny` with lm_head tied to embed_tokens, as Qwen2-VL-2B: what tied weights do under ZeRO-3 and merge
+        "tiny-tied": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2, vision_dim=32,
+                          vision_heads=2, tie_embeddings=True),
         "cpu-small": dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vision_depth=2,
                           vision_dim=64, vision_heads=4),
         "qwen2-vl-2b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vision_depth=32,
-                            vision_dim=1280, vision_heads=16, vocab=151936, tie_embeddings=True),
+                            vision_dim=1280, vision_heads=16, vocab=151936, tie_embeddings=True, norm_eps=1e-6),
         "qwen2-vl-7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vision_depth=32,
-                            vision_dim=1280, vision_heads=16, vocab=152064),
+                            vision_dim=1280, vision_heads=16, vocab=152064, norm_eps=1e-6),
     },
 )

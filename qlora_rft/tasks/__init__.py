@@ -3,7 +3,8 @@ module defines its `Task` (prompt, parser, rewards, metric function, prediction 
 lists them.
 
 Adding a task is one module defining `TASK = Task(...)` plus its line in `TASKS`; the config's `data.task` choices,
-the reward registry and the scorer all read this registry. `get_task(name)` refuses an unknown name.
+the reward registry and the scorer all read this registry. `get_task(name)` refuses an unknown name; `get_task(name,
+"paper")` is the task as the original evaluation asks and reads it (eval.protocol=paper; only grounding differs).
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ TASKS: dict[str, Task] = {
     )
 }
 
+# The tasks whose original evaluation asks or reads otherwise (eval.protocol=paper), by name.
+PAPER_TASKS: dict[str, Task] = {task.name: task for task in (grounding.PAPER_TASK,)}
 
-def get_task(name: str) -> Task:
+
+def get_task(name: str, protocol: str = "ours") -> Task:
+    """The task by name; under the paper protocol (eval.protocol) its original-evaluation variant, if it has one."""
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
-    return TASKS[name]
+    return PAPER_TASKS.get(name, TASKS[name]) if protocol == "paper" else TASKS[name]
 
 
 def corpus_lines() -> list[str]:

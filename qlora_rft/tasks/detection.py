@@ -47,6 +47,24 @@ def problem(category: str) -> str:
     )
 
 
+# The problem text of the released training sets (ViRFT_COCO, ViRFT_LVIS_few_shot...), the text the paper's models
+# trained on; the original evaluation asks the same (eval.protocol=paper). Kept to the character, typos included.
+RELEASED_PROBLEM = (
+    "Detect all objects belonging to the category '{category}' in the image, and provide the bounding boxes "
+    "(between 0 and 1000, integer) and confidence (between 0 and 1, with two decimal places).\n"
+    "If no object belonging to the category '{category}' in the image, return 'No Objects'.\n"
+    "Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
+    "The output answer format should be as follows:\n"
+    "<think> ... </think> <answer>[{{'Position': [x1, y1, x2, y2], 'Confidence': number}}, ...]</answer>\n"
+    "Please strictly follow the format."
+)
+
+
+def released_problem(category: str) -> str:
+    """The released training data's problem for one category (and the paper protocol's evaluation prompt)."""
+    return RELEASED_PROBLEM.format(category=category)
+
+
 def _number_text(value: float) -> str:
     value = float(value)
     return str(int(value)) if value.is_integer() else repr(value)

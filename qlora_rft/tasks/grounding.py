@@ -2,6 +2,7 @@
 
 Answer format `<answer>(x1,y1),(x2,y2)</answer>`: integers on a 0-1000 scale of the original width and height,
 (x1,y1) top-left, (x2,y2) bottom-right. Reward GIoU + 1 in [0, 2]; the evaluation metric is IoU (mIoU, acc@0.5).
+Also the original evaluation's prompt, system prompt and first-box reading (eval.protocol=paper).
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ import json
 import math
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from qlora_rft.errors import DataError
-from qlora_rft.evaluation.rows import Row, ScoreOptions, Scored, mean, per_sample, percent
+from qlora_rft.evaluation.rows import PerSample, Row, ScoreOptions, Scored, mean, per_sample, percent
 from qlora_rft.tasks import boxes
 from qlora_rft.tasks.boxes import RELATIVE, Box, Frame, from_frame, giou, into_frame, iou
 from qlora_rft.tasks.common import extract_answer, per_completion, prompt
@@ -27,14 +29,27 @@ SCALE = float(boxes.SCALE)
 # ----------------------------------------------------------------------------- text
 
 
+_REQUEST = (
+    " Work out which object in the image the request refers to, then give one bounding "
+    "box around it as (x1,y1),(x2,y2): integers from 0 to 1000, where x is measured along the image's width "
+    "and y along its height (0 = left or top edge, 1000 = right or bottom edge), (x1,y1) is the top-left "
+    "corner and (x2,y2) the bottom-right corner."
+)
+
+
 def problem(instruction: str) -> str:
     """The dataset's problem text: the instruction and the request for one box, with the coordinate convention."""
-    return (
-        f"{instruction.strip()} Work out which object in the image the request refers to, then give one bounding "
-        "box around it as (x1,y1),(x2,y2): integers from 0 to 1000, where x is measured along the image's width "
-        "and y along its height (0 = left or top edge, 1000 = right or bottom edge), (x1,y1) is the top-left "
-        "corner and (x2,y2) the bottom-right corner."
-    )
+    return f"{instruction.strip()}{_REQUEST}"
+
+
+def instruction_of(problem_text: str) -> str:
+    """The instruction a problem was made from by `problem` (a problem written otherwise is taken whole).
+
+    >>> instruction_of(problem("the cup you would drink from"))
+    'the cup you would drink from'
+    """
+    text = problem_text.strip()
+    return text[: -len(_REQUEST.strip())].strip() if text.endswith(_REQUEST.strip()) else text
 
 
 def solution(box) -> str:
@@ -101,6 +116,55 @@ def parse_solution(text: str) -> Box | None:
     return None if answer is None else _read_box(answer)
 
 
+# ----------------------------------------------------------------------------- the original evaluation
+
+# What the original's LISA evaluation asks and how it reads the answer (eval.protocol=paper), kept to the character.
+PAPER_SYSTEM = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
+    "first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "
+    "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
+    "<think> reasoning process here </think><answer> answer here </answer>"
+)
+PAPER_PROMPT = (
+    "Output the bounding box in the image corresponding to the instruction: {instruction}. Output the thinking "
+    'process in <think> </think> and your grouding box. Following "<think> thinking process </think>\n'
+    '<answer>(x1,y1),(x2,y2)</answer>)" format.'
+)
+_INTEGER_BOX = re.compile(r"\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)", re.ASCII)
+
+
+def paper_prompt(problem_text: str) -> str:
+    """The original evaluation's user text for a dataset problem (its instruction, see `instruction_of`)."""
+    return PAPER_PROMPT.format(instruction=instruction_of(problem_text))
+
+
+def parse_first_box(text: str, frame: Frame = RELATIVE) -> Box | None:
+    """The original evaluation's reading: the first `(x1,y1),(x2,y2)` of integers anywhere in the completion, answer
+    tags or not, on the 0-1000 scale (`frame`: the coordinates asked for); None when there is none or when that
+    first box has x2 <= x1 or y2 <= y1 (IoU 0 in the original too; a later box is never taken). Coordinates past
+    the image are kept, as the original kept them.
+
+    >>> parse_first_box("<think>(1,2),(3,4) is the cup</think><answer>(10,20),(30,40)</answer>")
+    Box(x1=1.0, y1=2.0, x2=3.0, y2=4.0)
+    """
+    match = _INTEGER_BOX.search(text) if isinstance(text, str) else None
+    if match is None:
+        return None
+    box = Box(*(float(v) for v in match.groups()))  # a 400-digit number is inf: no box
+    if not all(math.isfinite(v) for v in box) or box.x2 <= box.x1 or box.y2 <= box.y1:
+        return None
+    return from_frame(box, frame)
+
+
+def paper_score(completion: str, solution: str, frame: Frame = RELATIVE) -> float:
+    """IoU in [0, 1] of the first box anywhere in the completion (`parse_first_box`) with the solution's; 0.0 when
+    either is missing."""
+    predicted, truth = parse_first_box(completion, frame), parse_solution(solution)
+    if predicted is None or truth is None:
+        return 0.0
+    return min(1.0, max(0.0, iou(predicted, truth)))
+
+
 # ----------------------------------------------------------------------------- overlap
 
 
@@ -128,7 +192,16 @@ def score(completion: str, solution: str, frame: Frame = RELATIVE) -> float:
 
 def metrics(rows: list[Row], options: ScoreOptions = ScoreOptions()) -> Scored:
     """`mIoU`: mean IoU in percent (an unparseable completion counts 0); `acc@0.5`: percent of rows with IoU >= 0.5."""
-    found = per_sample(rows, parse, parse_solution, score)
+    return _overlap_metrics(per_sample(rows, parse, parse_solution, score))
+
+
+def paper_metrics(rows: list[Row], options: ScoreOptions = ScoreOptions()) -> Scored:
+    """`metrics` with the original evaluation's reading: a completion's box is its first one anywhere
+    (`parse_first_box`)."""
+    return _overlap_metrics(per_sample(rows, parse_first_box, parse_solution, paper_score))
+
+
+def _overlap_metrics(found: PerSample) -> Scored:
     hits = [float(s >= 0.5) for s in found.scores]
     return Scored({"num_predictions": len(found.scores), "mIoU": percent(mean(found.scores)),
                    "acc@0.5": percent(mean(hits)), "unparseable": found.unparseable}, found.skipped)
@@ -148,6 +221,9 @@ TASK = Task(
     in_frame=in_frame,
     has_boxes=True,
 )
+
+# The original evaluation's LISA prompt (with its system prompt) and reading: the first box anywhere in the text.
+PAPER_TASK = replace(TASK, prompt=paper_prompt, parse=parse_first_box, metrics=paper_metrics, system=PAPER_SYSTEM)
 
 
 # ----------------------------------------------------------------------------- data

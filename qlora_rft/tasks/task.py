@@ -49,6 +49,7 @@ class Task:
     in_frame: Callable[[str, Frame], str] = same_solution  # a solution with its boxes written in a frame
     has_boxes: bool = False  # answers are boxes: a family answering in pixels is told its frame
     needs_annotations: bool = False  # scoring needs an annotation file (detection's COCO / LVIS JSON)
+    system: str = ""  # a system prompt before the user turn; empty: the chat template's default
 
     def ask(self, problem: str, frame: Frame = RELATIVE) -> str:
         """The user text; a box task shown to a family that answers in pixels also asks for that frame."""
