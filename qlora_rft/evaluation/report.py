@@ -192,7 +192,7 @@ def plot_training(rows: list[dict], out: Path) -> list[Path]:
 
 def _line_figure(panels: list[tuple[Panel, dict[str, tuple[list[float], list[float]]]]], path: Path) -> None:
     fig = Figure(figsize=(7 * len(panels), 4), layout="constrained")
-    for ax, (panel, lines) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+    for ax, (panel, lines) in zip(fig.subplots(1, len(panels), squeeze=False, sharex=True)[0], panels):
         for i, (key, (steps, values)) in enumerate(lines.items()):
             colour = f"C{i}"
             window = max(1, min(25, len(values) // 10)) if panel.smooth else 1
@@ -204,6 +204,8 @@ def _line_figure(panels: list[tuple[Panel, dict[str, tuple[list[float], list[flo
         ax.grid(alpha=0.3)
         if len(lines) > 1:
             ax.legend()
+        else:
+            ax.set_ylabel(next(iter(lines)))
     _save(fig, path)
 
 
