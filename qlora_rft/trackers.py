@@ -7,9 +7,9 @@ one before anything loads. A resumed run continues the same W&B run and drops Te
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
+from importlib.util import find_spec
 from pathlib import Path
 
 from qlora_rft.errors import ConfigError
@@ -18,7 +18,7 @@ from qlora_rft.errors import ConfigError
 def require(names: list[str]) -> None:
     """A one-line ConfigError naming the extra to install, for a tracker whose package is missing."""
     for name in names:
-        if name != "none" and importlib.util.find_spec(name) is None:
+        if name != "none" and find_spec(name) is None:
             raise ConfigError(f"train.report_to={name} needs the {name} package: pip install 'qlora-rft[{name}]' "
                               f"(from a checkout: pip install -e '.[{name}]'), or leave {name} out of train.report_to")
 
