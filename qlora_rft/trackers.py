@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -100,7 +101,7 @@ class WandB:
 
         id_file = folder / "wandb" / "run_id"
         resumed = start_step and id_file.is_file()
-        run_id = id_file.read_text().strip() if resumed else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if resumed else secrets.token_hex(4)  # W&B ids: [a-z0-9]
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)
         self._wandb = wandb
