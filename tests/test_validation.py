@@ -109,3 +109,36 @@ def test_an_evaluation_without_held_out_data_is_refused_at_load(extra, message):
 
 def test_held_out_data_makes_the_evaluation_valid():
     assert load_config(None, ["train.eval_steps=5", "data.eval=synthetic:shapes"]).train.eval_steps == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["zero3", "ddp"])
+def test_under_a_launch_every_process_answers_its_share_and_training_is_unchanged(tmp_path, launcher):
+    """2 processes (ZeRO-3 in full mode, the weights gathered whole for the answers; DDP in qlora mode), real
+    sampling with rewards of every sampled character: with the evaluation each step the run trains exactly as
+    without, and the main process scores all eval.limit prompts, in the order one process asks them."""
+    import torch
+    from test_distributed import JOB, PAPER, _launch, _run, _weights
+
+    sample = [str(JOB), str(PAPER), "--sample", "train.lr_scheduler=constant"]
+    if launcher == "ddp":
+        torchrun = str(Path(sys.executable).parent / "torchrun")
+        qlora = ["model.mode=qlora", "lora.train_vision=false", "lora.dropout=0.0", "train.learning_rate=0.001"]
+        launch = lambda *args: _run([torchrun, "--nproc_per_node", "2", *sample, *qlora, *args])  # noqa: E731
+    else:
+        launch = lambda *args: _launch(*sample, *args)  # noqa: E731
+    plain, watched = tmp_path / "plain", tmp_path / "watched"
+    launch(f"train.output_dir={plain}")
+    launch(f"train.output_dir={watched}", "train.eval_steps=1", *EVAL)
+
+    m1, m2 = (json.loads((run / "job_metrics.json").read_text()) for run in (plain, watched))
+    assert [(a["loss"], a["reward"]) for a in m1] == [(b["loss"], b["reward"]) for b in m2]
+    assert [b["eval/num_predictions"] for b in m2] == [3, 3]
+    if launcher == "ddp":
+        a, b = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (plain, watched))
+    else:
+        a, b = _weights(plain / "model"), _weights(watched / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for step in (1, 2):
+        lines = (watched / "evals" / f"step-{step}" / "predictions.jsonl").read_text().splitlines()
+        assert [json.loads(line)["id"] for line in lines] == [0, 1, 2]  # rank 0 asked 0 and 2, rank 1 asked 1
