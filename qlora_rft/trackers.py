@@ -105,9 +105,14 @@ class WandB:
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)
         self._wandb = wandb
-        self._run = wandb.init(dir=str(folder), project=os.environ.get("WANDB_PROJECT", "qlora-rft"),
-                               name=folder.resolve().name, id=run_id, resume="allow", config=config,
-                               settings=wandb.Settings(console="off"))  # rich's progress bar keeps the terminal
+        try:
+            self._run = wandb.init(dir=str(folder), project=os.environ.get("WANDB_PROJECT", "qlora-rft"),
+                                   name=folder.resolve().name, id=run_id, resume="allow", config=config,
+                                   settings=wandb.Settings(console="off"))  # rich's progress bar keeps the terminal
+        except wandb.errors.Error as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"train.report_to=wandb: W&B did not start ({why}): run `wandb login`, or set "
+                              f"WANDB_MODE=offline to keep the run in {folder / 'wandb'} only") from None
 
     def log(self, values: dict[str, float], step: int) -> None:
         self._run.log(values, step=step)  # a step already in a resumed run's history is dropped by W&B

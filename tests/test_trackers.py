@@ -163,6 +163,15 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(monkeypatch, cap
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
+def test_wandb_without_an_account_or_offline_mode_says_what_to_set(tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no W&B settings: no key anywhere
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    with pytest.raises(ConfigError, match="W&B did not start .*set WANDB_MODE=offline"):
+        trackers.WandB(tmp_path / "run", {}, 0)
+
+
 @pytest.mark.parametrize("value,message", [
     ("mlflow", "train.report_to=mlflow: choose among none, tensorboard, wandb"),
     ("none,wandb", "none cannot be combined"),
