@@ -91,6 +91,16 @@ def _wandb_config(path: Path) -> dict:
     return {item.key: json.loads(item.value_json) for item in runs[0].config.update}
 
 
+@pytest.fixture
+def fresh_wandb():
+    """W&B reads its environment once per process (a singleton): start and end each test with a new one."""
+    import wandb
+
+    wandb.teardown()
+    yield
+    wandb.teardown()
+
+
 def test_the_run_logger_writes_metrics_lines_and_text_to_tensorboard(tmp_path):
     folder = tmp_path / "tensorboard"
     board = Trackers([TensorBoard(folder, {"train": {"learning_rate": 0.01, "report_to": ["tensorboard"]}}, 0)])
@@ -112,9 +122,11 @@ def test_the_run_logger_writes_metrics_lines_and_text_to_tensorboard(tmp_path):
     assert samples == [{"step": 2, "prompt": "shape?", "completion": "<answer>a|b</answer>", "reward": 1.0}]
 
 
-def test_a_grpo_run_reports_to_tensorboard_and_offline_wandb(tiny_overrides, tmp_path, monkeypatch):
+def test_a_grpo_run_reports_to_tensorboard_and_offline_wandb(tiny_overrides, tmp_path, monkeypatch, fresh_wandb):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):  # the user's folders stay untouched
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home" / name))
     monkeypatch.setattr(trainer_module, "score", lambda texts, solution, weights, frame=None:  # some spread
                         {name: [float(k % 2) for k in range(len(texts))] for name in weights})
     out = Path(load_config(None, tiny_overrides).train.output_dir)
@@ -163,11 +175,12 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(monkeypatch, cap
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
-def test_wandb_without_an_account_or_offline_mode_says_what_to_set(tmp_path, monkeypatch):
+def test_wandb_without_an_account_or_offline_mode_says_what_to_set(tmp_path, monkeypatch, fresh_wandb):
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no W&B settings: no key anywhere
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    for name in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name))
     with pytest.raises(ConfigError, match="W&B did not start .*set WANDB_MODE=offline"):
         trackers.WandB(tmp_path / "run", {}, 0)
 
