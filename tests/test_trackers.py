@@ -192,3 +192,16 @@ def test_wandb_without_an_account_or_offline_mode_says_what_to_set(tmp_path, mon
 def test_report_to_names_known_trackers_only(value, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [f"train.report_to={value}"])
+
+
+def test_a_resumed_run_replaces_tensorboard_events_past_its_checkpoint(tmp_path):
+    first = TensorBoard(tmp_path, {"train": {"seed": 0}}, 0)
+    for step in (1, 2, 3):
+        first.log({"loss": float(step)}, step)  # steps 2 and 3 were written after checkpoint-1, then a crash
+    first.close()
+    resumed = TensorBoard(tmp_path, {"train": {"seed": 0}}, 1)
+    for step in (2, 3):
+        resumed.log({"loss": 10.0 * step}, step)
+    resumed.close()
+    events = _tensorboard(tmp_path).Scalars("loss")
+    assert [(e.step, e.value) for e in events] == [(1, 1.0), (2, 20.0), (3, 30.0)]  # the crashed run's 2, 3 purged
