@@ -5,7 +5,7 @@
   3. advantages over the whole group                                 -> [G]
   4. fixed log-probs: reference (adapters off, or full mode's frozen copy) and old policy -> [G, T] each, no grad
   5. policy loss and backward, backward_chunk completions at a time (accumulated over chunks and prompts)
-  6. optimizer step, metrics line, checkpoint
+  6. optimizer step, metrics line (with eval/<metric> every train.eval_steps: evaluation/validation.py), checkpoint
 
 The same loop runs in one process or under `accelerate launch` (DDP, DeepSpeed ZeRO-3): see distributed.py.
 Logits, a loss or a gradient that are not finite stop the run with a TrainingError naming the step, before its
