@@ -26,6 +26,7 @@ def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
     return field(default=default, metadata=meta)
 
 
+TRACKERS = ("none", "tensorboard", "wandb")  # train.report_to's choices
 FLOAT32_MAX = 3.4028234663852886e38  # an optimizer's learning rate must fit in float32
 LANGUAGE_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -274,6 +275,24 @@ class TrainConfig:
     save_steps: int = _f(50, "Write checkpoint-STEP/ every this many steps (0: only the final adapter).")
     save_total_limit: int = _f(2, "Keep the newest this many checkpoints (0: keep all).")
     logging_steps: int = _f(1, "Write a metrics.jsonl line every this many steps.")
+    eval_steps: int = _f(
+        0,
+        "Every this many steps and at the end, evaluate the current adapters as `qlora-rft eval` does (greedy, "
+        "eval.limit prompts of data.eval): metrics into that step's metrics.jsonl line as eval/<metric>, "
+        "predictions and metrics.json under evals/step-STEP/. 0: off.",
+    )
+    report_to: list = _f(
+        ["none"],
+        "Trackers that also get every metrics.jsonl value (a scalar under the same name), the config (as "
+        "hyperparameters) and the completion samples: none, tensorboard (events in tensorboard/), wandb (runs in "
+        "wandb/; WANDB_MODE=offline needs no account); several allowed. Each needs its extra: pip install "
+        "'qlora-rft[tensorboard]' or '[wandb]'.",
+    )
+    log_completions: int = _f(
+        0,
+        "GRPO: every this many steps, the first prompt's completions with their rewards and advantages go to "
+        "completions.jsonl and, as text, to the trackers. 0: off.",
+    )
     seed: int = _f(0, "Seed of data order, sampling and adapter initialisation.")
 
 
@@ -497,6 +516,18 @@ def validate(cfg: Config) -> None:
     need(t.save_steps >= 0, "train.save_steps must be >= 0 (0: only the final adapter)")
     need(t.save_total_limit >= 0, "train.save_total_limit must be >= 0")
     need(t.logging_steps >= 1, "train.logging_steps must be >= 1")
+    need(t.eval_steps >= 0, "train.eval_steps must be >= 0 (0: off)")
+    if t.eval_steps > 0 and cfg.data.task == "detection":
+        need(bool(cfg.eval.annotations), f"train.eval_steps={t.eval_steps}: detection is evaluated against an "
+             "annotation file: set eval.annotations (and eval.images), or train.eval_steps=0")
+    elif t.eval_steps > 0:
+        need(bool(cfg.data.eval), f"train.eval_steps={t.eval_steps} evaluates held-out data: set data.eval (and "
+             "data.eval_split), or train.eval_steps=0")
+    need(t.log_completions >= 0, "train.log_completions must be >= 0 (0: off)")
+    need(all(name in TRACKERS for name in t.report_to),
+         f"train.report_to={','.join(map(str, t.report_to))}: choose among {', '.join(TRACKERS)}")
+    need("none" not in t.report_to or len(t.report_to) == 1,
+         "train.report_to: none cannot be combined with a tracker; name only the trackers")
     need(t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0")
     need(bool(t.output_dir), "train.output_dir must not be empty")
 

@@ -5,7 +5,7 @@
   3. advantages over the whole group                                 -> [G]
   4. fixed log-probs: reference (adapters off, or full mode's frozen copy) and old policy -> [G, T] each, no grad
   5. policy loss and backward, backward_chunk completions at a time (accumulated over chunks and prompts)
-  6. optimizer step, metrics line, checkpoint
+  6. optimizer step, metrics line (with eval/<metric> every train.eval_steps: evaluation/validation.py), checkpoint
 
 The same loop runs in one process or under `accelerate launch` (DDP, DeepSpeed ZeRO-3): see distributed.py.
 Logits, a loss or a gradient that are not finite stop the run with a TrainingError naming the step, before its
@@ -45,6 +45,7 @@ from qlora_rft.distributed import (
     whole_models,
 )
 from qlora_rft.errors import OutputError, TrainingError, UserError
+from qlora_rft.evaluation.validation import Validation
 from qlora_rft.files import atomic_folder, lock_folder, reporting_full_disk, unlock_folder
 from qlora_rft.model import (
     Policy,
@@ -64,6 +65,7 @@ from qlora_rft.rewards import default_weights, score
 from qlora_rft.rollout import CompletionScorer, Rollout, Sampling, sample_groups, share_vision
 from qlora_rft.runlog import NullLogger, RunLogger
 from qlora_rft.tasks import get_task
+from qlora_rft.trackers import open_trackers, require
 
 
 @dataclass
@@ -145,7 +147,8 @@ class Run:
         if not (log and self.accelerator.is_main_process):
             return NullLogger()
         kwargs = {"shown": shown} if shown else {}
-        return RunLogger(self.out / "metrics.jsonl", self.steps, self.start_step, console, **kwargs)
+        trackers = open_trackers(self.cfg.train.report_to, self.out, self.cfg.to_dict(), self.start_step)
+        return RunLogger(self.out / "metrics.jsonl", self.steps, self.start_step, console, trackers=trackers, **kwargs)
 
     def optimizer_step(self, step: int, loss: float) -> float:
         """The optimizer step (`Updates.step`, given this process's loss); returns the gradient norm. A loss or
@@ -288,7 +291,8 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
 
 
 # What a run writes into train.output_dir; any of them (or a checkpoint) means the folder holds a run.
-RUN_FILES = ("adapter", "model", "train_summary.json", "metrics.jsonl")
+RUN_FILES = ("adapter", "model", "train_summary.json", "metrics.jsonl", "completions.jsonl", "evals", "tensorboard",
+             "wandb")
 
 
 def run_files(out: Path) -> list[Path]:
@@ -322,6 +326,7 @@ def claim_output_dir(out: Path, resume: bool, launch: Launch) -> Path | None:
 def check_inputs(cfg: Config, launch: Launch) -> None:
     """What can be refused before anything loads: the launch, and a model folder that is not a supported model."""
     check_launch(cfg, launch)
+    require(cfg.train.report_to)  # a tracker's package
     if not cfg.model.name_or_path.startswith("tiny:"):
         check_model_folder(Path(cfg.model.name_or_path).expanduser())
 
@@ -393,6 +398,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
                                                 f"decoding: {decoding.name} ({decoding.reason})")
     skip_uniform = g.skip_uniform_groups and g.beta == 0 and not run.launch.distributed  # engines step in lockstep
     logger = run.logger(console, log)
+    validation = Validation.of(run)  # train.eval_steps
     metrics = []
     started = time.perf_counter()
     with logger:
@@ -448,8 +454,11 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
             line.update(gather_mean(accelerator, {k: line[k] for k in line if k in AVERAGED}))
             line.update(decoder.counters() if decoder is not None else {})  # shapes built, graphs compiled
             line["epoch"] = run.epoch(step)
+            line.update(validation.metrics(run, step))  # eval/<metric> at an evaluation step
             metrics.append(line)
-            logger.log(line, write=step % cfg.train.logging_steps == 0 or step == run.steps)
+            logger.log(line, write=step % cfg.train.logging_steps == 0 or step == run.steps or validation.due(step))
+            if cfg.train.log_completions and step % cfg.train.log_completions == 0:
+                logger.samples(step, completion_samples(examples[0], groups[0], weights))
             run.checkpoint(step)
 
     return run.finish(metrics, time.perf_counter() - started)
@@ -542,6 +551,14 @@ def step_metrics(step, groups, stats, weights, cfg, scheduler, grad_norm, gen_to
     for name in weights:
         line[f"rewards/{name}"] = float(np.mean([np.mean(grp.rewards[name]) for grp in groups]))
     return line
+
+
+def completion_samples(example, group: Group, weights: dict) -> list[dict]:
+    """One row per completion of a group: the prompt's question and solution, the completion, its rewards and
+    advantage (train.log_completions)."""
+    return [{"prompt": example.problem, "solution": example.solution, "completion": text,
+             "reward": group.total[k].item(), **{f"rewards/{n}": group.rewards[n][k] for n in weights},
+             "advantage": group.advantages[k].item()} for k, text in enumerate(group.rollout.texts)]
 
 
 def report_skipped(data, console=None) -> None:
