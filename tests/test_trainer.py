@@ -154,6 +154,22 @@ def test_dynamic_sampling_replaces_uniform_groups_within_the_bound(tiny_override
     assert len(calls) == 2 * (2 + extra)  # two steps of 2 prompts and their fresh ones, each scored once
 
 
+@pytest.mark.parametrize("mask", [True, False])
+def test_truncated_completions_are_left_out_of_the_loss(tiny_overrides, monkeypatch, mask):
+    """EOS suppressed up to the length limit: every completion is truncated. Masked, no token counts: loss and
+    gradient are 0; unmasked, the same rewards train."""
+    import qlora_rft.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "score", _alternating_rewards)
+    settings = ["grpo.min_completion_length=8", f"grpo.mask_truncated_completions={str(mask).lower()}",
+                "train.save_steps=0"]
+    lines = train(load_config(None, [*tiny_overrides, *settings])).metrics
+    if mask:
+        assert [(line["loss"], line["grad_norm"]) for line in lines] == [(0.0, 0.0), (0.0, 0.0)]
+    else:
+        assert all(line["grad_norm"] > 0 for line in lines)
+
+
 def test_resume_continues_from_the_newest_complete_checkpoint(tiny_overrides):
     cfg = load_config(None, tiny_overrides)
     first = train(cfg, log=True)
