@@ -303,7 +303,7 @@ def side_ours(s: BenchSettings, workdir: Path) -> dict:
         f"grpo.min_completion_length={s.min_completion_length}",
         f"grpo.temperature={s.temperature}", f"grpo.top_p={s.top_p}", f"grpo.top_k={s.top_k}",
         f"grpo.beta={s.beta}", f"grpo.num_iterations={s.num_iterations}", f"grpo.epsilon={s.epsilon}",
-        "grpo.loss_aggregation=sequence", "warmup.steps=0",
+        "grpo.loss_type=grpo", "warmup.steps=0",
         f"train.output_dir={workdir}", f"train.max_steps={s.warmup_steps + s.steps}",
         f"train.prompts_per_step={s.prompts_per_step}", f"train.learning_rate={s.learning_rate}",
         f"train.lr_scheduler={s.lr_scheduler}", "train.warmup_ratio=0.0", f"train.optimizer={s.optimizer}",
@@ -370,7 +370,7 @@ def side_trl(s: BenchSettings, workdir: Path) -> dict:
         beta=s.beta,
         num_iterations=s.num_iterations,
         epsilon=s.epsilon,
-        loss_type="grpo",  # per-sequence mean, then over the group: ours' grpo.loss_aggregation=sequence
+        loss_type="grpo",  # per-sequence mean, then over the group: ours' grpo.loss_type=grpo
         scale_rewards="group",
         learning_rate=s.learning_rate,
         lr_scheduler_type=s.lr_scheduler,

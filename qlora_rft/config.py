@@ -18,15 +18,19 @@ import yaml
 from qlora_rft.errors import ConfigError
 
 
-def _f(default: Any, help: str, choices: tuple | Callable[[], tuple] | None = None) -> Any:
-    """A dataclass field with its documentation (and allowed values, or a function returning them) attached."""
-    meta = {"help": help, "choices": choices}
+def _f(default: Any, help: str, choices: tuple | Callable[[], tuple] | None = None,
+       aliases: dict | None = None) -> Any:
+    """A dataclass field with its documentation (and allowed values, or a function returning them) attached;
+    `aliases` maps the values an older version took (e.g. True/False) to their current names."""
+    meta = {"help": help, "choices": choices, "aliases": aliases or {}}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+TRACKERS = ("none", "tensorboard", "wandb")  # train.report_to's choices
 FLOAT32_MAX = 3.4028234663852886e38  # an optimizer's learning rate must fit in float32
+CISPO_CAP = 5.0  # loss_type=cispo's default cap of the importance weight (ScaleRL's recommendation)
 LANGUAGE_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -151,19 +155,56 @@ class GRPOConfig:
     top_p: float = _f(1.0, "Nucleus sampling mass (1.0: off).")
     top_k: int = _f(0, "Top-k sampling (0: off; the original Visual-RFT sampled with transformers' default, 50).")
     beta: float = _f(0.04, "KL coefficient to the reference (adapters off); 0 skips the reference pass.")
-    epsilon: float = _f(0.2, "PPO clip range of the probability ratio (acts when num_iterations > 1).")
+    loss_type: str = _f(
+        "grpo",
+        "The loss, as TRL's GRPOTrainer defines it. grpo: PPO-clipped term, mean over each completion's tokens, "
+        "then over completions (the paper's); bnpo: the same term, mean over each group's tokens, then over groups; "
+        "dr_grpo: summed over tokens / (completions x max_completion_length) (Dr. GRPO); dapo: summed over tokens / "
+        "the step's tokens, all processes' (DAPO); cispo: -min(ratio, epsilon_high) * A * logp, the capped weight "
+        "detached, normalised as dapo (MiniMax-M1); sapo: -sigmoid(tau * (ratio - 1)) * 4 / tau * A, a soft gate "
+        "instead of the clip, normalised as grpo (SAPO).",
+        ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"),
+    )
+    epsilon: float = _f(0.2, "PPO clip range of the probability ratio (acts when num_iterations > 1): it is kept "
+                        "above 1 - epsilon, and below 1 + epsilon unless grpo.epsilon_high says otherwise.")
+    epsilon_high: float = _f(
+        0.0,
+        "Upper clip range (DAPO's clip-higher, 0.28 in its paper): the ratio is kept below 1 + epsilon_high; "
+        "0: grpo.epsilon. With loss_type=cispo the cap of the importance weight itself, >= 1 (0: 5.0, ScaleRL's).",
+    )
+    importance_sampling_level: str = _f(
+        "token",
+        "token: one probability ratio per token; sequence: one per completion, the exp of its mean log-ratio "
+        "(GSPO, meant for loss_type=grpo: the token-summed types weigh each completion by its length).",
+        ("token", "sequence"),
+    )
+    sapo_temperature_pos: float = _f(1.0, "loss_type=sapo: the gate's temperature for a positive advantage.")
+    sapo_temperature_neg: float = _f(1.05, "loss_type=sapo: the gate's temperature for the other advantages.")
     num_iterations: int = _f(1, "Optimizer updates per batch of rollouts (mu); 1 is the paper's setting.")
-    scale_rewards: bool = _f(True, "Divide the centred reward by the group's std (False: Dr. GRPO style).")
-    advantage_eps: float = _f(1e-4, "Added to the group std before dividing.")
-    loss_aggregation: str = _f(
-        "sequence",
-        "sequence: mean over each completion's tokens, then over completions (the paper's); "
-        "token: mean over all completion tokens of the group.",
-        ("sequence", "token"),
+    scale_rewards: str = _f(
+        "group",
+        "What the centred reward is divided by: group: its group's std (the paper's); batch: the std of every "
+        "reward of the step, all processes' (PPO Lite); none: nothing (Dr. GRPO). true/false mean group/none.",
+        ("group", "batch", "none"),
+        aliases={True: "group", False: "none"},
+    )
+    advantage_eps: float = _f(1e-4, "Added to the std before dividing.")
+    mask_truncated_completions: bool = _f(
+        False,
+        "Leave completions that hit max_completion_length without an EOS out of the loss (DAPO's overlong "
+        "filtering); their rewards still count in the advantages.",
+    )
+    dynamic_sampling: bool = _f(
+        False,
+        "DAPO's dynamic sampling: a group whose rewards are all equal (no advantage) is replaced by the group of a "
+        "fresh prompt, at most grpo.max_extra_groups per step and process (metrics.jsonl: extra_groups).",
+    )
+    max_extra_groups: int = _f(
+        8, "grpo.dynamic_sampling: fresh prompts sampled (G completions each) per step and process at most."
     )
     skip_uniform_groups: bool = _f(
         True,
-        "Skip the backward of a group whose rewards are all equal when beta = 0 (no gradient). Without a launcher "
+        "Skip the backward of a group whose advantages are all 0 when beta = 0 (no gradient). Without a launcher "
         "only: under DDP or DeepSpeed every process runs every backward, to stay in step with the others.",
     )
     logprob_chunk: int = _f(1024, "Completion positions per LM-head chunk when computing log-probs.")
@@ -192,6 +233,11 @@ class GRPOConfig:
         "a little faster), generate on CUDA (the compiled decoder is not yet measured on a GPU).",
         ("auto", "generate", "static"),
     )
+
+    @property
+    def clip_high(self) -> float:
+        """The upper clip range (or cispo's cap): grpo.epsilon_high; when it is 0, grpo.epsilon (cispo: 5.0)."""
+        return self.epsilon_high or (CISPO_CAP if self.loss_type == "cispo" else self.epsilon)
 
 
 @dataclass
@@ -295,6 +341,24 @@ class TrainConfig:
     save_steps: int = _f(50, "Write checkpoint-STEP/ every this many steps (0: only the final adapter).")
     save_total_limit: int = _f(2, "Keep the newest this many checkpoints (0: keep all).")
     logging_steps: int = _f(1, "Write a metrics.jsonl line every this many steps.")
+    eval_steps: int = _f(
+        0,
+        "Every this many steps and at the end, evaluate the current adapters as `qlora-rft eval` does (greedy, "
+        "eval.limit prompts of data.eval): metrics into that step's metrics.jsonl line as eval/<metric>, "
+        "predictions and metrics.json under evals/step-STEP/. 0: off.",
+    )
+    report_to: list = _f(
+        ["none"],
+        "Trackers that also get every metrics.jsonl value (a scalar under the same name), the config (as "
+        "hyperparameters) and the completion samples: none, tensorboard (events in tensorboard/), wandb (runs in "
+        "wandb/; WANDB_MODE=offline needs no account); several allowed. Each needs its extra: pip install "
+        "'qlora-rft[tensorboard]' or '[wandb]'.",
+    )
+    log_completions: int = _f(
+        0,
+        "GRPO: every this many steps, the first prompt's completions with their rewards and advantages go to "
+        "completions.jsonl and, as text, to the trackers. 0: off.",
+    )
     seed: int = _f(0, "Seed of data order, sampling and adapter initialisation.")
 
 
@@ -424,6 +488,12 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
+# Keys an older version took, and what replaced them.
+RENAMED = {
+    "grpo.loss_aggregation": "use grpo.loss_type (loss_aggregation=sequence is loss_type=grpo, token is bnpo)",
+}
+
+
 def from_dict(raw: dict) -> Config:
     sections = {}
     for section, values in raw.items():
@@ -439,6 +509,8 @@ def from_dict(raw: dict) -> Config:
         for name, value in values.items():
             if not isinstance(name, str):
                 raise ConfigError(f"key {name!r} of section {section!r} is not a name: known are {', '.join(known)}")
+            if f"{section}.{name}" in RENAMED:
+                raise ConfigError(f"{section}.{name} is gone: {RENAMED[f'{section}.{name}']}")
             if name not in known:
                 raise ConfigError(f"unknown key {section}.{name}{_suggest(name, known)}")
             kwargs[name] = _coerce(f"{section}.{name}", value, known[name])
@@ -453,6 +525,9 @@ def _suggest(name: str, options) -> str:
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     kind = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}[f.type]
+    aliases = f.metadata.get("aliases") or {}
+    if isinstance(value, bool) and value in aliases:
+        value = aliases[value]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value) if _finite_number(value) else math.inf if value > 0 else -math.inf
     if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-05 (no dot) as a string
@@ -516,6 +591,18 @@ def validate(cfg: Config) -> None:
     need(g.top_k >= 0, "grpo.top_k must be >= 0 (0: off)")
     need(g.beta >= 0, "grpo.beta must be >= 0")
     need(g.epsilon > 0, "grpo.epsilon must be > 0")
+    need(g.epsilon_high >= 0, "grpo.epsilon_high must be >= 0 (0: grpo.epsilon)")
+    if g.loss_type == "cispo":
+        need(g.clip_high >= 1, f"grpo.loss_type=cispo caps the importance weight at grpo.epsilon_high itself (not 1 + "
+             f"it), so {g.clip_high:g} would scale every update down: set grpo.epsilon_high >= 1, or 0 for 5.0")
+    else:
+        need(g.clip_high >= g.epsilon, f"grpo.epsilon_high={g.epsilon_high:g} is below grpo.epsilon={g.epsilon:g}: "
+             "clip-higher only widens the upper range; set it >= grpo.epsilon, or 0 for the same")
+    need(g.sapo_temperature_pos > 0 and g.sapo_temperature_neg > 0,
+         "grpo.sapo_temperature_pos and grpo.sapo_temperature_neg must be > 0")
+    need(g.max_extra_groups >= 0, "grpo.max_extra_groups must be >= 0")
+    need(not g.dynamic_sampling or g.max_extra_groups >= 1,
+         "grpo.dynamic_sampling needs grpo.max_extra_groups >= 1 (fresh prompts per step at most)")
     need(g.num_iterations >= 1, "grpo.num_iterations must be >= 1")
     need(g.advantage_eps > 0, "grpo.advantage_eps must be > 0")
     need(g.logprob_chunk >= 1, "grpo.logprob_chunk must be >= 1")
@@ -536,6 +623,18 @@ def validate(cfg: Config) -> None:
     need(t.save_steps >= 0, "train.save_steps must be >= 0 (0: only the final adapter)")
     need(t.save_total_limit >= 0, "train.save_total_limit must be >= 0")
     need(t.logging_steps >= 1, "train.logging_steps must be >= 1")
+    need(t.eval_steps >= 0, "train.eval_steps must be >= 0 (0: off)")
+    if t.eval_steps > 0 and cfg.data.task == "detection":
+        need(bool(cfg.eval.annotations), f"train.eval_steps={t.eval_steps}: detection is evaluated against an "
+             "annotation file: set eval.annotations (and eval.images), or train.eval_steps=0")
+    elif t.eval_steps > 0:
+        need(bool(cfg.data.eval), f"train.eval_steps={t.eval_steps} evaluates held-out data: set data.eval (and "
+             "data.eval_split), or train.eval_steps=0")
+    need(t.log_completions >= 0, "train.log_completions must be >= 0 (0: off)")
+    need(all(name in TRACKERS for name in t.report_to),
+         f"train.report_to={','.join(map(str, t.report_to))}: choose among {', '.join(TRACKERS)}")
+    need("none" not in t.report_to or len(t.report_to) == 1,
+         "train.report_to: none cannot be combined with a tracker; name only the trackers")
     need(t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0")
     need(bool(t.output_dir), "train.output_dir must not be empty")
 

@@ -275,6 +275,14 @@ def gather_mean(accelerator, values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, total.tolist()))
 
 
+def gather_all(accelerator, values: torch.Tensor) -> torch.Tensor:
+    """Every process's `values` (the same shape on each) concatenated along dim 0 in rank order, on the CPU
+    (every process calls this)."""
+    if accelerator.num_processes == 1:
+        return values
+    return accelerator.gather(values.to(accelerator.device)).cpu()
+
+
 def register_head(scorer, launch: Launch) -> None:
     """ZeRO-3 gathers a layer's weights when that layer runs; the scorer reads the LM head's weight directly (its
     chunked log-probs), so tell DeepSpeed to gather it for the scorer's forward and backward too. Other launches:

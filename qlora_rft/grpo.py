@@ -1,7 +1,10 @@
-"""GRPO maths as pure tensor functions: masks, log-probs, group advantages, k3 KL, clipped loss, aggregation.
+"""GRPO maths as pure tensor functions: masks, log-probs, advantages, k3 KL, the loss variants, aggregation.
 
-Nothing here knows about models, configs or data; tests check every function with numbers worked out by hand.
-Shapes: B completions (a chunk of one group of G), T completion tokens, H hidden size, V vocabulary.
+The loss types (grpo, bnpo, dr_grpo, dapo, cispo, sapo), clip-higher and sequence-level importance sampling follow
+TRL's GRPOTrainer (tests compare with its own loss). Nothing here knows about models, configs or data; tests check
+every function with numbers worked out by hand.
+Shapes: N groups of G completions, B completions (a chunk of one group), T completion tokens, H hidden size,
+V vocabulary.
 """
 
 from __future__ import annotations
@@ -25,6 +28,16 @@ def completion_mask(ids: torch.Tensor, eos_token_ids: int | list[int]) -> torch.
     # Count of EOS strictly before each position: 0 means "still inside the completion".
     eos_before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()  # [B, T]
     return (eos_before == 0).float()
+
+
+def truncated(ids: torch.Tensor, eos_token_ids: int | list[int]) -> torch.Tensor:
+    """Rows that hold no EOS: cut at the length limit.  ids: [B, T] -> [B] bool.
+
+    >>> truncated(torch.tensor([[5, 2, 0], [5, 6, 7]]), eos_token_ids=2)
+    tensor([False,  True])
+    """
+    eos = torch.as_tensor(eos_token_ids, device=ids.device).reshape(-1)
+    return ~torch.isin(ids, eos).any(dim=-1)
 
 
 def token_logprobs(
@@ -55,17 +68,28 @@ def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, temp
     return logits.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [n]
 
 
-def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """(r - mean) / (std + eps) over one group of G rewards; std is the unbiased sample std (as TRL).
+SCALINGS = ("group", "batch", "none")
 
-    rewards: [G] -> [G].  With scale=False only the mean is removed (Dr. GRPO).
-    >>> group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), eps=0.0)  # mean 0.5, std 0.5774
-    tensor([ 0.8660, -0.8660, -0.8660,  0.8660])
+
+def advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4,
+               batch: torch.Tensor | None = None) -> torch.Tensor:
+    """Each reward minus its group's mean, divided by a std + eps (unbiased sample std, as TRL).
+
+    rewards: [N, G], N groups of G -> [N, G].  scale: "group": each group's own std; "batch": the std of all the
+    step's rewards (`batch`: every process's, default `rewards`); "none": not divided (Dr. GRPO).
+    A group whose rewards are all equal gets advantages of exactly 0.
+    >>> advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), eps=0.0)  # mean 0.5, std 0.5774
+    tensor([[ 0.8660, -0.8660, -0.8660,  0.8660]])
     """
-    centred = rewards - rewards.mean()
-    if not scale:
-        return centred
-    return centred / (rewards.std() + eps)
+    if scale not in SCALINGS:
+        raise ValueError(f"unknown reward scaling {scale!r}")
+    uniform = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)  # [N, 1]
+    centred = torch.where(uniform, 0.0, rewards - rewards.mean(dim=1, keepdim=True))  # [N, G]
+    if scale == "group":
+        return centred / (rewards.std(dim=1, keepdim=True) + eps)
+    if scale == "batch":
+        return centred / ((rewards if batch is None else batch).std() + eps)
+    return centred
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -74,14 +98,30 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Which loss of the GRPO family, and its constants (TRL GRPOTrainer's definitions and defaults)."""
+
+    loss_type: str = "grpo"
+    beta: float = 0.0  # weight of the k3 KL to the reference
+    epsilon: float = 0.2  # the ratio is clipped below at 1 - epsilon
+    epsilon_high: float = 0.2  # ... and above at 1 + epsilon_high; cispo: the importance weight's cap itself
+    importance_sampling_level: str = "token"  # token: a ratio per token; sequence: one per completion (GSPO)
+    sapo_temperature_pos: float = 1.0  # sapo's gate temperature for tokens with a positive advantage
+    sapo_temperature_neg: float = 1.05  # ... and for the others
+
+
 @dataclass
 class TokenLoss:
-    """Per-token GRPO terms, each [B, T]."""
+    """Per-token terms, each [B, T]."""
 
-    loss: torch.Tensor  # -min(ratio * A, clip(ratio) * A) + beta * kl
+    loss: torch.Tensor  # the loss type's policy term plus beta * kl
     kl: torch.Tensor | None  # k3 estimate; None when beta = 0 (no reference pass)
-    ratio: torch.Tensor  # pi / pi_old
-    clipped: torch.Tensor  # bool: the clipped branch was the minimum (no gradient through the ratio)
+    ratio: torch.Tensor  # pi / pi_old (sequence level: the completion's geometric mean, on each of its tokens)
+    clipped: torch.Tensor  # bool: the clip (or cispo's cap) decided the term: no gradient through the ratio
 
 
 def token_loss(
@@ -89,43 +129,87 @@ def token_loss(
     old_logp: torch.Tensor,
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
-    beta: float,
-    epsilon: float,
+    objective: Objective,
+    mask: torch.Tensor | None = None,
 ) -> TokenLoss:
-    """PPO-clipped policy-gradient term plus beta * k3 KL, per token.
+    """The per-token loss of `objective.loss_type`, with A the completion's advantage and r the importance ratio:
 
-    logp, old_logp, ref_logp: [B, T]; advantages: [B].  With one update per rollout old_logp = logp.detach(),
-    so ratio = 1 and the gradient is A * grad(logp) (the paper's setting).
+    grpo, bnpo, dr_grpo, dapo: -min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A)  (PPO's clipped term);
+    cispo: -min(r, epsilon_high) * A * logp, the capped weight detached (MiniMax-M1);
+    sapo: -sigmoid(tau * (r - 1)) * 4 / tau * A, tau by the sign of A (a soft gate instead of the clip);
+    each plus beta * k3 KL. They differ further in how `aggregate` sums them.
+    logp, old_logp, ref_logp: [B, T]; advantages: [B]; mask [B, T]: the tokens that count (sequence level needs it).
+    With one update per rollout old_logp = logp.detach(), so r = 1 and the gradient is A * grad(logp), whichever
+    the type (cispo, sapo: within the cap and the gate's slope 1 at r = 1).
     """
-    ratio = torch.exp(logp - old_logp)  # [B, T]
+    o = objective
+    log_ratio = logp - old_logp  # [B, T]
+    if o.importance_sampling_level == "sequence":  # GSPO: one ratio per completion, the mean log-ratio's exp
+        if mask is None:
+            raise ValueError("importance_sampling_level='sequence' needs the completion mask")
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]  # [B, 1]
+    elif o.importance_sampling_level != "token":
+        raise ValueError(f"unknown importance sampling level {o.importance_sampling_level!r}")
+    ratio = torch.exp(log_ratio)  # [B, T] or [B, 1]
     adv = advantages[:, None]  # [B, 1]
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * adv
-    loss = -torch.minimum(unclipped, clipped)  # [B, T]
+    if o.loss_type == "cispo":
+        capped = torch.clamp(ratio, max=o.epsilon_high)
+        loss = -capped.detach() * adv * logp  # [B, T]
+        clipped = ratio > o.epsilon_high
+    elif o.loss_type == "sapo":
+        tau = torch.where(adv > 0, o.sapo_temperature_pos, o.sapo_temperature_neg)  # [B, 1]
+        loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+        clipped = torch.zeros_like(ratio, dtype=torch.bool)
+    elif o.loss_type in LOSS_TYPES:
+        unclipped = ratio * adv
+        clipped_term = torch.clamp(ratio, 1 - o.epsilon, 1 + o.epsilon_high) * adv
+        loss = -torch.minimum(unclipped, clipped_term)
+        clipped = clipped_term < unclipped
+    else:
+        raise ValueError(f"unknown loss type {o.loss_type!r}")
     kl = None
-    if beta != 0:
+    if o.beta != 0:
         if ref_logp is None:
             raise ValueError("beta != 0 needs the reference log-probs")
         kl = k3_kl(logp, ref_logp)
-        loss = loss + beta * kl
-    return TokenLoss(loss=loss, kl=kl, ratio=ratio, clipped=clipped < unclipped)
+        loss = loss + o.beta * kl
+    return TokenLoss(loss=loss.expand_as(logp), kl=kl, ratio=ratio.expand_as(logp),
+                     clipped=clipped.expand_as(logp))
 
 
-def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, how: str, num_sequences: int, num_tokens: float
-) -> torch.Tensor:
-    """Reduce [B, T] per-token values of a chunk to its share of the group's scalar loss.
+@dataclass(frozen=True)
+class StepSize:
+    """What the loss types divide by: counts of the whole optimizer step, never of a chunk, so that the shares of
+    all chunks of all groups add up to the step's loss whatever the chunking."""
 
-    how="sequence": mean over each completion's own tokens, then sum / num_sequences (the paper's, TRL "grpo").
-    how="token": sum over all tokens / num_tokens (every token of the group weighs the same).
-    num_sequences and num_tokens are the WHOLE group's, so the shares of its chunks add up to the group loss.
+    groups: int  # groups (prompts) in the step, in this process
+    group_size: int  # G
+    max_completion_length: int  # dr_grpo's constant
+    tokens: float  # loss tokens of the step (under a launch: the mean over the processes of their counts)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, size: StepSize,
+              group_tokens: float) -> torch.Tensor:
+    """Reduce [B, T] per-token values of a chunk of one group to its share of the step's scalar loss.
+
+    As TRL with one group per micro-batch and the step's groups accumulated (steps_per_generation = accumulation):
+    grpo, sapo: mean over each completion's own tokens, then mean over the step's completions (the paper's);
+    bnpo: mean over the group's tokens (`group_tokens`: the whole group's), then mean over the groups;
+    dr_grpo: sum over tokens / (completions x max_completion_length);
+    dapo, cispo: sum over tokens / the step's tokens (under a launch the averaged gradient is then the mean over
+    every process's tokens).
     """
-    if how == "sequence":
-        per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # [B]
-        return per_seq.sum() / num_sequences
-    if how == "token":
-        return (per_token * mask).sum() / max(float(num_tokens), 1.0)
-    raise ValueError(f"unknown aggregation {how!r}")
+    masked = per_token * mask  # [B, T]
+    if loss_type in ("grpo", "sapo"):
+        per_seq = masked.sum(-1) / mask.sum(-1).clamp(min=1.0)  # [B]
+        return per_seq.sum() / size.group_size / size.groups
+    if loss_type == "bnpo":
+        return masked.sum() / max(float(group_tokens), 1.0) / size.groups
+    if loss_type == "dr_grpo":
+        return masked.sum() / (size.group_size * size.max_completion_length) / size.groups
+    if loss_type in ("dapo", "cispo"):
+        return masked.sum() / max(float(size.tokens), 1.0)
+    raise ValueError(f"unknown loss type {loss_type!r}")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -202,6 +202,7 @@ def load_policy(model_cfg: ModelConfig, lora: LoraSettings, adapter: str | Path 
         model = load_adapter(base, adapter, trainable=True)
     else:
         model = attach_lora(base, lora, model_cfg.gradient_checkpointing)
+    model.train()  # from_pretrained leaves every module in eval mode, where gradient checkpointing is inactive
     processor = AutoProcessor.from_pretrained(str(path))
     processor.tokenizer.padding_side = "left"
     tokens = SpecialTokens.of(base, processor.tokenizer)

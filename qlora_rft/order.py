@@ -35,10 +35,11 @@ class PromptOrder:
     """Which row the n-th prompt of the run is. Epoch e is the permutation of the rows seeded with seed + e, except
     at a step that crosses from epoch e-1 into e: the rows that step already took from epoch e-1 are moved to the
     end of epoch e's permutation. So every row comes exactly once per epoch and no step holds a row twice (given
-    per_step <= size). Position n alone decides the row: a resumed run continues exactly."""
+    per_step <= size). Position n alone decides the row: a resumed run continues exactly. Another `stream` is an
+    unrelated order of the same rows and seed (dynamic sampling's fresh prompts)."""
 
-    def __init__(self, size: int, seed: int, per_step: int = 1):
-        self.size, self.seed, self.per_step = size, seed, per_step
+    def __init__(self, size: int, seed: int, per_step: int = 1, stream: int = 0):
+        self.size, self.seed, self.per_step, self.stream = size, seed, per_step, stream
         self._epoch, self._perm = -1, []
 
     def index(self, n: int) -> int:
@@ -51,7 +52,8 @@ class PromptOrder:
             self._epoch, self._perm = -1, []
         while self._epoch < epoch:
             e = self._epoch + 1
-            perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + e)).tolist()
+            generator = torch.Generator().manual_seed(self.seed + e + (self.stream << 32))
+            perm = torch.randperm(self.size, generator=generator).tolist()
             shared = (e * self.size) % self.per_step  # epoch e-1's last positions in the step crossing into e
             taken = set(self._perm[self.size - shared:]) if shared else set()
             self._perm = [r for r in perm if r not in taken] + [r for r in perm if r in taken]

@@ -1,4 +1,5 @@
-"""Run logging: one JSON line per step in metrics.jsonl and a rich progress bar with the numbers that matter.
+"""Run logging: one JSON line per step in metrics.jsonl and a rich progress bar with the numbers that matter;
+completion samples in completions.jsonl. Both also go to the run's trackers (train.report_to: trackers.py).
 
 `NullLogger` has the same methods and does nothing, so the training loop never branches on logging being on.
 """
@@ -12,23 +13,23 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from qlora_rft.trackers import Trackers
+
+SAMPLES = "completions.jsonl"  # beside metrics.jsonl
+
 
 class RunLogger:
     def __init__(self, path: Path, total_steps: int, start_step: int = 0, console: Console | None = None,
                  description: str = "GRPO",
-                 shown: tuple[str, ...] = ("epoch", "reward", "kl", "completion_length", "tokens_per_second")):
+                 shown: tuple[str, ...] = ("epoch", "reward", "kl", "completion_length", "tokens_per_second"),
+                 trackers: Trackers | None = None):
         self._shown = shown
+        self._trackers = trackers or Trackers()
         path.parent.mkdir(parents=True, exist_ok=True)
-        # A resumed run continues the file; lines past the resumed step (written after the checkpoint) are dropped.
-        kept = []
-        if start_step and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= start_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash
-        path.write_text("".join(line + "\n" for line in kept))
+        continue_file(path, start_step)
+        self._samples = path.parent / SAMPLES
+        if self._samples.exists():
+            continue_file(self._samples, start_step)
         self._file = path.open("a")
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -49,17 +50,25 @@ class RunLogger:
     def __exit__(self, *exc):
         self._progress.stop()
         self._file.close()
+        self._trackers.close()
 
     def log(self, metrics: dict, write: bool = True) -> None:
         if write:
             clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
             self._file.write(json.dumps(clean) + "\n")
             self._file.flush()
+            self._trackers.log(clean)
         short = {"completion_length": "len", "tokens_per_second": "tok/s"}
         stats = "  ".join(
             f"{short.get(k, k)} {metrics[k]:.4g}" for k in self._shown if isinstance(metrics.get(k), (int, float))
         )
         self._progress.update(self._task, completed=metrics["step"], stats=stats)
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        """Completion samples of a step: a completions.jsonl line each, and a text table for the trackers."""
+        with self._samples.open("a") as f:
+            f.write("".join(json.dumps({"step": step, **row}) + "\n" for row in rows))
+        self._trackers.text("completions", rows, step)
 
 
 class NullLogger:
@@ -71,6 +80,23 @@ class NullLogger:
 
     def log(self, metrics: dict, write: bool = True) -> None:
         return None
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        return None
+
+
+def continue_file(path: Path, start_step: int) -> None:
+    """Keep the lines of a JSON-lines log up to `start_step` (0: none): a resumed run continues the file, and lines
+    written after its checkpoint (before a crash) are dropped, as is a line cut by a crash."""
+    kept = []
+    if start_step and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= start_step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -12,6 +12,7 @@ import torch
 
 from qlora_rft import grpo
 from qlora_rft.config import Config
+from qlora_rft.evaluation.validation import Validation
 from qlora_rft.rollout import base_model
 from qlora_rft.trainer import TrainResult, prepare_run
 from qlora_rft.warmup import supervised_batch
@@ -40,6 +41,7 @@ def train_sft(cfg: Config, resume: bool = False, console=None, log: bool = True)
     run = prepare_run(cfg, resume, console)
     policy, model = run.policy, run.unwrapped
     logger = run.logger(console, log, shown=("epoch", "loss", "tokens_per_second"))
+    validation = Validation.of(run)  # train.eval_steps
     metrics = []
     started = time.perf_counter()
     with logger:
@@ -55,7 +57,8 @@ def train_sft(cfg: Config, resume: bool = False, console=None, log: bool = True)
                     "learning_rate": run.scheduler.get_last_lr()[0], "target_tokens": tokens,
                     "tokens_per_second": int(batch["attention_mask"].sum()) / max(seconds, 1e-9),
                     "step_seconds": seconds, "elapsed_seconds": time.perf_counter() - started}
+            line.update(validation.metrics(run, step))  # eval/<metric> at an evaluation step
             metrics.append(line)
-            logger.log(line, write=step % cfg.train.logging_steps == 0 or step == run.steps)
+            logger.log(line, write=step % cfg.train.logging_steps == 0 or step == run.steps or validation.due(step))
             run.checkpoint(step)
     return run.finish(metrics, time.perf_counter() - started)

@@ -2,10 +2,11 @@
 
   1. sample G completions of a prompt (in generation chunks)      -> Rollout
   2. score them with the task's verifiable rewards                  -> rewards [G]
-  3. advantages over the whole group                                 -> [G]
+     (dynamic sampling: a group whose rewards are all equal gives way to a fresh prompt's)
+  3. advantages of all the step's groups at once                    -> [G] each
   4. fixed log-probs: reference (adapters off, or full mode's frozen copy) and old policy -> [G, T] each, no grad
   5. policy loss and backward, backward_chunk completions at a time (accumulated over chunks and prompts)
-  6. optimizer step, metrics line, checkpoint
+  6. optimizer step, metrics line (with eval/<metric> every train.eval_steps: evaluation/validation.py), checkpoint
 
 The same loop runs in one process or under `accelerate launch` (DDP, DeepSpeed ZeRO-3): see distributed.py.
 Logits, a loss or a gradient that are not finite stop the run with a TrainingError naming the step, before its
@@ -22,6 +23,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ import torch
 
 from qlora_rft import checkpoint, grpo
 from qlora_rft.config import Config, dump
-from qlora_rft.data import encode_prompt, load_split, without_long_prompts
+from qlora_rft.data import Example, encode_prompt, load_split, without_long_prompts
 from qlora_rft.decode import choose_decoding
 from qlora_rft.distributed import (
     Launch,
@@ -38,6 +40,7 @@ from qlora_rft.distributed import (
     all_finite,
     check_launch,
     everywhere,
+    gather_all,
     gather_mean,
     make_accelerator,
     register_head,
@@ -45,6 +48,7 @@ from qlora_rft.distributed import (
     whole_models,
 )
 from qlora_rft.errors import OutputError, TrainingError, UserError
+from qlora_rft.evaluation.validation import Validation
 from qlora_rft.files import atomic_folder, lock_folder, reporting_full_disk, unlock_folder
 from qlora_rft.model import (
     Policy,
@@ -60,10 +64,11 @@ from qlora_rft.model import (
     resolve_model_path,
 )
 from qlora_rft.order import PromptOrder, epochs_done, training_steps
-from qlora_rft.rewards import reward_set
+from qlora_rft.rewards import RewardSet, reward_set
 from qlora_rft.rollout import CompletionScorer, Rollout, Sampling, sample_groups, share_vision
 from qlora_rft.runlog import NullLogger, RunLogger
 from qlora_rft.tasks import get_task
+from qlora_rft.trackers import open_trackers, require
 
 
 @dataclass
@@ -73,9 +78,16 @@ class Group:
     rollout: Rollout
     rewards: dict[str, list[float]]  # per reward function, [G] each
     total: torch.Tensor  # [G] weighted sum
-    advantages: torch.Tensor  # [G]
+    loss_mask: torch.Tensor  # [G, T]: rollout.mask, less truncated completions with grpo.mask_truncated_completions
+    advantages: torch.Tensor | None = None  # [G]; set once every group of the step is scored
     ref_logp: torch.Tensor | None = None  # [G, T]
     old_logp: torch.Tensor | None = None  # [G, T]; None when num_iterations == 1 (then old = current, detached)
+    example: Example | None = None  # the training row (its question and solution, for train.log_completions)
+
+    @property
+    def uniform(self) -> bool:
+        """All G rewards equal: every advantage is 0, whatever the scaling."""
+        return bool((self.total == self.total[0]).all())
 
 
 @dataclass
@@ -86,6 +98,7 @@ class StepStats:
     kl: list[float] = field(default_factory=list)
     clip: list[float] = field(default_factory=list)
     skipped_groups: int = 0
+    extra_groups: int = 0  # dynamic sampling: fresh groups sampled in place of uniform ones
 
 
 @dataclass
@@ -117,15 +130,23 @@ class Run:
     reference_model: torch.nn.Module | None  # full mode: the frozen copy's scorer (prepared); else None
     start_step: int  # 0, or the step of the checkpoint resumed from
     order: PromptOrder
+    spares: PromptOrder  # dynamic sampling's fresh rows: an order of their own
     steps: int  # the run's optimizer steps: train.max_steps, or from train.epochs and the rows
     sampling: dict = field(default_factory=dict)  # which sampling weights and decoder ran, and why
 
     def examples(self, step: int) -> list:
         """This process's training rows of an optimizer step: decided by the step and the process alone, so a
         resumed run continues exactly and no two processes take the same row."""
-        per_process = self.cfg.train.prompts_per_step
+        return self._rows(self.order, step, self.cfg.train.prompts_per_step)
+
+    def spare_examples(self, step: int) -> list:
+        """This process's fresh rows for dynamic sampling in a step (grpo.max_extra_groups), chosen the same way
+        from an order of their own."""
+        return self._rows(self.spares, step, self.cfg.grpo.max_extra_groups)
+
+    def _rows(self, order: "PromptOrder", step: int, per_process: int) -> list:
         first = ((step - 1) * self.launch.world_size + self.launch.rank) * per_process
-        return [self.data.examples[self.order.index(first + i)] for i in range(per_process)]
+        return [self.data.examples[order.index(first + i)] for i in range(per_process)]
 
     def epoch(self, step: int) -> float:
         """Passes over the training rows done after `step` steps (every process's prompts counted)."""
@@ -145,7 +166,8 @@ class Run:
         if not (log and self.accelerator.is_main_process):
             return NullLogger()
         kwargs = {"shown": shown} if shown else {}
-        return RunLogger(self.out / "metrics.jsonl", self.steps, self.start_step, console, **kwargs)
+        trackers = open_trackers(self.cfg.train.report_to, self.out, self.cfg.to_dict(), self.start_step)
+        return RunLogger(self.out / "metrics.jsonl", self.steps, self.start_step, console, trackers=trackers, **kwargs)
 
     def optimizer_step(self, step: int, loss: float) -> float:
         """The optimizer step (`Updates.step`, given this process's loss); returns the gradient norm. A loss or
@@ -284,11 +306,13 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
         dump(cfg, out / "config.yaml")
     return Run(cfg, launch, out, task, data, base_path, policy, accelerator, model, policy.model, optimizer,
                scheduler, updates, reference_model, start_step,
-               PromptOrder(len(data.examples), cfg.train.seed, per_step), steps)
+               PromptOrder(len(data.examples), cfg.train.seed, per_step),
+               PromptOrder(len(data.examples), cfg.train.seed, stream=1), steps)
 
 
 # What a run writes into train.output_dir; any of them (or a checkpoint) means the folder holds a run.
-RUN_FILES = ("adapter", "model", "train_summary.json", "metrics.jsonl")
+RUN_FILES = ("adapter", "model", "train_summary.json", "metrics.jsonl", "completions.jsonl", "evals", "tensorboard",
+             "wandb")
 
 
 def run_files(out: Path) -> list[Path]:
@@ -322,6 +346,7 @@ def claim_output_dir(out: Path, resume: bool, launch: Launch) -> Path | None:
 def check_inputs(cfg: Config, launch: Launch) -> None:
     """What can be refused before anything loads: the launch, and a model folder that is not a supported model."""
     check_launch(cfg, launch)
+    require(cfg.train.report_to)  # a tracker's package
     if not cfg.model.name_or_path.startswith("tiny:"):
         check_model_folder(Path(cfg.model.name_or_path).expanduser())
 
@@ -394,36 +419,38 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
                                                 f"decoding: {decoding.name} ({decoding.reason})")
     skip_uniform = g.skip_uniform_groups and g.beta == 0 and not run.launch.distributed  # engines step in lockstep
     logger = run.logger(console, log)
+    validation = Validation.of(run)  # train.eval_steps
     metrics = []
     started = time.perf_counter()
     with logger:
         for step in range(run.start_step + 1, run.steps + 1):
             step_start = time.perf_counter()
-            examples = run.examples(step)  # this process's prompts
-            prompts = [encode_prompt(policy.processor, task, ex, cfg.data, policy.device) for ex in examples]
 
-            # 1. Sample G completions per prompt, generation_chunk completions per generate call.
+            # 1. Sample G completions per prompt, generation_chunk completions per generate call, and 2. score them
+            #    with the verifiable rewards. Dynamic sampling: groups whose rewards are all equal give way to the
+            #    groups of fresh prompts, grpo.max_extra_groups at most.
             t0 = time.perf_counter()
             with sampling_model(accelerator, model) as scorer:  # under ZeRO-3: the weights gathered whole
                 sampler = scorer.policy
-                if not cfg.lora.train_vision:  # a frozen vision tower: encode each image once for all passes
-                    prompts = [share_vision(sampler, p) for p in prompts]
                 with merged_weights(sampler, sample_with.merges, sample_with.mode, kept_copy):
                     if step == run.start_step + 1:  # what each decode step reads (the bench's bandwidth figure)
                         run.sampling["decode_weight_bytes"] = decode_weight_bytes(sampler)
-                    rollouts = sample_groups(sampler, policy.processor, prompts, G, g.generation_chunk, sampling,
-                                             policy.tokens, g.share_prefill, decoder)
+                    sample = partial(sample_scored, run, sampler, sampling, decoder, rewarder)
+                    groups = sample(run.examples(step))  # this process's prompts
+                    dropped = []  # the groups that gave way
+                    if g.dynamic_sampling:
+                        dropped = replace_uniform_groups(groups, sample, run.spare_examples(step))
             gen_seconds = time.perf_counter() - t0
+            rollouts = [grp.rollout for grp in groups + dropped]
             run.require_finite_logits(step, rollouts)
             gen_tokens = int(sum(r.mask.sum() for r in rollouts))
 
-            # 2. Score with the verifiable rewards; 3. advantages over each whole group (never across processes).
-            groups = []
-            for example, rollout in zip(examples, rollouts):
-                rewards = rewarder.score(rollout.texts, example.reward_columns(), rollout.prompt.frame, example.index)
-                total = torch.tensor([sum(weights[n] * rewards[n][k] for n in weights) for k in range(G)])
-                advantages = grpo.group_advantages(total, g.scale_rewards, g.advantage_eps).to(policy.device)
-                groups.append(Group(rollout, rewards, total, advantages))
+            # 3. Advantages of all the step's groups at once: reward minus its group's mean, divided by the group's
+            #    std, the whole batch's (every process's rewards) or nothing (grpo.scale_rewards).
+            totals = torch.stack([grp.total for grp in groups])  # [N, G]
+            batch = gather_all(accelerator, totals) if g.scale_rewards == "batch" else None
+            for group, advantages in zip(groups, grpo.advantages(totals, g.scale_rewards, g.advantage_eps, batch)):
+                group.advantages = advantages.to(policy.device)
 
             # 4. Fixed log-probs, no grad: the reference (adapters off, or full mode's frozen copy) and, for
             #    mu > 1, the old policy.
@@ -434,14 +461,16 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
                 if g.num_iterations > 1:
                     group.old_logp = chunked_logprobs(model, group.rollout, g)
 
-            # 5-6. Policy loss and backward in chunks, then the optimizer step (mu times per batch of rollouts).
-            stats = StepStats()
+            # 5-6. Policy loss and backward in chunks, then the optimizer step (mu times per batch of rollouts). The
+            #      loss types divide by counts of the whole step (every process's tokens for dapo and cispo).
+            tokens = gather_mean(accelerator, {"tokens": sum(float(grp.loss_mask.sum()) for grp in groups)})["tokens"]
+            size = grpo.StepSize(len(groups), G, g.max_completion_length, tokens)
+            stats = StepStats(extra_groups=len(dropped))
             for _ in range(g.num_iterations):
-                todo = [grp for grp in groups if not (skip_uniform and bool((grp.total == grp.total[0]).all()))]
-                stats.skipped_groups += len(groups) - len(todo)  # all advantages 0: no gradient at all
+                todo = [grp for grp in groups if not (skip_uniform and not grp.advantages.any())]
+                stats.skipped_groups += len(groups) - len(todo)  # all advantages 0 and beta = 0: no gradient at all
                 for i, group in enumerate(todo):
-                    backward_group(model, run.updates, group, g, cfg.train.prompts_per_step, stats,
-                                   last_group=i == len(todo) - 1)
+                    backward_group(model, run.updates, group, g, size, stats, last_group=i == len(todo) - 1)
                 grad_norm = run.optimizer_step(step, stats.loss)  # stops at a non-finite loss or gradient
 
             line = step_metrics(step, groups, stats, weights, cfg, run.scheduler, grad_norm, gen_tokens, gen_seconds,
@@ -449,8 +478,11 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
             line.update(gather_mean(accelerator, {k: line[k] for k in line if k in AVERAGED}))
             line.update(decoder.counters() if decoder is not None else {})  # shapes built, graphs compiled
             line["epoch"] = run.epoch(step)
+            line.update(validation.metrics(run, step))  # eval/<metric> at an evaluation step
             metrics.append(line)
-            logger.log(line, write=step % cfg.train.logging_steps == 0 or step == run.steps)
+            logger.log(line, write=step % cfg.train.logging_steps == 0 or step == run.steps or validation.due(step))
+            if cfg.train.log_completions and step % cfg.train.log_completions == 0:
+                logger.samples(step, completion_samples(groups[0], weights))
             run.checkpoint(step)
 
     return run.finish(metrics, time.perf_counter() - started)
@@ -473,29 +505,73 @@ def advice(cfg: Config) -> str:
 
 # Metrics of each process's own groups, averaged over the processes of a launch.
 AVERAGED = ("loss", "reward", "reward_std", "kl", "clip_ratio", "completion_length", "skipped_groups",
-            "tokens_per_second")
+            "extra_groups", "tokens_per_second")
 
 
-def backward_group(model, updates: Updates, group: Group, g, prompts_per_step: int, stats: StepStats,
+def sample_scored(run: Run, sampler, sampling: Sampling, decoder, rewarder: RewardSet,
+                  examples: list) -> list[Group]:
+    """Steps 1-2 for some rows: sample G completions of each row's prompt, score them, sum the weighted rewards."""
+    cfg, policy, G = run.cfg, run.policy, run.cfg.grpo.num_generations
+    prompts = [encode_prompt(policy.processor, run.task, ex, cfg.data, policy.device) for ex in examples]
+    if not cfg.lora.train_vision:  # a frozen vision tower: encode each image once for all passes
+        prompts = [share_vision(sampler, p) for p in prompts]
+    rollouts = sample_groups(sampler, policy.processor, prompts, G, cfg.grpo.generation_chunk, sampling,
+                             policy.tokens, cfg.grpo.share_prefill, decoder)
+    groups = []
+    for example, rollout in zip(examples, rollouts):
+        rewards = rewarder.score(rollout.texts, example.reward_columns(), rollout.prompt.frame, example.index)
+        total = torch.tensor(rewarder.weighted(rewards))
+        loss_mask = rollout.mask  # [G, T]
+        if cfg.grpo.mask_truncated_completions:  # no EOS within max_completion_length: out of the loss
+            loss_mask = loss_mask * ~grpo.truncated(rollout.completion_ids, policy.tokens.eos)[:, None]
+        groups.append(Group(rollout, rewards, total, loss_mask, example=example))
+    return groups
+
+
+def replace_uniform_groups(groups: list[Group], sample, spares: list) -> list[Group]:
+    """DAPO's dynamic sampling, in place: each group whose rewards are all equal (no advantage, no gradient) gives
+    way to the group of a fresh row from `spares`, sampled as many at a time as there are such groups, until none
+    is left or the spares run out. Returns the groups given up (as many as fresh groups were sampled)."""
+    dropped = []
+    while spares:
+        uniform = [i for i, group in enumerate(groups) if group.uniform]
+        if not uniform:
+            break
+        fresh, spares = sample(spares[: len(uniform)]), spares[len(uniform) :]
+        for i, group in zip(uniform, fresh):
+            dropped.append(groups[i])
+            groups[i] = group
+    return dropped
+
+
+def objective(g) -> grpo.Objective:
+    """The loss settings of the grpo config section."""
+    return grpo.Objective(g.loss_type, g.beta, g.epsilon, g.clip_high, g.importance_sampling_level,
+                          g.sapo_temperature_pos, g.sapo_temperature_neg)
+
+
+def backward_group(model, updates: Updates, group: Group, g, size: grpo.StepSize, stats: StepStats,
                    last_group: bool = True) -> None:
-    """Loss of one group, backward_chunk completions per forward/backward; shares add up to the group loss."""
+    """Loss of one group, backward_chunk completions per forward/backward: each chunk's share of the step's loss
+    (`grpo.aggregate` divides by counts of the whole step, so the shares never depend on the chunking)."""
     rollout = group.rollout
     G = rollout.size
     chunk = g.backward_chunk or G
-    num_tokens = float(rollout.mask.sum())
+    group_tokens = float(group.loss_mask.sum())
     for start in range(0, G, chunk):
         ids, mask = rollout.chunk(start, start + chunk)  # [c, T] each
+        loss_mask = group.loss_mask[start : start + chunk]  # [c, T]
         with updates.accumulating(last=last_group and start + chunk >= G):
             logp = model(rollout.prompt, ids, mask, g.logprob_chunk, g.temperature)  # [c, T]
             old = group.old_logp[start : start + chunk] if group.old_logp is not None else logp.detach()
             ref = group.ref_logp[start : start + chunk] if group.ref_logp is not None else None
-            terms = grpo.token_loss(logp, old, ref, group.advantages[start : start + chunk], g.beta, g.epsilon)
-            loss = grpo.aggregate(terms.loss, mask, g.loss_aggregation, G, num_tokens) / prompts_per_step
+            terms = grpo.token_loss(logp, old, ref, group.advantages[start : start + chunk], objective(g), loss_mask)
+            loss = grpo.aggregate(terms.loss, loss_mask, g.loss_type, size, group_tokens)
             updates.backward(loss)
         stats.loss += loss.item()
         if terms.kl is not None:
-            stats.kl.append(grpo.masked_mean(terms.kl.detach(), mask).item())
-        stats.clip.append(grpo.masked_mean(terms.clipped.float(), mask).item())
+            stats.kl.append(grpo.masked_mean(terms.kl.detach(), loss_mask).item())
+        stats.clip.append(grpo.masked_mean(terms.clipped.float(), loss_mask).item())
 
 
 @torch.no_grad()
@@ -534,6 +610,7 @@ def step_metrics(step, groups, stats, weights, cfg, scheduler, grad_norm, gen_to
         "clip_ratio": float(np.mean(stats.clip)) if stats.clip else 0.0,
         "completion_length": float(np.mean([grp.rollout.mask.sum(-1).mean().item() for grp in groups])),
         "skipped_groups": stats.skipped_groups / (len(groups) * cfg.grpo.num_iterations),
+        "extra_groups": stats.extra_groups,
         "grad_norm": grad_norm,
         "learning_rate": scheduler.get_last_lr()[0],
         "tokens_per_second": gen_tokens / max(gen_seconds, 1e-9),
@@ -543,6 +620,15 @@ def step_metrics(step, groups, stats, weights, cfg, scheduler, grad_norm, gen_to
     for name in weights:
         line[f"rewards/{name}"] = float(np.mean([np.mean(grp.rewards[name]) for grp in groups]))
     return line
+
+
+def completion_samples(group: Group, weights: dict) -> list[dict]:
+    """One row per completion of a group: the prompt's question and solution, the completion, its rewards and
+    advantage (train.log_completions)."""
+    example = group.example
+    return [{"prompt": example.problem, "solution": example.solution, "completion": text,
+             "reward": group.total[k].item(), **{f"rewards/{n}": group.rewards[n][k] for n in weights},
+             "advantage": group.advantages[k].item()} for k, text in enumerate(group.rollout.texts)]
 
 
 def report_skipped(data, console=None) -> None:

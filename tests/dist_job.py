@@ -3,11 +3,13 @@
 With --sample it samples for real instead, and scores the texts with rewards that depend on every character.
 
 Every prompt gets the same G completion texts, some well-formed and right for one class, some not, so rewards and
-advantages differ inside each group and the update is the same whichever process holds the prompt.
+advantages differ inside each group and the update is the same whichever process holds the prompt. With --varied
+a prompt's image decides how many of the texts its group cycles through, so groups differ in rewards and tokens.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -28,15 +30,21 @@ TEXTS = [
 ]
 
 
-def fixed_groups(model, processor, prompts, group_size, chunk, sampling, tokens, share_prefill=True, decoder=None):
-    texts = [TEXTS[k % len(TEXTS)] for k in range(group_size)]
+def fixed_groups(model, processor, prompts, group_size, chunk, sampling, tokens, share_prefill=True, decoder=None,
+                 varied=False):
+    return [fixed_group(processor, p, group_size, tokens, varied) for p in prompts]
+
+
+def fixed_group(processor, prompt, group_size, tokens, varied) -> Rollout:
+    n = 2 + int(prompt.pixel_values.abs().sum().item() * 1000) % 3 if varied else len(TEXTS)
+    texts = [TEXTS[k % n] for k in range(group_size)]
     rows = [processor.tokenizer(t, add_special_tokens=False)["input_ids"] + [tokens.eos[0]] for t in texts]
     width = max(map(len, rows))
     ids = torch.tensor([r + [tokens.pad] * (width - len(r)) for r in rows])
     mask = grpo.completion_mask(ids, tokens.eos)
     decoded = processor.batch_decode(ids, skip_special_tokens=True)
-    return [Rollout(prompt=p, completion_ids=ids.to(p.input_ids.device), mask=mask.to(p.input_ids.device),
-                    texts=decoded) for p in prompts]
+    device = prompt.input_ids.device
+    return Rollout(prompt=prompt, completion_ids=ids.to(device), mask=mask.to(device), texts=decoded)
 
 
 def text_rewards(rewards, texts, columns, frame=None, row=None):
@@ -45,12 +53,12 @@ def text_rewards(rewards, texts, columns, frame=None, row=None):
 
 
 def main(argv: list[str]) -> None:
-    resume, sample = "--resume" in argv, "--sample" in argv
-    config, *overrides = [a for a in argv if a not in ("--resume", "--sample")]
+    resume, sample, varied = "--resume" in argv, "--sample" in argv, "--varied" in argv
+    config, *overrides = [a for a in argv if a not in ("--resume", "--sample", "--varied")]
     if sample:
         RewardSet.score = text_rewards
     else:
-        trainer.sample_groups = fixed_groups
+        trainer.sample_groups = functools.partial(fixed_groups, varied=varied)
     result = trainer.fit(load_config(config, overrides), resume=resume, log=False)
     if int(os.environ.get("RANK", "0")) == 0:
         (result.output_dir / "job_metrics.json").write_text(json.dumps(result.metrics))

@@ -73,6 +73,11 @@ def test_every_launch_config_is_read_by_accelerate(path):
                            "other to 0 .train.max_steps=0 train.epochs=2, or train.epochs=0 train.max_steps=200."),
         ("train.epochs=-1", "train.epochs=-1 must be >= 1 .or 0 when train.max_steps sets the length."),
         ("train.max_steps=0", "no training length: set train.max_steps .steps. or train.epochs"),
+        ("grpo.epsilon_high=0.1", "grpo.epsilon_high=0.1 is below grpo.epsilon=0.2"),
+        ("grpo.loss_type=ppo", "grpo.loss_type must be one of grpo, bnpo, dr_grpo, dapo, cispo, sapo"),
+        ("grpo.sapo_temperature_neg=0", "grpo.sapo_temperature_pos and grpo.sapo_temperature_neg must be > 0"),
+        ("grpo.loss_aggregation=token", "use grpo.loss_type (loss_aggregation=sequence is loss_type=grpo, token is"),
+        ("grpo.scale_rewards=std", "grpo.scale_rewards must be one of group, batch, none"),
     ],
 )
 def test_validation_names_the_problem_and_the_fix(override, message):
@@ -85,6 +90,20 @@ def test_epochs_alone_set_the_training_length():
     assert (cfg.train.max_steps, cfg.train.epochs) == (0, 2)
     with pytest.raises(ConfigError, match="no training length"):
         load_config(None, ["train.max_steps=0", "train.epochs=0"])
+
+
+def test_loss_settings_resolve_and_older_reward_scaling_values_still_load():
+    g = load_config(None, []).grpo
+    assert (g.loss_type, g.scale_rewards, g.epsilon_high, g.clip_high) == ("grpo", "group", 0.0, 0.2)
+    assert load_config(None, ["grpo.epsilon_high=0.28"]).grpo.clip_high == 0.28
+    assert load_config(None, ["grpo.loss_type=cispo"]).grpo.clip_high == 5.0  # ScaleRL's cap, not epsilon's 0.2
+    assert load_config(None, ["grpo.loss_type=cispo", "grpo.epsilon_high=2"]).grpo.clip_high == 2.0
+    assert load_config(None, ["grpo.scale_rewards=true"]).grpo.scale_rewards == "group"  # a config of before
+    assert load_config(None, ["grpo.scale_rewards=false"]).grpo.scale_rewards == "none"
+    with pytest.raises(ConfigError, match="cispo caps the importance weight at grpo.epsilon_high itself"):
+        load_config(None, ["grpo.loss_type=cispo", "grpo.epsilon_high=0.5"])
+    with pytest.raises(ConfigError, match="grpo.dynamic_sampling needs grpo.max_extra_groups >= 1"):
+        load_config(None, ["grpo.dynamic_sampling=true", "grpo.max_extra_groups=0"])
 
 
 def test_floats_in_exponent_form_without_a_dot():

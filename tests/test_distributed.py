@@ -161,6 +161,30 @@ def test_two_ddp_processes_train_the_adapters_exactly_as_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_step_wide_counts_span_the_processes_under_ddp(tmp_path):
+    """dapo divides by every process's tokens and batch scaling by the std of every process's rewards: groups that
+    differ in both (--varied), 2 DDP processes x 1 prompt still update the adapters as 1 process x 2 prompts."""
+    from safetensors.torch import load_file
+
+    settings = ["model.mode=qlora", "lora.train_vision=false", "lora.dropout=0.0", "train.learning_rate=0.001",
+                "grpo.loss_type=dapo", "grpo.scale_rewards=batch"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, str(JOB), str(PAPER), *settings, "train.prompts_per_step=2", f"train.output_dir={one}",
+          "--varied"])
+    torchrun = Path(sys.executable).parent / "torchrun"
+    _run([str(torchrun), "--nproc_per_node", "2", str(JOB), str(PAPER), *settings, "train.prompts_per_step=1",
+          f"train.output_dir={two}", "--varied"])
+    m1 = json.loads((one / "job_metrics.json").read_text())
+    m2 = json.loads((two / "job_metrics.json").read_text())
+    assert [a["loss"] for a in m1] == pytest.approx([b["loss"] for b in m2], abs=1e-7)
+    a = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    assert max(t.abs().max().item() for k, t in a.items() if "lora_B" in k) > 1e-3  # the adapters learned
+    gap = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert gap.max() < 1e-5, f"one process vs two: max adapter difference {gap.max():.2e}"
+
+
+@pytest.mark.slow
 def test_a_resumed_zero3_run_equals_an_uninterrupted_one(tmp_path):
     """Sharded checkpoints (weights, Adam state, schedule and each process's RNG) resume under the same launch."""
     steps = ["train.lr_scheduler=constant", "train.save_steps=1", "train.save_total_limit=1"]

@@ -98,6 +98,14 @@ def test_lora_mode_keeps_a_full_precision_base(tiny_overrides):
     assert any(p.requires_grad for n, p in policy.model.named_parameters() if "lora_" in n)
 
 
+
+@pytest.mark.parametrize("mode", ["qlora", "full"])
+def test_a_trainable_policy_is_in_training_mode_so_checkpointing_acts(tiny_overrides, mode):
+    _, policy = _policy([*tiny_overrides, f"model.mode={mode}", "model.gradient_checkpointing=true"])
+    layers = [m for m in policy.model.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert layers and all(m.training for m in layers)  # from_pretrained leaves them in eval mode
+
+
 # ----------------------------------------------------------------------------- model folders
 
 

@@ -172,3 +172,24 @@ def test_bad_metrics_json_raises_user_error(tmp_path):
 def test_moving_average():
     assert moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
     assert moving_average([5.0], 3) == [5.0]
+
+
+def test_evaluation_during_training_is_plotted_beside_the_reward(tmp_path):
+    lines = metrics_lines()
+    for line, accuracy in zip(lines[4::5], (20.0, 35.0, 30.0, 50.0)):  # train.eval_steps=5: steps 5, 10, 15, 20
+        line.update({"eval/accuracy": accuracy, "eval/num_predictions": 40, "eval/skipped": 0})
+    write_metrics(tmp_path / "metrics.jsonl", lines)
+    report = make_report(tmp_path)
+    with Image.open(report.folder / "rewards.png") as image:
+        assert image.size == (1400, 400)  # two 7x4 inch panels at 100 dpi: reward, then the evaluation
+    with Image.open(report.folder / "kl.png") as image:
+        assert image.size == (700, 400)
+    summary = report.summary.read_text()
+    assert "| eval/accuracy | 20 | 50 | 50 |" in summary  # first, last, max
+    assert "eval/num_predictions" not in summary  # counts are not plotted as percentages
+
+
+def test_a_run_without_evaluation_keeps_one_reward_panel(tmp_path):
+    write_metrics(tmp_path / "metrics.jsonl", metrics_lines())
+    with Image.open(make_report(tmp_path).folder / "rewards.png") as image:
+        assert image.size == (700, 400)

@@ -72,6 +72,9 @@ def test_two_step_qlora_grpo_changes_lora_weights_only(tiny_overrides, monkeypat
 
 
 def test_backward_chunks_give_the_same_gradient_as_the_whole_group(tiny_overrides):
+    """For every loss type, off-policy (mu = 2) so that clipping and the ratio's gradient act: chunks of 4, 2 or 1
+    completions of a group give the same gradient as the whole group at once, as one of a two-group step whose other
+    group has twice its tokens (the token-normalised types divide by the step's counts, not a chunk's)."""
     from qlora_rft import grpo
     from qlora_rft.data import encode_prompt, load_split
     from qlora_rft.model import load_policy, reference_mode
@@ -97,21 +100,75 @@ def test_backward_chunks_give_the_same_gradient_as_the_whole_group(tiny_override
     torch.manual_seed(0)
     rollout = sample_group(policy.model, policy.processor, prompt, 4, 4, Sampling(8), policy.tokens)
     total = torch.tensor([1.0, 0.0, 0.5, 0.0])
-    grads = []
-    for how in ("sequence", "token"):
-        for chunk in (4, 2, 1):
-            overrides = [*tiny_overrides, f"grpo.backward_chunk={chunk}", f"grpo.loss_aggregation={how}"]
-            g = load_config(None, overrides).grpo
-            group = Group(rollout, {}, total, grpo.group_advantages(total))
-            scorer = CompletionScorer(policy.model)
-            with reference_mode(policy.model):
-                group.ref_logp = chunked_logprobs(scorer, rollout, g)
+    scorer = CompletionScorer(policy.model)
+    settings = ["grpo.num_iterations=2", "grpo.epsilon_high=5.0"]  # cispo's cap; clip-higher for the others
+    g = load_config(None, [*tiny_overrides, *settings]).grpo
+    with reference_mode(policy.model):
+        ref_logp = chunked_logprobs(scorer, rollout, g)
+    old_logp = chunked_logprobs(scorer, rollout, g) + 0.3 * torch.randn(ref_logp.shape)  # as if after an update
+    tokens = float(rollout.mask.sum())
+    for loss_type in grpo.LOSS_TYPES:
+        grads = []
+        for chunk in (4, 1):
+            g = load_config(None, [*tiny_overrides, *settings, f"grpo.backward_chunk={chunk}",
+                                   f"grpo.loss_type={loss_type}"]).grpo
+            group = Group(rollout, {}, total, rollout.mask, grpo.advantages(total[None])[0], ref_logp, old_logp)
+            size = grpo.StepSize(2, 4, g.max_completion_length, tokens=3 * tokens)  # the other group: twice as long
             policy.model.zero_grad()
-            backward_group(scorer, Updates(), group, g, 1, StepStats())
+            backward_group(scorer, Updates(), group, g, size, StepStats())
             grads.append([p.grad.clone() for p in policy.model.parameters() if p.requires_grad])
-        for other in grads[-2:]:
-            for a, b in zip(grads[-3], other):
-                assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+        assert any(bool(t.abs().sum() > 0) for t in grads[0]), loss_type
+        for other in grads[1:]:
+            for a, b in zip(grads[0], other):
+                assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), loss_type
+
+
+def _rewards_by_call(uniform_calls: int, per_step: int):
+    """A scorer whose i-th group of each step (calls counted, `per_step` a step) gets equal rewards when
+    i < uniform_calls, alternating 0/1 rewards otherwise; the calls are recorded."""
+    calls = []
+
+    def fake(texts, solution, weights, frame=None):
+        calls.append(solution)
+        uniform = (len(calls) - 1) % per_step < uniform_calls
+        return {name: [0.0 if uniform else float(k % 2) for k in range(len(texts))] for name in weights}
+
+    return fake, calls
+
+
+@pytest.mark.parametrize("uniform_calls,per_step,extra,skipped", [(2, 4, 2, 0.0), (5, 5, 3, 1.0)])
+def test_dynamic_sampling_replaces_uniform_groups_within_the_bound(tiny_overrides, monkeypatch, uniform_calls,
+                                                                    per_step, extra, skipped):
+    """2 prompts a step, at most 3 fresh ones. Fresh groups with spread: both uniform groups are replaced at once
+    (2 extra). Every group uniform: 2 fresh, still uniform, then only 1 more (the bound), and the group left
+    uniform is skipped (beta 0: all its advantages are 0)."""
+    import qlora_rft.trainer as trainer_module
+
+    fake, calls = _rewards_by_call(uniform_calls, per_step)
+    monkeypatch.setattr(trainer_module, "score", fake)
+    settings = ["grpo.dynamic_sampling=true", "grpo.max_extra_groups=3", "train.prompts_per_step=2",
+                "grpo.beta=0", "train.save_steps=0"]
+    result = train(load_config(None, [*tiny_overrides, *settings]), log=True)
+    lines = read_metrics(result.output_dir / "metrics.jsonl")
+    assert [line["extra_groups"] for line in lines] == [extra, extra]
+    assert [line["skipped_groups"] for line in lines] == [skipped, skipped]
+    assert len(calls) == 2 * (2 + extra)  # two steps of 2 prompts and their fresh ones, each scored once
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_truncated_completions_are_left_out_of_the_loss(tiny_overrides, monkeypatch, mask):
+    """EOS suppressed up to the length limit: every completion is truncated. Masked, no token counts: loss and
+    gradient are 0; unmasked, the same rewards train."""
+    import qlora_rft.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "score", _alternating_rewards)
+    settings = ["grpo.min_completion_length=8", f"grpo.mask_truncated_completions={str(mask).lower()}",
+                "train.save_steps=0"]
+    lines = train(load_config(None, [*tiny_overrides, *settings])).metrics
+    if mask:
+        assert [(line["loss"], line["grad_norm"]) for line in lines] == [(0.0, 0.0), (0.0, 0.0)]
+    else:
+        assert all(line["grad_norm"] > 0 for line in lines)
 
 
 def test_resume_continues_from_the_newest_complete_checkpoint(tiny_overrides):

@@ -1,6 +1,7 @@
-"""`qlora-rft report RUN_DIR`: training curves from metrics.jsonl and evaluation summaries from metrics.json
-folders, written as PNGs and markdown under RUN_DIR/report/ (summary.md links everything; two or more
-evaluations get a comparison table, with a delta column when there are exactly two)."""
+"""`qlora-rft report RUN_DIR`: training curves from metrics.jsonl (the evaluation during training, eval/<metric>,
+in a panel beside the reward) and evaluation summaries from metrics.json folders, written as PNGs and markdown under
+RUN_DIR/report/ (summary.md links everything; two or more evaluations get a comparison table, with a delta column
+when there are exactly two)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,26 @@ from matplotlib.figure import Figure
 from qlora_rft.errors import UserError
 from qlora_rft.runlog import read_metrics
 
-# Training plots: file name -> (metrics.jsonl keys, title). "rewards/*" means every rewards/<name> key.
-TRAIN_PLOTS = {
-    "rewards.png": (("reward", "rewards/*"), "Reward"),
-    "kl.png": (("kl",), "KL to the reference"),
-    "completion_length.png": (("completion_length",), "Completion length (tokens)"),
-    "tokens_per_second.png": (("tokens_per_second",), "Generation throughput (tokens/s)"),
-}
 EVAL_METRICS = ("mAP", "accuracy", "mIoU", "acc@0.5")  # percent values, in this order
+
+
+class Panel(NamedTuple):
+    """One plot of a training figure: metrics.jsonl keys ("rewards/*": every rewards/<name> key) and a title;
+    `smooth`: a trailing mean over noisy per-step values (evaluations are means over many prompts already)."""
+
+    keys: tuple[str, ...]
+    title: str
+    smooth: bool = True
+
+
+# Training figures: file name -> panels side by side (a panel without values is left out; a figure without any).
+TRAIN_PLOTS = {
+    "rewards.png": (Panel(("reward", "rewards/*"), "Reward"),
+                    Panel(tuple(f"eval/{key}" for key in EVAL_METRICS), "Evaluation during training (%)", False)),
+    "kl.png": (Panel(("kl",), "KL to the reference"),),
+    "completion_length.png": (Panel(("completion_length",), "Completion length (tokens)"),),
+    "tokens_per_second.png": (Panel(("tokens_per_second",), "Generation throughput (tokens/s)"),),
+}
 COUNT_KEYS = ("num_predictions", "skipped")
 MAX_BARS = 60  # per-class charts with more classes keep the best and the worst MAX_BARS // 2
 
@@ -161,30 +174,38 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 
 def plot_training(rows: list[dict], out: Path) -> list[Path]:
-    """One PNG per entry of TRAIN_PLOTS whose keys have at least one finite value; the others are skipped."""
+    """One PNG per entry of TRAIN_PLOTS with at least one panel whose keys have a finite value; the others are
+    skipped."""
     written = []
-    for name, (patterns, title) in TRAIN_PLOTS.items():
-        lines = {key: _series(rows, key) for key in _expand_keys(rows, patterns)}
-        lines = {key: line for key, line in lines.items() if line[1]}
-        if lines:
-            _line_figure(lines, title, out / name)
+    for name, panels in TRAIN_PLOTS.items():
+        drawn = []
+        for panel in panels:
+            lines = {key: _series(rows, key) for key in _expand_keys(rows, panel.keys)}
+            lines = {key: line for key, line in lines.items() if line[1]}
+            if lines:
+                drawn.append((panel, lines))
+        if drawn:
+            _line_figure(drawn, out / name)
             written.append(out / name)
     return written
 
 
-def _line_figure(lines: dict[str, tuple[list[float], list[float]]], title: str, path: Path) -> None:
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot()
-    for i, (key, (steps, values)) in enumerate(lines.items()):
-        colour = f"C{i}"
-        window = max(1, min(25, len(values) // 10))
-        if window > 1:
-            ax.plot(steps, values, color=colour, alpha=0.3, linewidth=1)
-        ax.plot(steps, moving_average(values, window), color=colour, label=key, marker="." if len(values) < 3 else None)
-    ax.set(title=title, xlabel="step")
-    ax.grid(alpha=0.3)
-    if len(lines) > 1:
-        ax.legend()
+def _line_figure(panels: list[tuple[Panel, dict[str, tuple[list[float], list[float]]]]], path: Path) -> None:
+    fig = Figure(figsize=(7 * len(panels), 4), layout="constrained")
+    for ax, (panel, lines) in zip(fig.subplots(1, len(panels), squeeze=False, sharex=True)[0], panels):
+        for i, (key, (steps, values)) in enumerate(lines.items()):
+            colour = f"C{i}"
+            window = max(1, min(25, len(values) // 10)) if panel.smooth else 1
+            if window > 1:
+                ax.plot(steps, values, color=colour, alpha=0.3, linewidth=1)
+            marker = "." if len(values) < 3 or not panel.smooth else None
+            ax.plot(steps, moving_average(values, window), color=colour, label=key, marker=marker)
+        ax.set(title=panel.title, xlabel="step")
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend()
+        else:
+            ax.set_ylabel(next(iter(lines)))
     _save(fig, path)
 
 
@@ -320,7 +341,7 @@ def _delta(first: float | None, second: float | None) -> str:
 
 
 def _training_table(rows: list[dict]) -> list[str]:
-    keys = _expand_keys(rows, tuple(p for patterns, _ in TRAIN_PLOTS.values() for p in patterns))
+    keys = _expand_keys(rows, tuple(key for panels in TRAIN_PLOTS.values() for panel in panels for key in panel.keys))
     lines = ["| metric | first | last | max |", "|---|---:|---:|---:|"]
     for key in keys:
         values = _series(rows, key)[1]

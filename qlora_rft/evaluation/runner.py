@@ -241,15 +241,38 @@ def generate(policy, task: Task, items: list[EvalItem], asking: Asking, batch_si
     config = Sampling(max_new_tokens=asking.max_new_tokens, do_sample=False).generation_config(policy.tokens)
     config.repetition_penalty = asking.repetition_penalty
     no_limit = 2**31 - 1
+    was_training = policy.model.training  # a policy evaluated during training goes back to training mode
     policy.model.eval()
-    for start in range(0, len(items), batch_size):
-        batch_items = items[start : start + batch_size]
-        batch, frames = encode_prompts(policy.processor, task, [it.example for it in batch_items],
-                                       asking.min_pixels, asking.max_pixels, asking.max_prompt_length or no_limit,
-                                       policy.device)
-        out = policy.model.generate(**batch, generation_config=config)  # [b, P + t]
-        texts = policy.processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        yield batch_items, texts, frames
+    try:
+        for start in range(0, len(items), batch_size):
+            batch_items = items[start : start + batch_size]
+            batch, frames = encode_prompts(policy.processor, task, [it.example for it in batch_items],
+                                           asking.min_pixels, asking.max_pixels,
+                                           asking.max_prompt_length or no_limit, policy.device)
+            out = policy.model.generate(**batch, generation_config=config)  # [b, P + t]
+            texts = policy.processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            yield batch_items, texts, frames
+    finally:
+        policy.model.train(was_training)
+
+
+def predict(policy, task: Task, items: list[EvalItem], cfg: Config, asking: Asking | None = None
+            ) -> Iterator[list[dict]]:
+    """The predictions lines of `items`, a list per batch: first a `skipped` line for each prompt over
+    data.max_prompt_length (refused instead under data.on_bad_row=error; no limit under the paper protocol), then
+    the greedy answers, with their rewards for a task scored by them (generic). What `eval` writes, and what the
+    evaluation during training (train.eval_steps) scores."""
+    if not items:
+        return
+    asking = asking or resolve_asking(cfg, task.name)
+    rewards = reward_set(cfg.rewards, task) if records_rewards(task) else None
+    todo, too_long = fitting_prompts(policy.processor, task, items, cfg, asking)
+    if too_long:  # the scorer reports these lines as skipped
+        yield [{**item.record, "skipped": reason} for item, reason in too_long]
+    for batch_items, texts, frames in generate(policy, task, todo, asking, cfg.eval.batch_size):
+        yield [{**item.record, "completion": text, **frame_record(frame),
+                **(reward_record(rewards, item, text, frame) if rewards is not None else {})}
+               for item, text, frame in zip(batch_items, texts, frames)]
 
 
 def fitting_prompts(processor, task: Task, items: list[EvalItem], cfg: Config, asking: Asking
@@ -286,7 +309,16 @@ def done_keys(path: Path, detection_task: bool) -> set[str]:
     required = ("image_id", "category", "completion") if detection_task else ("id", "completion")
     rows = read_predictions(path, required).rows
     path.write_text("".join(json.dumps(row.record) + "\n" for row in rows))
-    return {f"{r.record['image_id']}|{r.record['category']}" if detection_task else str(r.record["id"]) for r in rows}
+    return {record_key(r.record, detection_task) for r in rows}
+
+
+def record_key(record: dict, detection_task: bool) -> str:
+    """The EvalItem key of a predictions line.
+
+    >>> record_key({"image_id": 7, "category": "cat", "completion": ""}, True), record_key({"id": 3}, False)
+    ('7|cat', '3')
+    """
+    return f"{record['image_id']}|{record['category']}" if detection_task else str(record["id"])
 
 
 def reward_record(rewards: RewardSet, item: EvalItem, completion: str, frame: Frame) -> dict:
@@ -349,7 +381,7 @@ def check_resumable(out: Path, info: dict) -> None:
 
 def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
     """Evaluate `model.name_or_path` (+ `eval.adapter`) and write predictions.jsonl, metrics.json, eval_info.json."""
-    from qlora_rft.evaluation.scoring import score_file, write_metrics
+    from qlora_rft.evaluation.scoring import write_metrics
     from qlora_rft.model import load_for_inference
 
     console = console or Console()
@@ -362,33 +394,34 @@ def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
     check_resumable(out, info)
     (out / INFO).write_text(json.dumps(info, indent=2))
 
-    rewards = reward_set(cfg.rewards, task) if records_rewards(task) else None  # plugins load before the model
     items = eval_items(cfg, task, asking)
     predictions = out / PREDICTIONS
     done = done_keys(predictions, task.name == "detection")
     todo = [it for it in items if it.key not in done]
     if todo:
         policy = load_for_inference(cfg.model, cfg.eval.adapter or None)
-        todo, too_long = fitting_prompts(policy.processor, task, todo, cfg, asking)
         progress = Progress(TextColumn(f"[bold]eval {label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TimeRemainingColumn(), console=console)
         with progress, predictions.open("a") as f:
-            for item, reason in too_long:  # the scorer reports these lines as skipped
-                f.write(json.dumps({**item.record, "skipped": reason}) + "\n")
             bar = progress.add_task("eval", total=len(items), completed=len(items) - len(todo))
-            for batch_items, texts, frames in generate(policy, task, todo, asking, cfg.eval.batch_size):
-                for item, text, frame in zip(batch_items, texts, frames):
-                    scored = reward_record(rewards, item, text, frame) if rewards is not None else {}
-                    f.write(json.dumps({**item.record, "completion": text, **frame_record(frame), **scored}) + "\n")
+            for lines in predict(policy, task, todo, cfg, asking):
+                f.write("".join(json.dumps(line) + "\n" for line in lines))
                 f.flush()
-                progress.advance(bar, len(batch_items))
+                progress.advance(bar, len(lines))
 
-    annotations = resolve_source(cfg.eval.annotations) if cfg.eval.annotations else None
-    classes = cfg.eval.classes if annotations else None
-    metrics = score_file(task.name, predictions, annotations, classes, protocol=asking.protocol)
+    metrics = score_predictions(cfg, task, predictions)
     write_metrics(metrics, out / METRICS)
     console.print(metrics_table(metrics, label))
     return EvalRun(out, predictions, metrics, label)
+
+
+def score_predictions(cfg: Config, task: Task, predictions: Path) -> dict:
+    """The metrics of a predictions file of this config's evaluation (detection: against eval.annotations)."""
+    from qlora_rft.evaluation.scoring import score_file
+
+    annotations = resolve_source(cfg.eval.annotations) if cfg.eval.annotations else None
+    classes = cfg.eval.classes if annotations else None
+    return score_file(task.name, predictions, annotations, classes, protocol=cfg.eval.protocol)
 
 
 PERCENT = ("mAP", "accuracy", "mIoU", "acc@0.5")  # metrics in percent, shown in the table when present
