@@ -129,6 +129,7 @@ def test_generic_task_trains_evaluates_and_scores_with_a_plugin_reward(folder, t
         f"rewards.plugins={tmp_path / 'colour_rewards.py'}", "rewards.weights={names_colour: 1, format: 0.5}",
         "train.prompts_per_step=2", "grpo.generation_chunk=8",  # both prompts of a step in one call
         f"eval.output_dir={tmp_path / 'eval'}", "eval.max_new_tokens=8", "eval.batch_size=4",
+        "train.eval_steps=2", f"data.eval={folder / 'train.jsonl'}",  # and evaluated during training, at the end
     ])
     result = train(cfg)
     lines = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -148,3 +149,5 @@ def test_generic_task_trains_evaluates_and_scores_with_a_plugin_reward(folder, t
     assert metrics["reward"] == pytest.approx(metrics["rewards/names_colour"] + 0.5 * metrics["rewards/format"],
                                               abs=1e-5)
     assert score_file("generic", evaluated.predictions) == metrics  # recomputed from the file alone
+    assert lines[-1]["eval/num_predictions"] == 4  # the same evaluation during training, of the same adapter
+    assert lines[-1]["eval/reward"] == pytest.approx(metrics["reward"])
