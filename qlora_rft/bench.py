@@ -274,7 +274,7 @@ def measured_rows(s: BenchSettings) -> list:
     """The prompts of steps 1..warmup+steps, in the order our trainer visits them (same seed, same order)."""
     from qlora_rft.data import load_split
     from qlora_rft.tasks import get_task
-    from qlora_rft.trainer import PromptOrder
+    from qlora_rft.run import PromptOrder
 
     from qlora_rft.models import family_of
 

@@ -1,5 +1,5 @@
 """The supervised baseline of the paper's comparison: the same 4-bit base and LoRA adapters, trained on the data's
-solutions with cross-entropy (prompt tokens masked), with the trainer's setup, schedule, checkpoints and resume.
+solutions with cross-entropy (prompt tokens masked), on the run setup of run.py (schedule, checkpoints, resume).
 
 The loss uses the same chunked LM-head log-probs as GRPO, so the [batch, sequence, vocabulary] logits never exist.
 """
@@ -13,7 +13,7 @@ import torch
 from qlora_rft import grpo
 from qlora_rft.config import Config
 from qlora_rft.rollout import base_model
-from qlora_rft.trainer import TrainResult, prepare_run
+from qlora_rft.run import TrainResult, prepare_run
 from qlora_rft.warmup import supervised_batch
 
 
