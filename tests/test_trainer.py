@@ -33,10 +33,11 @@ def _alternating_rewards(texts, solution, weights, frame=None):
 
 
 def test_two_step_qlora_grpo_changes_lora_weights_only(tiny_overrides, monkeypatch):
+    import qlora_rft.run as run_module
     import qlora_rft.trainer as trainer_module
 
     captured = {}
-    real_load = trainer_module.load_policy
+    real_load = run_module.load_policy
 
     def spy(*args, **kwargs):
         policy = real_load(*args, **kwargs)
@@ -44,7 +45,7 @@ def test_two_step_qlora_grpo_changes_lora_weights_only(tiny_overrides, monkeypat
         captured["before"] = _snapshot(policy.model)
         return policy
 
-    monkeypatch.setattr(trainer_module, "load_policy", spy)
+    monkeypatch.setattr(run_module, "load_policy", spy)
     # A random tiny model never earns a reward, so every advantage would be 0: give the group some spread.
     monkeypatch.setattr(trainer_module, "score", _alternating_rewards)
     cfg = load_config(None, tiny_overrides)
