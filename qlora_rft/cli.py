@@ -72,9 +72,8 @@ def cmd_score(args) -> None:
     from qlora_rft.evaluation.scoring import score_file, write_metrics
     from qlora_rft.tasks import get_task
 
-    get_task(args.task)
-    if args.task == "detection" and not args.annotations:
-        raise UserError("score detection needs --annotations: the COCO- or LVIS-format JSON of the images")
+    if get_task(args.task).needs_annotations and not args.annotations:
+        raise UserError(f"score {args.task} needs --annotations: the COCO- or LVIS-format JSON of the images")
     protocol = args.protocol or recorded_protocol(args.predictions)
     metrics = score_file(args.task, args.predictions, args.annotations, args.classes, protocol)
     out = write_metrics(metrics, args.out)
@@ -149,6 +148,8 @@ def cmd_config(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qlora_rft.tasks import TASKS
+
     parser = argparse.ArgumentParser(prog="qlora-rft", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("score", help="recompute metrics from a predictions file alone (no model)")
-    p.add_argument("task", help="detection | classification | grounding")
+    p.add_argument("task", help=" | ".join(TASKS))
     p.add_argument("--predictions", required=True, help="predictions.jsonl")
     p.add_argument("--annotations", default=None, help="detection: COCO- or LVIS-format JSON")
     p.add_argument("--classes", default=None, help="detection: named set, 'all', or comma-separated names")

@@ -11,16 +11,17 @@ import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from qlora_rft.errors import ConfigError
 
 
-def _f(default: Any, help: str, choices: tuple | None = None, aliases: dict | None = None) -> Any:
-    """A dataclass field with its documentation (and allowed values) attached; `aliases` maps the values an older
-    version took (e.g. True/False) to their current names."""
+def _f(default: Any, help: str, choices: tuple | Callable[[], tuple] | None = None,
+       aliases: dict | None = None) -> Any:
+    """A dataclass field with its documentation (and allowed values, or a function returning them) attached;
+    `aliases` maps the values an older version took (e.g. True/False) to their current names."""
     meta = {"help": help, "choices": choices, "aliases": aliases or {}}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
@@ -80,16 +81,25 @@ class LoraSettings:
     )
 
 
+def _task_names() -> tuple[str, ...]:
+    from qlora_rft.tasks import TASKS  # read when checked: a task registered later is a choice too
+
+    return tuple(TASKS)
+
+
 @dataclass
 class DataConfig:
     task: str = _f(
         "classification",
-        "Task family: sets the prompt template, the answer parser and the default rewards.",
-        ("classification", "detection", "grounding"),
+        "Task family: sets the prompt template, the answer parser, the default rewards and the metric (the tasks "
+        "registered in qlora_rft.tasks.TASKS). generic: any rows with a prompt (problem; image or images) and the "
+        "columns your rewards read, trained and evaluated by the rewards that rewards.weights names.",
+        _task_names,
     )
     train: str = _f(
         "synthetic:shapes",
-        "Training data: a parquet file or folder, a `datasets.load_dataset` path, a LISA JSON (ours, or the "
+        "Training data: a parquet file or folder, a JSON-lines file (or a folder of SPLIT.jsonl; image paths "
+        "relative to it), a `datasets.load_dataset` path, a LISA JSON (ours, or the "
         "original Visual-RFT's box annotations), LISA's ReasonSeg folder (train/, val/, test/: each image beside "
         "its JSON), or `synthetic:NAME` (generated on demand into the cache).",
     )
@@ -112,7 +122,19 @@ class DataConfig:
 class RewardConfig:
     weights: dict = _f(
         {},
-        "Reward functions by name and their weights, summed into the reward; empty: the task's defaults.",
+        "Reward functions by name and their weights, summed into the reward; empty: the task's defaults. Built-in "
+        "names, or those of rewards.plugins functions.",
+    )
+    plugins: list = _f(
+        [],
+        "Python files of your own rewards: each public module-level function `fn(completions, **columns) -> "
+        "list[float]` (completions: the completions' text; columns: every column of the row, one value per "
+        "completion) is a reward by its name. Loaded when the config is; kept as absolute paths.",
+    )
+    plugin_sha256: dict = _f(
+        {},
+        "Set when the config is loaded: each rewards.plugins file's sha256, so a run's config.yaml records the version "
+        "it ran with; a value given (a run's config.yaml) must match the file.",
     )
 
 
@@ -396,8 +418,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"section {section!r} must be a mapping")
         raw[section][name] = parse_yaml(value, f"override {item!r}") if value else ""
     cfg = from_dict(raw)
+    record_plugins(cfg.rewards)
     validate(cfg)
     return cfg
+
+
+def record_plugins(rewards: RewardConfig) -> None:
+    """rewards.plugins as absolute paths and rewards.plugin_sha256 as their files' hashes; a hash already recorded
+    for a path must still match (a run's config.yaml names the plugin version it ran with)."""
+    from qlora_rft.rewards import file_sha256  # local: rewards import no config
+
+    rewards.plugins = [str(Path(p).expanduser().absolute()) for p in rewards.plugins]
+    found = {}
+    for path in rewards.plugins:
+        found[path] = file_sha256(path)
+        recorded = rewards.plugin_sha256.get(path)
+        if recorded is not None and recorded != found[path]:
+            raise ConfigError(f"rewards.plugins: {path} has changed since rewards.plugin_sha256 recorded it "
+                              f"({recorded[:12]}... -> {found[path][:12]}...): restore that version, or drop "
+                              "rewards.plugin_sha256 to use this one")
+    rewards.plugin_sha256 = found
 
 
 MAX_YAML_NODES = 10_000  # a config has a few hundred; more only comes from nested aliases ("billion laughs")
@@ -504,7 +544,7 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
         raise ConfigError(f"{key} must be a {kind.__name__}, got {value!r}")
     if kind is float and not math.isfinite(value):  # YAML's .inf and .nan, an override's inf, nan or 1e400
         raise ConfigError(f"{key} must be a finite number, got {value!r}")
-    choices = f.metadata.get("choices")
+    choices = _choices(f)
     if choices and value not in choices:
         moved = MOVED_VALUES.get((key, value))
         hint = f" ({key}={value} is now {moved})" if moved else ""
@@ -628,14 +668,17 @@ def validate(cfg: Config) -> None:
     need(0 < w.learning_rate < FLOAT32_MAX, "warmup.learning_rate must be > 0 and < 3.4e38 (float32's range)")
     need(w.batch_size >= 1, "warmup.batch_size must be >= 1")
 
-    from qlora_rft.rewards import REWARDS, default_weights  # local: rewards import no config
+    from qlora_rft.rewards import builtin_rewards, default_weights, plugin_rewards  # local: rewards import no config
 
+    known = {**builtin_rewards(), **plugin_rewards(cfg.rewards.plugins)}  # a bad plugin: a one-line ConfigError
     for name, weight in cfg.rewards.weights.items():
-        need(name in REWARDS, f"rewards.weights names unknown reward {name!r}{_suggest(name, REWARDS)}")
+        need(name in known, f"rewards.weights names unknown reward {name!r}{_suggest(name, known)}")
         need(_finite_number(weight),
              f"rewards.weights.{name} must be a finite number, got {weight!r}")
     weights = cfg.rewards.weights or default_weights(d.task)
-    need(any(w != 0 for w in weights.values()), "rewards.weights: at least one reward needs a non-zero weight")
+    need(any(w != 0 for w in weights.values()), "rewards.weights: at least one reward needs a non-zero weight"
+         + ("" if default_weights(d.task) else f" (data.task={d.task} has no default rewards: name yours, built-in "
+                                                "or from rewards.plugins)"))
 
     if cfg.model.mode == "full":
         need(t.optimizer != "paged_adamw_8bit", "train.optimizer=paged_adamw_8bit is for the adapters of qlora/lora "
@@ -649,6 +692,11 @@ def validate(cfg: Config) -> None:
 
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _choices(f: dataclasses.Field) -> tuple | None:
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
 
 
 def _finite_number(value: Any) -> bool:
@@ -672,7 +720,7 @@ def describe() -> str:
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            choices = f.metadata.get("choices")
+            choices = _choices(f)
             extra = f" [{' | '.join(choices)}]" if choices else ""
             lines.append(f"  {f.name}: {default!r}  # {f.metadata['help']}{extra}")
     return "\n".join(lines)

@@ -1,8 +1,11 @@
 """Datasets in the released ViRFT schema (image, problem, solution) and turning a row into model inputs.
 
-Sources: a parquet file or folder, any `datasets.load_dataset` path (never `load_from_disk`), a LISA-style JSON
-(a `.json` file, or a folder holding `SPLIT.json`; image paths relative to it), LISA's raw ReasonSeg folder
-(`SPLIT/` holding each image beside its JSON), or `synthetic:NAME`.
+Sources: a parquet file or folder, a JSON-lines file (`.jsonl`, or a folder holding `SPLIT.jsonl`; image paths
+relative to it), any `datasets.load_dataset` path (never `load_from_disk`), a LISA-style JSON (a `.json` file, or a
+folder holding `SPLIT.json`; image paths relative to it), LISA's raw ReasonSeg folder (`SPLIT/` holding each image
+beside its JSON), or `synthetic:NAME`. A row may hold several images (`images`, a list, instead of `image`) for a
+task without boxes; a task without solutions (generic) needs no `solution` column. Every other column is kept for
+the rewards.
 Bad rows (an image that does not decode in full or that the resize rule refuses, a solution that does not parse)
 are found at load time and skipped and counted, or refused; so is a prompt over data.max_prompt_length, once the
 processor is known (`without_long_prompts`, before the first step). Images are resized with qwen-vl-utils' rule,
@@ -14,6 +17,7 @@ and kept small (PNG), with one line saying so.
 from __future__ import annotations
 
 import io
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +33,7 @@ from qlora_rft.tasks import Task
 from qlora_rft.tasks.boxes import RELATIVE, Frame
 
 REQUIRED_COLUMNS = ("image", "problem", "solution")
+IMAGE_COLUMNS = ("image", "images")  # one image, or a list of them
 LARGE_FACTOR = 16  # an image over this many times data.max_pixels is resized once at load, not at every step
 
 
@@ -38,6 +43,16 @@ class Example:
     problem: str
     solution: str
     image: dict  # the stored cell {"bytes": ..., "path": ...}; decoded by open_image()
+    columns: dict = field(default_factory=dict)  # the row's other columns, for the rewards
+    more_images: tuple[dict, ...] = ()  # a row with several images: the cells after the first
+
+    @property
+    def images(self) -> tuple[dict, ...]:
+        return (self.image, *self.more_images)
+
+    def reward_columns(self) -> dict:
+        """What reward functions get besides the completions: the problem, the solution and every other column."""
+        return {"problem": self.problem, "solution": self.solution, **self.columns}
 
 
 @dataclass(frozen=True)
@@ -125,12 +140,56 @@ def _json_source(source: str, split: str) -> Path | None:
     return None
 
 
+def _jsonl_source(source: str, split: str) -> Path | None:
+    path = Path(source).expanduser()
+    if path.suffix == ".jsonl" and path.is_file():
+        return path
+    if path.is_dir() and (path / f"{split}.jsonl").is_file():
+        return path / f"{split}.jsonl"
+    return None
+
+
+def load_jsonl(path: Path, image_root: str | None = None) -> list[dict]:
+    """The rows of a JSON-lines file, one JSON object a line (blank lines skipped); a relative image path (`image`,
+    or each of `images`) is taken from image_root (default: the file's folder)."""
+    root = Path(image_root).expanduser() if image_root else path.parent
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path} as UTF-8 text: {e}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{path} line {number} is not valid JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {number} is not a JSON object (a {type(row).__name__})")
+        rows.append({k: _under(v, root) if k in IMAGE_COLUMNS else v for k, v in row.items()})
+    return rows
+
+
+def _under(images, root: Path):
+    """Image paths (one, or a list) taken from `root` when relative; anything else unchanged."""
+    if isinstance(images, list):
+        return [_under(image, root) for image in images]
+    if isinstance(images, str) and not Path(images).expanduser().is_absolute():
+        return str(root / images)
+    return images
+
+
 def _rows(resolved: str, split: str, image_root: str | None):
     """(rows, column names) of one split, whatever the source form."""
     import datasets
 
     from qlora_rft.tasks.grounding import is_reasonseg, load_lisa_json, load_reasonseg
 
+    jsonl_file = _jsonl_source(resolved, split)
+    if jsonl_file is not None:
+        rows = load_jsonl(jsonl_file, image_root)
+        return rows, sorted({key for row in rows for key in row})
     json_file = _json_source(resolved, split)
     if json_file is not None or is_reasonseg(resolved, split):
         rows = load_lisa_json(json_file, image_root or None) if json_file else load_reasonseg(resolved, split)
@@ -138,6 +197,9 @@ def _rows(resolved: str, split: str, image_root: str | None):
     table = _load_table(resolved, split)
     if "image" in table.column_names and isinstance(table.features["image"], datasets.Image):
         table = table.cast_column("image", datasets.Image(decode=False))
+    images = table.features.get("images")
+    if isinstance(getattr(images, "feature", None), datasets.Image):  # a list of images: kept undecoded too
+        table = table.cast_column("images", type(images)(datasets.Image(decode=False)))
     return table, table.column_names
 
 
@@ -150,28 +212,33 @@ def load_split(source: str, split: str, task: Task, on_bad_row: str = "skip", im
     """
     resolved = resolve_source(source)
     rows, columns = _rows(resolved, split, image_root)
-    for column in REQUIRED_COLUMNS:
-        if column not in columns:
-            raise DataError(
-                f"{resolved} (split {split!r}) has no column {column!r}; it has {', '.join(columns)}. "
-                "Visual-RFT data needs image, problem and solution"
-            )
+    _check_columns(columns, task, f"{resolved} (split {split!r})")
     if len(rows) == 0:
         raise DataError(f"{resolved} split {split!r} has no rows")
     examples, skipped, large = [], [], {}
     for index, row in enumerate(rows):
+        cells = _image_cells(row)
+        if len(cells) > 1 and task.has_boxes:
+            raise DataError(f"{resolved} split {split!r} row {index} holds {len(cells)} images: data.task={task.name} "
+                            "takes one image per prompt (its boxes are on it)")
         try:
             _check_text(row, task)
-            image = check_image(_as_cell(row["image"]), min_pixels, max_pixels, factor)
+            if not cells:
+                raise Unusable("no image (an empty 'images' list)")
+            images = [check_image(_as_cell(cell), min_pixels, max_pixels, factor) for cell in cells]
         except Unusable as e:
             if on_bad_row == "error":
                 raise DataError(f"{resolved} split {split!r} row {index}: {e} (set data.on_bad_row=skip to skip it)"
                                 ) from None
             skipped.append(BadRow(index, str(e)))
             continue
-        examples.append(Example(index, row["problem"], row["solution"], image.cell))
-        if image.downsized:
-            large[index] = image.size
+        solution = row.get("solution")
+        others = {k: v for k, v in row.items() if k not in (*IMAGE_COLUMNS, "problem")}  # the rewards get them
+        examples.append(Example(index, row["problem"], solution if isinstance(solution, str) else "", images[0].cell,
+                                others, tuple(image.cell for image in images[1:])))
+        downsized = [image.size for image in images if image.downsized]
+        if downsized:
+            large[index] = max(downsized, key=lambda size: size[0] * size[1])
     if not examples:
         raise DataError(f"{resolved} split {split!r} has no usable rows: all {len(skipped)} are bad "
                         f"(row {skipped[0].index}: {skipped[0].reason})")
@@ -207,6 +274,24 @@ def load_images(files: list[str], min_pixels: int, max_pixels: int, on_bad_row: 
     return cells
 
 
+def _check_columns(columns: list[str], task: Task, where: str) -> None:
+    """The columns every row of the task needs: problem, an image (or images), and a solution when it has one."""
+    needed = ["problem"] + (["solution"] if task.parse_solution is not None else [])
+    missing = [c for c in needed if c not in columns] + ([] if set(IMAGE_COLUMNS) & set(columns) else ["image"])
+    if missing:
+        what = ("Visual-RFT data needs image, problem and solution" if task.parse_solution is not None else
+                f"data.task={task.name} needs problem and image (or images, a list)")
+        raise DataError(f"{where} has no column {missing[0]!r}; it has {', '.join(columns)}. {what}")
+
+
+def _image_cells(row: dict) -> list:
+    """A row's images: its `images` list, else its one `image`."""
+    images = row.get("images")
+    if images is not None:
+        return list(images) if isinstance(images, (list, tuple)) else [images]
+    return [row.get("image")]
+
+
 def _as_cell(image) -> dict:
     if isinstance(image, dict):
         return image
@@ -226,6 +311,8 @@ def _png(image: Image.Image) -> bytes:
 def _check_text(row: dict, task: Task) -> None:
     if not isinstance(row.get("problem"), str) or not row["problem"].strip():
         raise Unusable("empty problem")
+    if task.parse_solution is None:  # a task without solutions: any other column is the rewards' business
+        return
     if not isinstance(row.get("solution"), str) or task.parse_solution(row["solution"]) is None:
         raise Unusable(f"solution does not parse as a {task.name} answer: {str(row.get('solution'))[:80]!r}")
 
@@ -310,8 +397,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def open_image(example: Example) -> Image.Image:
+    """The example's (first) image, RGB."""
     with _open(example.image) as image:
         return to_rgb(image)
+
+
+def open_images(example: Example) -> list[Image.Image]:
+    """Every image of the example, RGB, in order."""
+    images = []
+    for cell in example.images:
+        with _open(cell) as image:
+            images.append(to_rgb(image))
+    return images
 
 
 def resize_image(image: Image.Image, min_pixels: int, max_pixels: int, factor: int) -> Image.Image:
@@ -343,7 +440,7 @@ class PromptInputs:
     attention_mask: torch.Tensor  # [1, P]
     mm_token_type_ids: torch.Tensor  # [1, P]
     pixel_values: torch.Tensor  # [patches, C*t*p*p]
-    image_grid_thw: torch.Tensor  # [1, 3]
+    image_grid_thw: torch.Tensor  # [images, 3]: one row per image of the prompt
     vision: tuple[tuple[torch.Tensor, ...], ...] | None = None  # per image, its feature levels ([tokens, H] each)
     frame: Frame = RELATIVE  # the box coordinates the prompt asked for (rewards map answers back with it)
 
@@ -373,22 +470,27 @@ def shared_features(images: tuple[tuple[torch.Tensor, ...], ...]) -> dict:
     return {"image": SharedVision(pooler_output=levels[0], deepstack_features=levels[1:] or None)}
 
 
-def messages(task: Task, problem: str, frame: Frame = RELATIVE) -> list[dict]:
-    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": task.ask(problem, frame)}]}
+def messages(task: Task, problem: str, frame: Frame = RELATIVE, images: int = 1) -> list[dict]:
+    """The user turn (the prompt's images, then its text), after the task's system prompt when it has one."""
+    content = [{"type": "image"}] * images + [{"type": "text", "text": task.ask(problem, frame)}]
+    user = {"role": "user", "content": content}
     return [{"role": "system", "content": [{"type": "text", "text": task.system}]}, user] if task.system else [user]
 
 
-def prompt_text(processor, task: Task, problem: str, frame: Frame = RELATIVE) -> str:
-    return processor.apply_chat_template(messages(task, problem, frame), add_generation_prompt=True, tokenize=False)
+def prompt_text(processor, task: Task, problem: str, frame: Frame = RELATIVE, images: int = 1) -> str:
+    return processor.apply_chat_template(messages(task, problem, frame, images), add_generation_prompt=True,
+                                         tokenize=False)
 
 
 def model_inputs(processor, examples: list[Example], min_pixels: int, max_pixels: int) -> tuple[list, list[Frame]]:
-    """The resized images of examples, and the box frame the processor's model family is asked for on each."""
+    """The resized images of the examples, in order (all of an example's images before the next one's), and the
+    box frame the processor's model family is asked for on each example (on its first image: box tasks have one)."""
     from qlora_rft.models import family_of
 
     family = family_of(processor)
-    images = [resize_image(open_image(ex), min_pixels, max_pixels, family.factor) for ex in examples]
-    return images, [family.frame(*image.size) for image in images]
+    resized = [[resize_image(image, min_pixels, max_pixels, family.factor) for image in open_images(ex)]
+               for ex in examples]
+    return [image for images in resized for image in images], [family.frame(*images[0].size) for images in resized]
 
 
 def prompt_lengths(processor, task: Task, examples: list[Example], min_pixels: int, max_pixels: int) -> list[int]:
@@ -399,18 +501,24 @@ def prompt_lengths(processor, task: Task, examples: list[Example], min_pixels: i
     from qlora_rft.models import family_of
 
     family = family_of(processor)
-    image_tokens: dict[tuple[int, int], int] = {}
+    image_tokens: dict[tuple[int, int], int] = {}  # tokens an image of this resized size adds to its placeholder
     lengths = []
     for ex in examples:
-        with _open(ex.image) as image:
-            width, height = image.size  # the header alone
-        height, width = smart_resize(height, width, family.factor, min_pixels, max_pixels)
-        text = prompt_text(processor, task, ex.problem, family.frame(width, height))
+        sizes = []
+        for cell in ex.images:
+            with _open(cell) as image:
+                width, height = image.size  # the header alone
+            height, width = smart_resize(height, width, family.factor, min_pixels, max_pixels)
+            sizes.append((width, height))
+        text = prompt_text(processor, task, ex.problem, family.frame(*sizes[0]), len(sizes))
         length = len(processor.tokenizer(text)["input_ids"])
-        if (width, height) not in image_tokens:
-            full = processor(text=[text], images=[Image.new("RGB", (width, height))], return_tensors="pt")
-            image_tokens[(width, height)] = full["input_ids"].shape[1] - length
-        lengths.append(length + image_tokens[(width, height)])
+        for size in sizes:
+            if size not in image_tokens:
+                one = prompt_text(processor, task, ex.problem, family.frame(*size))
+                full = processor(text=[one], images=[Image.new("RGB", size)], return_tensors="pt")
+                image_tokens[size] = full["input_ids"].shape[1] - len(processor.tokenizer(one)["input_ids"])
+            length += image_tokens[size]
+        lengths.append(length)
     return lengths
 
 
@@ -450,7 +558,7 @@ def encode_prompts(
 ) -> tuple[dict, list[Frame]]:
     """Left-padded batch inputs for several prompts (processor output, on device), and each prompt's box frame."""
     images, frames = model_inputs(processor, examples, min_pixels, max_pixels)
-    texts = [prompt_text(processor, task, ex.problem, frame) for ex, frame in zip(examples, frames)]
+    texts = [prompt_text(processor, task, ex.problem, frame, len(ex.images)) for ex, frame in zip(examples, frames)]
     batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
     length = batch["input_ids"].shape[1]
     if length > max_prompt_length:

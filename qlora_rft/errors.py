@@ -19,3 +19,8 @@ class OutputError(UserError):
 
 class TrainingError(UserError):
     """Training cannot go on as configured, e.g. a loss or gradient that is not finite."""
+
+
+class RewardError(UserError):
+    """A reward function failed on a row: it raised, or returned the wrong number of values or a value that is not a
+    finite number."""

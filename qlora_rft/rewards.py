@@ -1,22 +1,39 @@
-"""Verifiable rewards with TRL's signature, `fn(completions, **columns) -> list[float]`, and a registry by name.
+"""Verifiable rewards with TRL's signature, `fn(completions, **columns) -> list[float]`, a registry by name, and
+the user's own rewards from plugin files (`rewards.plugins`).
 
-Each reward is total: any completion in, a finite float in its documented range out, never an exception.
-Completions are plain strings or TRL's conversational form; `solution` is the dataset's `<answer>...</answer>`;
-`frame` (optional, one per completion) is the box coordinates the model was asked for (`tasks.boxes.Frame`): box
-answers in an absolute frame are mapped to the dataset's 0-1000 scale first, so a box scores the same in any family.
+The built-in registry is `format` plus every registered task's own rewards (`Task.rewards`). Each is total: any
+completion in, a finite float in its documented range out, never an exception. Completions are plain strings or
+TRL's conversational form; `solution` is the dataset's `<answer>...</answer>`; `frame` (optional, one per
+completion) is the box coordinates the model was asked for (`tasks.boxes.Frame`): box answers in an absolute frame
+are mapped to the dataset's 0-1000 scale first, so a box scores the same in any family.
 They plug into TRL's GRPOTrainer as they are (`reward_funcs=[format_reward, classification_reward]`).
+A run scores with a `RewardSet`: as TRL does, each function gets the completions' text and every column of the row
+(one value per completion); one that raises, or returns a wrong length or a value that is not finite, stops the run
+with a RewardError naming it and the row.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
+import inspect
 import math
-from typing import Callable
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from qlora_rft.tasks import TASKS, classification, detection, grounding
+from qlora_rft.errors import ConfigError, RewardError
+from qlora_rft.tasks import TASKS, Task, get_task
 from qlora_rft.tasks.boxes import RELATIVE, Frame
 from qlora_rft.tasks.common import completion_text, has_format
+from qlora_rft.tasks.task import Reward, RewardFn
 
-RewardFn = Callable[..., list[float]]
+if TYPE_CHECKING:
+    from qlora_rft.config import RewardConfig
+
+BUILT_IN = "built-in"
 
 
 def format_reward(completions: list, **kwargs) -> list[float]:
@@ -28,73 +45,185 @@ def format_reward(completions: list, **kwargs) -> list[float]:
     return [float(has_format(completion_text(c))) for c in completions]
 
 
-def classification_reward(completions: list, solution: list[str], **kwargs) -> list[float]:
-    """1.0 when the answer names the solution's class (normalised exact match, never substring).  Range [0, 1].
-
-    >>> classification_reward(["<answer>Red_Circle</answer>", "<answer></answer>"], ["<answer>red circle</answer>"] * 2)
-    [1.0, 0.0]
-    """
-    return [classification.score(completion_text(c), s) for c, s in zip(completions, solution)]
-
-
-def _frames(frame: list | None, n: int) -> list[Frame]:
-    return [Frame(*f) for f in frame] if frame is not None else [RELATIVE] * n
+def builtin_rewards() -> dict[str, Reward]:
+    """`format` and every registered task's own rewards, by the names rewards.weights uses."""
+    found = {"format": Reward(format_reward)}
+    for task in TASKS.values():
+        found.update(task.rewards)
+    return found
 
 
-def iou_reward(completions: list, solution: list[str], frame: list | None = None, **kwargs) -> list[float]:
-    """Detection: predictions sorted by confidence each take the unmatched true box of highest IoU; a match counts
-    when IoU > 0.5; sum of matched IoUs / max(#truth, #predictions).  'No Objects' for an empty truth: 1.  [0, 1].
+REWARDS: dict[str, RewardFn] = {name: reward.fn for name, reward in builtin_rewards().items()}
+RANGES: dict[str, tuple[float, float]] = {name: (reward.low, reward.high) for name, reward in builtin_rewards().items()}
 
-    >>> truth = "<answer>[{'Position': [0, 0, 10, 10], 'Confidence': 1.0}, {'Position': [50, 50, 90, 90]}]</answer>"
-    >>> iou_reward(["<answer>[{'Position': [0, 0, 10, 10], 'Confidence': 0.9}]</answer>"], [truth])
-    [0.5]
-    """
-    return [detection.iou_reward(completion_text(c), s, f)
-            for c, s, f in zip(completions, solution, _frames(frame, len(completions)))]
-
-
-def confidence_reward(completions: list, solution: list[str], frame: list | None = None, **kwargs) -> list[float]:
-    """Detection: mean over predictions of (confidence if matched else 1 - confidence).  Range [0, 1].
-
-    >>> confidence_reward(["<answer>[{'Position': [0, 0, 10, 10], 'Confidence': 0.5}, "
-    ...                    "{'Position': [500, 500, 600, 600], 'Confidence': 0.25}]</answer>"],
-    ...                   ["<answer>[{'Position': [0, 0, 10, 10], 'Confidence': 1.0}]</answer>"])  # (0.5 + 0.75) / 2
-    [0.625]
-    """
-    return [detection.confidence_reward(completion_text(c), s, f)
-            for c, s, f in zip(completions, solution, _frames(frame, len(completions)))]
-
-
-def grounding_reward(completions: list, solution: list[str], frame: list | None = None, **kwargs) -> list[float]:
-    """Reasoning grounding: GIoU + 1 between the answer's box `(x1,y1),(x2,y2)` and the true one.  Range [0, 2].
-
-    >>> grounding_reward(["<answer>(0,0),(10,10)</answer>"], ["<answer>(20,0),(30,10)</answer>"])  # GIoU -1/3
-    [0.6666666666666667]
-    """
-    return [grounding.grounding_reward(completion_text(c), s, f)
-            for c, s, f in zip(completions, solution, _frames(frame, len(completions)))]
-
-
-REWARDS: dict[str, RewardFn] = {
-    "format": format_reward,
-    "classification": classification_reward,
-    "iou": iou_reward,
-    "confidence": confidence_reward,
-    "grounding": grounding_reward,
-}
-
-RANGES: dict[str, tuple[float, float]] = {name: (0.0, 1.0) for name in REWARDS} | {"grounding": (0.0, 2.0)}
+# The shipped tasks' rewards under their public names (e.g. TRL's `reward_funcs=[classification_reward]`).
+classification_reward = REWARDS["classification"]  # 1.0 when the answer names the solution's class
+iou_reward = REWARDS["iou"]  # detection: sum of matched IoUs / max(#truth, #predictions)
+confidence_reward = REWARDS["confidence"]  # detection: mean of (confidence if matched else 1 - confidence)
+grounding_reward = REWARDS["grounding"]  # reasoning grounding: GIoU + 1, in [0, 2]
 
 
 def default_weights(task: str) -> dict[str, float]:
-    return dict(TASKS[task].default_rewards) if task in TASKS else {}
+    """The task's own reward weights (what an empty rewards.weights means)."""
+    return dict(get_task(task).default_weights)
 
 
 def score(completions: list[str], solution: str, weights: dict[str, float],
           frame: Frame = RELATIVE) -> dict[str, list[float]]:
-    """Each named reward of the G completions of one prompt: {name: [G floats]} (non-finite values become 0)."""
-    out = {}
-    for name in weights:
-        values = REWARDS[name](completions, solution=[solution] * len(completions), frame=[frame] * len(completions))
-        out[name] = [v if math.isfinite(v) else 0.0 for v in values]
-    return out
+    """Each named built-in reward of the G completions of one prompt: {name: [G floats]}."""
+    found = builtin_rewards()
+    rewards = RewardSet(dict(weights), {name: found[name].fn for name in weights}, dict.fromkeys(weights, BUILT_IN))
+    return rewards.score(completions, {"solution": solution}, frame)
+
+
+# ---------------------------------------------------------------------------------------------------------- a run's
+
+
+@dataclass(frozen=True)
+class RewardSet:
+    """The weighted rewards of a run, built-in or from plugin files, by name."""
+
+    weights: dict[str, float]
+    functions: dict[str, RewardFn]
+    origins: dict[str, str]  # name -> BUILT_IN or the plugin file defining it (for messages)
+
+    def score(self, completions: list[str], columns: dict, frame: Frame = RELATIVE,
+              row: int | None = None) -> dict[str, list[float]]:
+        """Each reward of the completions of one row: {name: [one float per completion]}.
+
+        Every function is called as `fn(completions, frame=[...], **{column: [...]})`, each column's value repeated
+        once per completion (TRL's convention). `row` names the row in a RewardError.
+        """
+        n = len(completions)
+        kwargs = {name: [value] * n for name, value in columns.items()} | {"frame": [frame] * n}
+        return {name: self._checked(name, completions, kwargs, row) for name in self.weights}
+
+    def weighted(self, values: dict[str, list[float]]) -> list[float]:
+        """The reward of each completion: the weighted sum of its rewards (`values` as `score` returns them)."""
+        return [sum(self.weights[name] * values[name][k] for name in self.weights)
+                for k in range(len(next(iter(values.values()), [])))]
+
+    def _checked(self, name: str, completions: list[str], kwargs: dict, row: int | None) -> list[float]:
+        """One function's values, or a RewardError when it raised, returned a wrong length or a non-finite value."""
+        where = f"reward {name!r}" + ("" if self.origins[name] == BUILT_IN else f" (from {self.origins[name]})")
+        on = "" if row is None else f" on row {row}"
+        try:
+            values = list(self.functions[name](list(completions), **kwargs))
+        except Exception as e:
+            raise RewardError(f"{where} raised {type(e).__name__}{on}: {_first_line(e)}") from e
+        if len(values) != len(completions):
+            raise RewardError(f"{where} returned {len(values)} values for the {len(completions)} completions{on}: "
+                              "return one float per completion")
+        out = []
+        for k, value in enumerate(values):
+            number = _finite(value)
+            if number is None:
+                raise RewardError(f"{where} returned {value!r:.40} for completion {k}{on}: every value must be a "
+                                  "finite number")
+            out.append(number)
+        return out
+
+
+def _finite(value) -> float | None:
+    """`value` as a finite float (ints, floats, bools, NumPy scalars), else None."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def reward_set(cfg: "RewardConfig", task: Task) -> RewardSet:
+    """The rewards a run uses: rewards.weights (empty: the task's defaults), each found among the built-in
+    rewards or in the rewards.plugins files."""
+    weights = dict(cfg.weights or task.default_weights)
+    found = {name: (reward.fn, BUILT_IN) for name, reward in builtin_rewards().items()}
+    found |= plugin_rewards(cfg.plugins)
+    unknown = [name for name in weights if name not in found]
+    if unknown:
+        raise ConfigError(f"rewards.weights names unknown reward {unknown[0]!r}: known are {', '.join(found)}")
+    return RewardSet(weights, {name: found[name][0] for name in weights}, {name: found[name][1] for name in weights})
+
+
+# ---------------------------------------------------------------------------------------------------------- plugins
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """A plugin file as imported: its path, the sha256 of its bytes, and its reward functions by name."""
+
+    path: str
+    sha256: str
+    functions: dict[str, RewardFn]
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a plugin file's bytes; a ConfigError when it cannot be read."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"rewards.plugins: {file} does not exist: give the path of a Python file whose functions "
+                          "fn(completions, **columns) -> list[float] are rewards")
+    try:
+        return hashlib.sha256(file.read_bytes()).hexdigest()
+    except OSError as e:
+        raise ConfigError(f"rewards.plugins: cannot read {file}: {e.strerror or e}") from None
+
+
+def load_plugin(path: str) -> Plugin:
+    """The plugin file at `path`, imported once per content (a ConfigError when missing or failing to import)."""
+    return _import_plugin(str(path), file_sha256(path))
+
+
+@functools.lru_cache(maxsize=None)
+def _import_plugin(path: str, sha256: str) -> Plugin:
+    name = f"qlora_rft_plugin_{sha256[:16]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"rewards.plugins: {path} is not a Python file: name a .py file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # what dataclasses and pickling look modules up by
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise ConfigError(f"rewards.plugins: {path} fails to import: {type(e).__name__}: {_first_line(e)}") from None
+    functions = {}
+    for attr, value in vars(module).items():
+        if _is_reward(value, module) and not attr.startswith("_"):
+            if not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(value).parameters.values()):
+                raise ConfigError(f"rewards.plugins: {attr}() in {path} must take **columns (every column of the "
+                                  f"row is passed by name): def {attr}(completions, **columns)")
+            functions[attr] = value
+    if not functions:
+        raise ConfigError(f"rewards.plugins: {path} defines no reward: write def NAME(completions, **columns) -> "
+                          "list[float] at module level")
+    return Plugin(path, sha256, functions)
+
+
+def _is_reward(value, module) -> bool:
+    """A function defined in the plugin file itself whose first parameter is `completions`."""
+    if not inspect.isfunction(value) or value.__module__ != module.__name__:
+        return False
+    parameters = list(inspect.signature(value).parameters)
+    return bool(parameters) and parameters[0] == "completions"
+
+
+def plugin_rewards(paths: list[str]) -> dict[str, tuple[RewardFn, str]]:
+    """Every plugin file's rewards by name, with the file defining each. A name of a built-in reward, or one that two
+    files define, is refused (ConfigError)."""
+    builtin = builtin_rewards()
+    found: dict[str, tuple[RewardFn, str]] = {}
+    for path in paths:
+        for name, fn in load_plugin(path).functions.items():
+            if name in builtin:
+                raise ConfigError(f"rewards.plugins: {path} defines {name}(), the name of a built-in reward: rename it")
+            if name in found:
+                raise ConfigError(f"rewards.plugins: {name}() is defined in {found[name][1]} and in {path}: rename "
+                                  "one")
+            found[name] = (fn, path)
+    return found

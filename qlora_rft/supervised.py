@@ -46,7 +46,7 @@ def supervised_batch(processor, task: Task, examples: list[Example], data_cfg, d
     """Prompt + target completion for each example; labels are -100 on the prompt and on padding."""
     tok = processor.tokenizer
     images, frames = model_inputs(processor, examples, data_cfg.min_pixels, data_cfg.max_pixels)
-    prompts = [prompt_text(processor, task, ex.problem, frame) for ex, frame in zip(examples, frames)]
+    prompts = [prompt_text(processor, task, ex.problem, frame, len(ex.images)) for ex, frame in zip(examples, frames)]
     targets = [task.warmup_target(ex.solution, frame) + tok.eos_token for ex, frame in zip(examples, frames)]
     side = tok.padding_side
     tok.padding_side = "right"

@@ -32,7 +32,7 @@ from qlora_rft.errors import UserError
 from qlora_rft.evaluation.validation import Validation
 from qlora_rft.files import unlock_folder
 from qlora_rft.model import choose_sampling_weights, decode_weight_bytes, merged_weights
-from qlora_rft.rewards import default_weights, score
+from qlora_rft.rewards import RewardSet, reward_set
 from qlora_rft.rollout import Rollout, Sampling, sample_groups, share_vision
 from qlora_rft.run import Run, TrainResult, check_inputs, prepare_run, start_afresh
 from qlora_rft.sft import train_sft
@@ -95,7 +95,8 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     policy, accelerator, model, task = run.policy, run.accelerator, run.model, run.task
     g = cfg.grpo
     G = g.num_generations
-    weights = cfg.rewards.weights or default_weights(task.name)
+    rewarder = reward_set(cfg.rewards, task)  # built-in and plugin rewards, by name
+    weights = rewarder.weights
     sampling = Sampling(g.max_completion_length, g.temperature, g.top_p, g.top_k,
                         min_new_tokens=g.min_completion_length)
     sample_with = choose_sampling_weights(g.sampling_weights, policy.model, policy.device, policy.dtype)
@@ -127,7 +128,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
                 with merged_weights(sampler, sample_with.merges, sample_with.mode, kept_copy):
                     if step == run.start_step + 1:  # what each decode step reads (the bench's bandwidth figure)
                         run.sampling["decode_weight_bytes"] = decode_weight_bytes(sampler)
-                    sample = partial(sample_scored, run, sampler, sampling, decoder, weights)
+                    sample = partial(sample_scored, run, sampler, sampling, decoder, rewarder)
                     groups = sample(run.examples(step))  # this process's prompts
                     dropped = []  # the groups that gave way
                     if g.dynamic_sampling:
@@ -185,7 +186,7 @@ AVERAGED = ("loss", "reward", "reward_std", "kl", "clip_ratio", "completion_leng
             "extra_groups", "tokens_per_second")
 
 
-def sample_scored(run: Run, sampler, sampling: Sampling, decoder, weights: dict[str, float],
+def sample_scored(run: Run, sampler, sampling: Sampling, decoder, rewarder: RewardSet,
                   examples: list) -> list[Group]:
     """Steps 1-2 for some rows: sample G completions of each row's prompt, score them, sum the weighted rewards."""
     cfg, policy, G = run.cfg, run.policy, run.cfg.grpo.num_generations
@@ -196,8 +197,8 @@ def sample_scored(run: Run, sampler, sampling: Sampling, decoder, weights: dict[
                              policy.tokens, cfg.grpo.share_prefill, decoder)
     groups = []
     for example, rollout in zip(examples, rollouts):
-        rewards = score(rollout.texts, example.solution, weights, rollout.prompt.frame)
-        total = torch.tensor([sum(weights[n] * rewards[n][k] for n in weights) for k in range(G)])
+        rewards = rewarder.score(rollout.texts, example.reward_columns(), rollout.prompt.frame, example.index)
+        total = torch.tensor(rewarder.weighted(rewards))
         loss_mask = rollout.mask  # [G, T]
         if cfg.grpo.mask_truncated_completions:  # no EOS within max_completion_length: out of the loss
             loss_mask = loss_mask * ~grpo.truncated(rollout.completion_ids, policy.tokens.eos)[:, None]

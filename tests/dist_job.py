@@ -19,6 +19,7 @@ import torch
 import qlora_rft.trainer as trainer
 from qlora_rft import grpo
 from qlora_rft.config import load_config
+from qlora_rft.rewards import RewardSet
 from qlora_rft.rollout import Rollout
 
 TEXTS = [
@@ -46,16 +47,16 @@ def fixed_group(processor, prompt, group_size, tokens, varied) -> Rollout:
     return Rollout(prompt=prompt, completion_ids=ids.to(device), mask=mask.to(device), texts=decoded)
 
 
-def text_rewards(texts, solution, weights, frame=None):
+def text_rewards(rewards, texts, columns, frame=None, row=None):
     """Rewards that depend on the sampled text, so that a run's result depends on every process's RNG."""
-    return {name: [float(sum(map(ord, t)) % 3) for t in texts] for name in weights}
+    return {name: [float(sum(map(ord, t)) % 3) for t in texts] for name in rewards.weights}
 
 
 def main(argv: list[str]) -> None:
     resume, sample, varied = "--resume" in argv, "--sample" in argv, "--varied" in argv
     config, *overrides = [a for a in argv if a not in ("--resume", "--sample", "--varied")]
     if sample:
-        trainer.score = text_rewards
+        RewardSet.score = text_rewards
     else:
         trainer.sample_groups = functools.partial(fixed_groups, varied=varied)
     result = trainer.fit(load_config(config, overrides), resume=resume, log=False)

@@ -9,14 +9,15 @@ import time
 import qlora_rft.trainer as trainer
 from qlora_rft import checkpoint
 from qlora_rft.config import load_config
+from qlora_rft.rewards import RewardSet
 
 
-def text_rewards(texts, solution, weights, frame=None):
-    return {name: [float(sum(map(ord, t)) % 3) for t in texts] for name in weights}
+def text_rewards(rewards, texts, columns, frame=None, row=None):
+    return {name: [float(sum(map(ord, t)) % 3) for t in texts] for name in rewards.weights}
 
 
 def run(overrides: list[str], resume: bool = False, pause: float = 0.0):
-    trainer.score = text_rewards
+    real_score, RewardSet.score = RewardSet.score, text_rewards  # put back afterwards: run in-process by tests
     if pause:
         save = checkpoint.save
 
@@ -26,7 +27,10 @@ def run(overrides: list[str], resume: bool = False, pause: float = 0.0):
             return path
 
         checkpoint.save = slow_save
-    return trainer.fit(load_config(None, overrides), resume=resume, log=False)
+    try:
+        return trainer.fit(load_config(None, overrides), resume=resume, log=False)
+    finally:
+        RewardSet.score = real_score
 
 
 if __name__ == "__main__":

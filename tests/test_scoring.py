@@ -16,12 +16,12 @@ from qlora_rft.errors import ConfigError, DataError
 from qlora_rft.evaluation.scoring import (
     Row,
     Skipped,
-    classification_metrics,
     read_predictions,
     score_file,
     write_metrics,
 )
 from qlora_rft.tasks import detection
+from qlora_rft.tasks.classification import metrics as classification_metrics
 from qlora_rft.tasks.boxes import to_scale
 
 # Image sizes and boxes are chosen so that pixel -> 0-1000 -> pixel is exact: every coordinate times 1000 / size

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-import qlora_rft.trainer as trainer_module
 from qlora_rft import trackers
 from qlora_rft.cli import main
 from qlora_rft.config import load_config
 from qlora_rft.errors import ConfigError
+from qlora_rft.rewards import RewardSet
 from qlora_rft.runlog import RunLogger, read_metrics
 from qlora_rft.trackers import TensorBoard, Trackers
 from qlora_rft.trainer import fit
@@ -127,8 +127,8 @@ def test_a_grpo_run_reports_to_tensorboard_and_offline_wandb(tiny_overrides, tmp
     monkeypatch.setenv("WANDB_SILENT", "true")
     for name in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):  # the user's folders stay untouched
         monkeypatch.setenv(name, str(tmp_path / "wandb-home" / name))
-    monkeypatch.setattr(trainer_module, "score", lambda texts, solution, weights, frame=None:  # some spread
-                        {name: [float(k % 2) for k in range(len(texts))] for name in weights})
+    monkeypatch.setattr(RewardSet, "score", lambda rewards, texts, columns, frame=None, row=None:  # some spread
+                        {name: [float(k % 2) for k in range(len(texts))] for name in rewards.weights})
     out = Path(load_config(None, tiny_overrides).train.output_dir)
     fit(load_config(None, [*tiny_overrides, "train.report_to=tensorboard,wandb", "train.log_completions=1",
                            "train.eval_steps=2", "data.eval=synthetic:shapes", "eval.limit=2",

@@ -17,6 +17,7 @@ from qlora_rft import checkpoint
 from qlora_rft.config import load_config
 from qlora_rft.distributed import Updates
 from qlora_rft.errors import TrainingError, UserError
+from qlora_rft.rewards import RewardSet
 from qlora_rft.rollout import FiniteLogits
 from qlora_rft.runlog import read_metrics
 from qlora_rft.trainer import fit, train
@@ -28,13 +29,12 @@ def _snapshot(model):
     }
 
 
-def _alternating_rewards(texts, solution, weights, frame=None):
-    return {name: [float(k % 2) for k in range(len(texts))] for name in weights}
+def _alternating_rewards(rewards, texts, columns, frame=None, row=None):
+    return {name: [float(k % 2) for k in range(len(texts))] for name in rewards.weights}
 
 
 def test_two_step_qlora_grpo_changes_lora_weights_only(tiny_overrides, monkeypatch):
     import qlora_rft.run as run_module
-    import qlora_rft.trainer as trainer_module
 
     captured = {}
     real_load = run_module.load_policy
@@ -47,7 +47,7 @@ def test_two_step_qlora_grpo_changes_lora_weights_only(tiny_overrides, monkeypat
 
     monkeypatch.setattr(run_module, "load_policy", spy)
     # A random tiny model never earns a reward, so every advantage would be 0: give the group some spread.
-    monkeypatch.setattr(trainer_module, "score", _alternating_rewards)
+    monkeypatch.setattr(RewardSet, "score", _alternating_rewards)
     cfg = load_config(None, tiny_overrides)
     result = train(cfg, log=True)
 
@@ -128,10 +128,10 @@ def _rewards_by_call(uniform_calls: int, per_step: int):
     i < uniform_calls, alternating 0/1 rewards otherwise; the calls are recorded."""
     calls = []
 
-    def fake(texts, solution, weights, frame=None):
-        calls.append(solution)
+    def fake(rewards, texts, columns, frame=None, row=None):
+        calls.append(columns)
         uniform = (len(calls) - 1) % per_step < uniform_calls
-        return {name: [0.0 if uniform else float(k % 2) for k in range(len(texts))] for name in weights}
+        return {name: [0.0 if uniform else float(k % 2) for k in range(len(texts))] for name in rewards.weights}
 
     return fake, calls
 
@@ -142,10 +142,9 @@ def test_dynamic_sampling_replaces_uniform_groups_within_the_bound(tiny_override
     """2 prompts a step, at most 3 fresh ones. Fresh groups with spread: both uniform groups are replaced at once
     (2 extra). Every group uniform: 2 fresh, still uniform, then only 1 more (the bound), and the group left
     uniform is skipped (beta 0: all its advantages are 0)."""
-    import qlora_rft.trainer as trainer_module
 
     fake, calls = _rewards_by_call(uniform_calls, per_step)
-    monkeypatch.setattr(trainer_module, "score", fake)
+    monkeypatch.setattr(RewardSet, "score", fake)
     settings = ["grpo.dynamic_sampling=true", "grpo.max_extra_groups=3", "train.prompts_per_step=2",
                 "grpo.beta=0", "train.save_steps=0"]
     result = train(load_config(None, [*tiny_overrides, *settings]), log=True)
@@ -159,9 +158,8 @@ def test_dynamic_sampling_replaces_uniform_groups_within_the_bound(tiny_override
 def test_truncated_completions_are_left_out_of_the_loss(tiny_overrides, monkeypatch, mask):
     """EOS suppressed up to the length limit: every completion is truncated. Masked, no token counts: loss and
     gradient are 0; unmasked, the same rewards train."""
-    import qlora_rft.trainer as trainer_module
 
-    monkeypatch.setattr(trainer_module, "score", _alternating_rewards)
+    monkeypatch.setattr(RewardSet, "score", _alternating_rewards)
     settings = ["grpo.min_completion_length=8", f"grpo.mask_truncated_completions={str(mask).lower()}",
                 "train.save_steps=0"]
     lines = train(load_config(None, [*tiny_overrides, *settings])).metrics

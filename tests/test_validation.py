@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-import qlora_rft.trainer as trainer_module
 from qlora_rft.config import load_config
 from qlora_rft.errors import ConfigError
+from qlora_rft.rewards import RewardSet
 from qlora_rft.runlog import read_metrics
 from qlora_rft.trainer import fit
 
@@ -35,7 +35,7 @@ def _eval_lines(run_dir: Path) -> list[tuple]:
 
 @pytest.mark.parametrize("method", ["grpo", "sft"])
 def test_evaluating_during_training_leaves_training_bit_exact(tiny_overrides, tmp_path, monkeypatch, method):
-    monkeypatch.setattr(trainer_module, "score", text_rewards)
+    monkeypatch.setattr(RewardSet, "score", text_rewards)
     plain, watched = tmp_path / "plain", tmp_path / "watched"
     run = [*tiny_overrides, f"train.method={method}", "lora.dropout=0.1"]  # dropout: training mode and RNG matter
     fit(load_config(None, [*run, f"train.output_dir={plain}"]))
@@ -63,7 +63,7 @@ def test_the_last_evaluation_answers_as_qlora_rft_eval_of_the_saved_adapter(tiny
     write the same lines (the run's adapters are the policy's, in memory, not merged)."""
     from qlora_rft.evaluation.runner import run_eval
 
-    monkeypatch.setattr(trainer_module, "score", text_rewards)
+    monkeypatch.setattr(RewardSet, "score", text_rewards)
     out = tmp_path / "run"
     fit(load_config(None, [*tiny_overrides, *EVAL, "train.eval_steps=5", "train.max_steps=1",
                            f"train.output_dir={out}"]))  # only the evaluation at the end
@@ -76,7 +76,7 @@ def test_the_last_evaluation_answers_as_qlora_rft_eval_of_the_saved_adapter(tiny
 
 
 def test_a_resumed_run_evaluates_as_an_uninterrupted_one(tiny_overrides, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_module, "score", text_rewards)
+    monkeypatch.setattr(RewardSet, "score", text_rewards)
     args = [*tiny_overrides, *EVAL, "train.eval_steps=1", "train.max_steps=4", "train.save_steps=2"]
     out = Path(load_config(None, args).train.output_dir)
     fit(load_config(None, args))

@@ -9,6 +9,8 @@ LVIS v1 image (no file_name) is found from its coco_url, in COCO's train2017/ or
 A family that answers boxes in pixels (Qwen2.5-VL) gets a `frame` [width, height] in each line, for the scorer.
 `eval.protocol=paper` asks as the original Visual-RFT evaluation did (`Asking`, resolved once per run; detection
 classes from its class-existence map), and eval_info.json and metrics.json record which protocol ran.
+A task whose metric is its rewards (generic) gets each completion's rewards in its line, computed with the run's
+rewards (built-in and rewards.plugins).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from qlora_rft.config import Config
 from qlora_rft.data import (Example, encode_prompts, load_images, load_split, prompt_lengths, resolve_source,
                              too_long)
 from qlora_rft.errors import DataError, UserError
+from qlora_rft.rewards import RewardSet, reward_set
 from qlora_rft.rollout import Sampling
 from qlora_rft.tasks import Task, detection, get_task
 from qlora_rft.tasks.boxes import RELATIVE, Frame, to_scale
@@ -120,7 +123,7 @@ def detection_items(cfg: Config, asking: Asking | None = None) -> list[EvalItem]
     when not given."""
     from qlora_rft.evaluation.class_sets import resolve_classes
     from qlora_rft.evaluation.exist_map import asked_classes, check_exist_map, read_exist_map
-    from qlora_rft.evaluation.scoring import load_annotations
+    from qlora_rft.evaluation.coco import load_annotations
 
     path = Path(resolve_source(cfg.eval.annotations))
     if not path.is_file():
@@ -257,15 +260,18 @@ def predict(policy, task: Task, items: list[EvalItem], cfg: Config, asking: Aski
             ) -> Iterator[list[dict]]:
     """The predictions lines of `items`, a list per batch: first a `skipped` line for each prompt over
     data.max_prompt_length (refused instead under data.on_bad_row=error; no limit under the paper protocol), then
-    the greedy answers. What `eval` writes, and what the evaluation during training (train.eval_steps) scores."""
+    the greedy answers, with their rewards for a task scored by them (generic). What `eval` writes, and what the
+    evaluation during training (train.eval_steps) scores."""
     if not items:
         return
     asking = asking or resolve_asking(cfg, task.name)
+    rewards = reward_set(cfg.rewards, task) if records_rewards(task) else None
     todo, too_long = fitting_prompts(policy.processor, task, items, cfg, asking)
     if too_long:  # the scorer reports these lines as skipped
         yield [{**item.record, "skipped": reason} for item, reason in too_long]
     for batch_items, texts, frames in generate(policy, task, todo, asking, cfg.eval.batch_size):
-        yield [{**item.record, "completion": text, **frame_record(frame)}
+        yield [{**item.record, "completion": text, **frame_record(frame),
+                **(reward_record(rewards, item, text, frame) if rewards is not None else {})}
                for item, text, frame in zip(batch_items, texts, frames)]
 
 
@@ -315,17 +321,31 @@ def record_key(record: dict, detection_task: bool) -> str:
     return f"{record['image_id']}|{record['category']}" if detection_task else str(record["id"])
 
 
+def reward_record(rewards: RewardSet, item: EvalItem, completion: str, frame: Frame) -> dict:
+    """A line's rewards, for a task scored by them: each one (`rewards`) and their weighted sum (`reward`)."""
+    values = rewards.score([completion], item.example.reward_columns(), frame, item.example.index)
+    return {"reward": rewards.weighted(values)[0], "rewards": {name: v[0] for name, v in values.items()}}
+
+
+def records_rewards(task: Task) -> bool:
+    """Whether the task's predictions lines carry the completions' rewards (its metric is their mean)."""
+    return "rewards" in task.prediction_keys
+
+
 def eval_settings(cfg: Config, task: Task, asking: Asking) -> dict:
-    """What decides the prompts asked and the answers given (the values in force under the protocol): a resumed
-    evaluation must keep every one of these."""
-    return {"task": task.name, "model": cfg.model.name_or_path, "mode": cfg.model.mode, "dtype": cfg.model.dtype,
-            "adapter": cfg.eval.adapter or None, "annotations": cfg.eval.annotations or None,
-            "images": cfg.eval.images or None, "classes": cfg.eval.classes, "protocol": asking.protocol,
-            "ask": cfg.eval.ask, "exist_map": cfg.eval.exist_map or None,
-            "data": cfg.data.eval or cfg.data.train, "split": cfg.data.eval_split, "image_root": cfg.data.image_root,
-            "min_pixels": asking.min_pixels, "max_pixels": asking.max_pixels,
-            "max_prompt_length": asking.max_prompt_length, "max_new_tokens": asking.max_new_tokens,
-            "repetition_penalty": asking.repetition_penalty}
+    """What decides the prompts asked and the answers given (the values in force under the protocol; for a task
+    scored by its rewards, the rewards too): a resumed evaluation must keep every one of these."""
+    settings = {"task": task.name, "model": cfg.model.name_or_path, "mode": cfg.model.mode, "dtype": cfg.model.dtype,
+                "adapter": cfg.eval.adapter or None, "annotations": cfg.eval.annotations or None,
+                "images": cfg.eval.images or None, "classes": cfg.eval.classes, "protocol": asking.protocol,
+                "ask": cfg.eval.ask, "exist_map": cfg.eval.exist_map or None,
+                "data": cfg.data.eval or cfg.data.train, "split": cfg.data.eval_split,
+                "image_root": cfg.data.image_root, "min_pixels": asking.min_pixels, "max_pixels": asking.max_pixels,
+                "max_prompt_length": asking.max_prompt_length, "max_new_tokens": asking.max_new_tokens,
+                "repetition_penalty": asking.repetition_penalty}
+    if records_rewards(task):
+        settings["rewards"] = {"weights": cfg.rewards.weights, "plugin_sha256": cfg.rewards.plugin_sha256}
+    return settings
 
 
 def recorded_protocol(predictions: str | Path) -> str:
@@ -404,21 +424,27 @@ def score_predictions(cfg: Config, task: Task, predictions: Path) -> dict:
     return score_file(task.name, predictions, annotations, classes, protocol=cfg.eval.protocol)
 
 
+PERCENT = ("mAP", "accuracy", "mIoU", "acc@0.5")  # metrics in percent, shown in the table when present
+
+
 def main_metric(metrics: dict) -> tuple[str, float]:
-    """The headline number of a metrics dict: mAP, accuracy or mIoU (percent)."""
-    for key in ("mAP", "accuracy", "mIoU"):
-        if key in metrics:
-            return key, metrics[key]
-    raise KeyError("no mAP, accuracy or mIoU in the metrics")
+    """The headline number of a metrics dict: its task's headline metric (mAP, accuracy, mIoU...)."""
+    key = get_task(metrics.get("task", "")).headline
+    if key not in metrics:
+        raise KeyError(f"no {key} in the {metrics.get('task')} metrics")
+    return key, metrics[key]
 
 
 def metrics_table(metrics: dict, label: str) -> Table:
     table = Table(title=f"{metrics.get('task', '')} evaluation: {label}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("mAP", "accuracy", "mIoU", "acc@0.5"):
+    for key in PERCENT:
         if key in metrics:
             table.add_row(f"{key} (%)", "n/a" if metrics[key] is None else f"{metrics[key]:.2f}")
+    for key, value in metrics.items():
+        if key == "reward" or key.startswith("rewards/"):
+            table.add_row(key, "n/a" if value is None else f"{value:.4f}")
     for name, value in (metrics.get("per_class") or {}).items():
         table.add_row(f"  AP {name}", "n/a" if value is None else f"{value:.2f}")
     table.add_row("predictions", str(metrics.get("num_predictions", "")))

@@ -1,59 +1,28 @@
-"""Metrics recomputed from a predictions file alone (no model): box mAP with pycocotools or the LVIS API for detection,
-accuracy for classification, mIoU and acc@0.5 for grounding. Completions are read only by the tasks' own parsers;
-a malformed line, or a repeat of a prompt already answered, is skipped and reported by its 1-based line number; only
-a file with no usable line at all is refused. A line's `frame` (pixels its boxes are written in) maps them back to
-the 0-1000 scale first. Under the paper protocol a task reads completions as the original evaluation did (grounding:
-the first box anywhere); metrics.json records the protocol.
+"""Metrics recomputed from a predictions file alone (no model), by the task's own metric function (`Task.metrics`:
+accuracy for classification, mIoU and acc@0.5 for grounding, box mAP for detection, with pycocotools or the LVIS
+API in coco.py). Completions are read only by the tasks' own parsers; a malformed line, or a repeat of a
+prompt already answered, is skipped and reported by its 1-based line number; only a file with no usable line at all
+is refused. A line's `frame` (pixels its boxes are written in) maps them back to the 0-1000 scale first. Under the
+paper protocol a task reads completions as the original evaluation did (its `get_task(name, "paper")` variant;
+grounding: the first box anywhere); metrics.json records the protocol.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import logging
-import math
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
-
 from qlora_rft.errors import ConfigError, DataError
-from qlora_rft.evaluation.class_sets import resolve_classes
-from qlora_rft.tasks import detection, get_task
-from qlora_rft.tasks.boxes import RELATIVE, Box, Frame, to_pixels
+from qlora_rft.evaluation.rows import Row, ScoreOptions, Skipped
+from qlora_rft.tasks import get_task
 
 MAX_SKIPPED_LINES = 100  # metrics.json lists at most this many skipped lines (the count covers them all)
-DECIMALS = 4
 
-REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
-    "detection": ("image_id", "category", "completion"),
-    "classification": ("completion", "solution"),
-    "grounding": ("completion", "solution"),
-}
 _TEXT_KEYS = ("completion", "solution", "category")  # when required, these must be strings
-_ANNOTATION_LISTS = ("images", "annotations", "categories")
-
-
-@dataclass
-class Skipped:
-    """A predictions line left out of the metric: its 1-based line number and why."""
-
-    line: int
-    reason: str
-
-
-@dataclass
-class Row:
-    """One usable predictions line: its 1-based line number and the JSON object written there."""
-
-    line: int
-    record: dict
 
 
 @dataclass
@@ -65,35 +34,6 @@ class Predictions:
 
     def __iter__(self):
         return iter((self.rows, self.skipped))
-
-
-@dataclass
-class Scored:
-    """What a task's metric function returns: the metric values and the rows it had to skip itself."""
-
-    metrics: dict
-    skipped: list[Skipped]
-
-
-# ---------------------------------------------------------------------------------------------------------- numbers
-
-
-def _percent(fraction) -> float | None:
-    """A fraction as a rounded percentage; None for a missing value (pycocotools' -1, NaN, None).
-
-    >>> _percent(0.123456789), _percent(-1), _percent(None)
-    (12.3457, None, None)
-    """
-    if fraction is None:
-        return None
-    value = float(fraction)
-    if not math.isfinite(value) or value < 0:
-        return None
-    return round(100.0 * value, DECIMALS)
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 # ---------------------------------------------------------------------------------------------------------- reading
@@ -144,368 +84,6 @@ def read_predictions(path: str | Path, required: tuple[str, ...] = ("completion"
     return Predictions(rows, skipped)
 
 
-# ---------------------------------------------------------------------------------------------------------- per sample
-
-
-def _repeat_of(first_line: dict, key, line: int) -> int | None:
-    """The line that already answered `key` (a repeat: only the first answer counts), else None after recording
-    `line` as its answer. Every task de-duplicates this way: detection by (image, category), the others by id."""
-    first = first_line.setdefault(key, line)
-    return None if first == line else first
-
-
-def _per_sample(task_name: str, rows: list[Row], protocol: str = "ours") -> tuple[list[float], int, list[Skipped]]:
-    """The task's own score per row (its `protocol` variant's), the number of unparseable completions, and the rows
-    skipped.
-
-    An unparseable completion scores 0 (the task's score says so) and is used; a solution that does not parse
-    cannot be scored at all, so its row is skipped; so is a repeat of an `id` an earlier line answered (rows
-    without an `id` are all used).
-    """
-    task = get_task(task_name, protocol)
-    scores: list[float] = []
-    unparseable = 0
-    skipped: list[Skipped] = []
-    first_line: dict[str, int] = {}
-    for row in rows:
-        completion, solution = row.record["completion"], row.record["solution"]
-        if task.parse_solution(solution) is None:
-            skipped.append(Skipped(row.line, f"solution {solution!r:.60} does not parse"))
-            continue
-        if "id" in row.record:
-            first = _repeat_of(first_line, str(row.record["id"]), row.line)
-            if first is not None:
-                skipped.append(Skipped(row.line, f"repeats id {row.record['id']!r:.40} of line {first}"))
-                continue
-        frame = row_frame(row)
-        if task.parse(completion, frame) is None:
-            unparseable += 1
-        scores.append(float(task.score(completion, solution, frame)))
-    return scores, unparseable, skipped
-
-
-def row_frame(row: Row) -> Frame:
-    """The box frame a prediction was asked for: its `frame` [width, height] (pixels, written by families that
-    answer in pixels), else the dataset's 0-1000 scale; answers are mapped back to 0-1000 with it."""
-    frame = row.record.get("frame")
-    if isinstance(frame, list) and len(frame) == 2 and all(_number(v) and v > 0 for v in frame):
-        return Frame(*frame)
-    return RELATIVE
-
-
-def classification_metrics(rows: list[Row], protocol: str = "ours") -> Scored:
-    """`accuracy`: percent of rows whose class equals the solution's (an unparseable completion is wrong).
-
-    >>> rows = [Row(1, {"completion": "<answer>Rose</answer>", "solution": "<answer>rose</answer>"}),
-    ...         Row(2, {"completion": "no idea", "solution": "<answer>rose</answer>"})]
-    >>> classification_metrics(rows).metrics
-    {'num_predictions': 2, 'accuracy': 50.0, 'unparseable': 1}
-    """
-    scores, unparseable, skipped = _per_sample("classification", rows, protocol)
-    return Scored(
-        {"num_predictions": len(scores), "accuracy": _percent(_mean(scores)), "unparseable": unparseable}, skipped
-    )
-
-
-def grounding_metrics(rows: list[Row], protocol: str = "ours") -> Scored:
-    """`mIoU`: mean IoU in percent (an unparseable completion counts 0); `acc@0.5`: percent of rows with IoU >= 0.5.
-    Under the paper protocol a completion's box is its first one anywhere (`grounding.parse_first_box`)."""
-    scores, unparseable, skipped = _per_sample("grounding", rows, protocol)
-    hits = [float(s >= 0.5) for s in scores]
-    return Scored(
-        {
-            "num_predictions": len(scores),
-            "mIoU": _percent(_mean(scores)),
-            "acc@0.5": _percent(_mean(hits)),
-            "unparseable": unparseable,
-        },
-        skipped,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------- annotations
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def load_annotations(path: str | Path) -> dict:
-    """A COCO- or LVIS-format annotation JSON, checked for what box evaluation needs.
-
-    Filled in when absent: an annotation's `area` (its box's w*h), `iscrowd` (0) and `id`; for an LVIS file an
-    image's `neg_category_ids` / `not_exhaustive_category_ids` ([]: nothing known, so false positives of absent
-    categories are not penalised there). Anything else missing or malformed raises DataError.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"annotation file {path} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"cannot read annotation file {path} as JSON: {e}") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in _ANNOTATION_LISTS):
-        raise DataError(f"{path} is not a COCO/LVIS annotation file: it needs the lists {', '.join(_ANNOTATION_LISTS)}")
-
-    def fail(what: str) -> DataError:
-        return DataError(f"annotation file {path}: {what}")
-
-    names: set[str] = set()
-    for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or "id" not in cat or not isinstance(cat.get("name"), str):
-            raise fail(f"category {i} needs an 'id' and a text 'name'")
-        if cat["name"] in names:
-            raise fail(f"category name {cat['name']!r} appears twice")
-        names.add(cat["name"])
-    for i, image in enumerate(data["images"]):
-        if not isinstance(image, dict) or "id" not in image:
-            raise fail(f"image {i} has no 'id'")
-        if not all(_number(image.get(k)) and image[k] > 0 for k in ("width", "height")):
-            raise fail(f"image {image['id']!r} needs a positive 'width' and 'height' (boxes are converted with them)")
-    category_ids = {cat["id"] for cat in data["categories"]}
-    next_id = 1 + max((a["id"] for a in data["annotations"] if isinstance(a, dict) and _number(a.get("id"))), default=0)
-    for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
-            raise fail(f"annotation {i} needs 'image_id' and 'category_id'")
-        if ann["category_id"] not in category_ids:
-            raise fail(f"annotation {i} has category_id {ann['category_id']!r}, which no category has")
-        bbox = ann.get("bbox")
-        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_number(v) for v in bbox):
-            raise fail(f"annotation {i} needs a 'bbox' of 4 numbers [x, y, w, h]")
-        ann.setdefault("area", float(bbox[2]) * float(bbox[3]))
-        ann.setdefault("iscrowd", 0)
-        if "id" not in ann:
-            ann["id"] = next_id
-            next_id += 1
-    if is_lvis(data):
-        for cat in data["categories"]:
-            if cat.get("frequency") not in ("r", "c", "f"):
-                raise fail(f"LVIS category {cat['name']!r} needs a 'frequency' of 'r', 'c' or 'f'")
-        for image in data["images"]:
-            image.setdefault("neg_category_ids", [])
-            image.setdefault("not_exhaustive_category_ids", [])
-    return data
-
-
-def is_lvis(data: dict) -> bool:
-    """LVIS format: categories carry a 'frequency', or images carry the federated negative / non-exhaustive lists."""
-    return any(isinstance(c, dict) and "frequency" in c for c in data.get("categories", [])) or any(
-        isinstance(i, dict) and ("not_exhaustive_category_ids" in i or "neg_category_ids" in i)
-        for i in data.get("images", [])
-    )
-
-
-def _name_key(name: str) -> str:
-    """Category names compare ignoring case, underscores and repeated spaces ('Kitchen table' is 'kitchen_table')."""
-    return re.sub(r"[\s_]+", " ", name).strip().lower()
-
-
-def _find_image(images: dict, value):
-    """The annotation image for a prediction's image_id (an int, an integral float, or a string of digits)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
-    if value in images:
-        return images[value]
-    if isinstance(value, str) and value.strip().isdigit():
-        return images.get(int(value.strip()))
-    return None
-
-
-def coco_bbox(box: Box, width: float, height: float) -> list[float]:
-    """A 0-1000 box as COCO's pixel [x, y, w, h] for a width x height image.
-
-    >>> coco_bbox(Box(100, 250, 500, 1000), 640, 480)
-    [64.0, 120.0, 256.0, 360.0]
-    """
-    px = to_pixels(box, width, height)
-    return [px.x1, px.y1, px.x2 - px.x1, px.y2 - px.y1]
-
-
-# ---------------------------------------------------------------------------------------------------------- detection
-
-
-def detection_metrics(rows: list[Row], annotations: str | Path, classes: str | list | None = None) -> Scored:
-    """Box mAP of the predictions against a COCO- or LVIS-format annotation file.
-
-    Each row is one (image, category) question; its completion goes through `detection.parse` (unparseable or
-    'No Objects': no boxes from that row, the row still counts), each box is converted to pixels with that image's
-    size, and its confidence is the score. Skipped: an image_id or category the annotations do not have, and a
-    repeat of an (image, category) already answered (only the first answer counts).
-
-    Evaluated classes: `resolve_classes(classes, names)`, or, when `classes` is None, the categories asked in the
-    file. Rows of other categories are left out (`outside_classes`). Every image of the annotation file is
-    evaluated, asked or not: the ground truth of an image never asked counts as missed. This is the honest protocol
-    (a predictions file cannot raise its mAP by leaving hard images out).
-
-    Per-class AP is AP@[.5:.95] over all areas at the largest max-detections setting, from the accumulated
-    precision (entries of -1 left out); a class without ground truth in the set has no AP (None) and stays out of
-    `mAP`, the mean of the per-class APs (the paper's number). All in percent.
-    """
-    data = load_annotations(annotations)
-    images = {image["id"]: image for image in data["images"]}
-    names = [cat["name"] for cat in data["categories"]]
-    cat_id = {cat["name"]: cat["id"] for cat in data["categories"]}
-    by_key: dict[str, str | None] = {}
-    for name in names:  # a normalised key shared by two names is ambiguous: only exact names find those
-        by_key[_name_key(name)] = None if _name_key(name) in by_key else name
-
-    skipped: list[Skipped] = []
-    asked: list[tuple[Row, dict, str]] = []
-    first_line: dict[tuple, int] = {}
-    for row in rows:
-        image = _find_image(images, row.record["image_id"])
-        category = row.record["category"]
-        name = category if category in cat_id else by_key.get(_name_key(category))
-        if image is None:
-            skipped.append(Skipped(row.line, f"unknown image_id {row.record['image_id']!r:.40}"))
-            continue
-        if name is None:
-            skipped.append(Skipped(row.line, f"unknown category {category!r:.60}"))
-            continue
-        first = _repeat_of(first_line, (image["id"], name), row.line)
-        if first is not None:
-            skipped.append(Skipped(row.line, f"repeats image {image['id']!r} / {name!r} of line {first}"))
-            continue
-        asked.append((row, image, name))
-
-    if classes is None:
-        present = {name for _, _, name in asked}
-        evaluated = [name for name in names if name in present]
-    else:
-        evaluated = resolve_classes(classes, names)
-    chosen = set(evaluated)
-
-    found: list[dict] = []
-    used = outside = unparseable = 0
-    for row, image, name in asked:
-        if name not in chosen:
-            outside += 1
-            continue
-        used += 1
-        parsed = detection.parse(row.record["completion"], row_frame(row))
-        if parsed is None:
-            unparseable += 1
-            continue
-        for det in parsed:
-            found.append(
-                {
-                    "image_id": image["id"],
-                    "category_id": cat_id[name],
-                    "bbox": coco_bbox(det.box, image["width"], image["height"]),
-                    "score": float(det.confidence),
-                }
-            )
-
-    lvis = is_lvis(data)
-    metrics: dict = {
-        "num_predictions": used,
-        "annotation_format": "lvis" if lvis else "coco",
-        "classes": evaluated,
-        "num_images": len(images),
-        "num_detections": len(found),
-        "unparseable": unparseable,
-        "outside_classes": outside,
-    }
-    ids = [cat_id[name] for name in evaluated]
-    if not ids:
-        aps: dict = {}
-        extra = {"lvis_results": None} if lvis else {"coco_stats": None}
-    elif lvis:
-        aps, extra = _lvis_eval(data, found, ids)
-    else:
-        aps, extra = _coco_eval(data, found, ids)
-    per_class = {name: aps.get(cat_id[name]) for name in evaluated}
-    metrics["mAP"] = _percent(_mean([ap for ap in per_class.values() if ap is not None]))
-    metrics["per_class"] = {name: _percent(ap) for name, ap in per_class.items()}
-    metrics.update(extra)
-    return Scored(metrics, skipped)
-
-
-def _class_ap(precision: np.ndarray, index: int) -> float | None:
-    """Mean of one class's precision slice over its valid entries (> -1); None when the class has none."""
-    values = precision[..., index]
-    values = values[values > -1]
-    return float(values.mean()) if values.size else None
-
-
-def _coco_eval(data: dict, found: list[dict], cat_ids: list) -> tuple[dict, dict]:
-    """Per-class AP (fractions) and `coco_stats` (COCOeval.stats, percent) over every image of the file."""
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        truth = COCO()
-        truth.dataset = data
-        truth.createIndex()
-        if found:
-            results = truth.loadRes([dict(d) for d in found])
-        else:  # loadRes cannot take an empty list: an empty result set, built the way loadRes builds one
-            results = COCO()
-            results.dataset = {"images": list(data["images"]), "categories": data["categories"], "annotations": []}
-            results.createIndex()
-        evaluator = COCOeval(truth, results, "bbox")
-        evaluator.params.catIds = list(cat_ids)
-        evaluator.params.imgIds = sorted(image["id"] for image in data["images"])
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    params = evaluator.params
-    # precision: [iou thresholds, recall thresholds, categories, areas, max detections]
-    precision = evaluator.eval["precision"][:, :, :, params.areaRngLbl.index("all"), -1]
-    order = list(params.catIds)  # evaluate() sorted them
-    aps = {c: _class_ap(precision, order.index(c)) for c in cat_ids}
-    return aps, {"coco_stats": [_percent(v) for v in evaluator.stats]}
-
-
-@contextlib.contextmanager
-def _lvis_compatible():
-    """lvis 0.5.3 uses `np.float` (gone since NumPy 1.24) and warns through logging on every results list: alias
-    it and quieten the `lvis` loggers for the duration of the call only, restoring both afterwards."""
-    logger = logging.getLogger("lvis")
-    level = logger.level
-    added = not hasattr(np, "float")
-    if added:
-        np.float = float
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-        if added:
-            del np.float
-
-
-def _lvis_eval(data: dict, found: list[dict], cat_ids: list) -> tuple[dict, dict]:
-    """Per-class AP (fractions) and `lvis_results` (LVISEval.results, percent) with the federated LVIS protocol."""
-    try:
-        from lvis import LVIS, LVISEval, LVISResults
-    except ImportError:
-        raise DataError(
-            "the annotation file is in LVIS format, whose evaluation needs the `lvis` package: "
-            "pip install lvis (or install this project with its `lvis` extra)"
-        ) from None
-
-    if not found:
-        # LVISResults cannot take an empty list. With no detections every evaluated class with ground truth has
-        # AP 0 and the others none, exactly what LVISEval would give; its summary needs a results set, so none.
-        with_truth = {ann["category_id"] for ann in data["annotations"]}
-        return {c: (0.0 if c in with_truth else None) for c in cat_ids}, {"lvis_results": None}
-
-    class _InMemory(LVIS):  # LVIS only reads a path: hand it the file already loaded and checked
-        def _load_json(self, _path):
-            return data
-
-    with _lvis_compatible():
-        truth = _InMemory("<loaded>")
-        results = LVISResults(truth, [dict(d) for d in found])
-        evaluator = LVISEval(truth, results, "bbox")
-        evaluator.params.cat_ids = sorted(cat_ids)
-        evaluator.run()
-    params = evaluator.params
-    # precision: [iou thresholds, recall thresholds, categories, areas]
-    precision = evaluator.eval["precision"][:, :, :, params.area_rng_lbl.index("all")]
-    order = list(params.cat_ids)
-    aps = {c: _class_ap(precision, order.index(c)) for c in cat_ids}
-    return aps, {"lvis_results": {key: _percent(value) for key, value in evaluator.results.items()}}
-
-
 # ---------------------------------------------------------------------------------------------------------- files
 
 
@@ -516,20 +94,15 @@ def score_file(
     """The metrics of a predictions file, as written to metrics.json.
 
     Keys: task, protocol (eval.protocol: how completions are read), num_predictions (lines used), skipped (count),
-    the task's metrics, then skipped_lines (the first 100 as {"line", "reason"}). Detection needs `annotations`
-    (COCO or LVIS JSON) and uses `classes`; the other tasks ignore both. A file with no usable line raises DataError
-    saying what was skipped and why.
+    the task's metrics, then skipped_lines (the first 100 as {"line", "reason"}). The lines need the task's
+    `prediction_keys`. Detection needs `annotations` (COCO or LVIS JSON) and uses `classes`; the other tasks ignore
+    both. A file with no usable line raises DataError saying what was skipped and why.
     """
-    get_task(task)  # an unknown task is a ConfigError naming the known ones
-    if task == "detection" and annotations is None:
-        raise ConfigError("detection metrics need the annotation file (COCO or LVIS JSON) of the evaluated images")
-    rows, skipped = read_predictions(predictions, REQUIRED_KEYS[task])
-    if task == "detection":
-        scored = detection_metrics(rows, annotations, classes)
-    elif task == "classification":
-        scored = classification_metrics(rows, protocol)
-    else:
-        scored = grounding_metrics(rows, protocol)
+    spec = get_task(task, protocol)  # an unknown task is a ConfigError naming the known ones
+    if spec.needs_annotations and annotations is None:
+        raise ConfigError(f"{task} metrics need the annotation file (COCO or LVIS JSON) of the evaluated images")
+    rows, skipped = read_predictions(predictions, spec.prediction_keys)
+    scored = spec.metrics(rows, ScoreOptions(annotations, classes))
     skipped = sorted(skipped + scored.skipped, key=lambda s: s.line)
     if scored.metrics["num_predictions"] == 0:
         raise _no_usable_line(predictions, skipped, scored.metrics.get("outside_classes", 0))

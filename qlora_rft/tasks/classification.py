@@ -1,6 +1,6 @@
 """Fine-grained classification (Flowers102, Pets37, FGVC-Aircraft, Stanford Cars): name the class.
 
-Answer format `<answer>garden phlox</answer>`. One parser, `parse`, serves the reward and the evaluation.
+Answer format `<answer>garden phlox</answer>`. One parser, `parse`, serves the reward and the evaluation (accuracy).
 Matching is exact after normalisation (lowercase, no spaces, underscores or hyphens), never by substring.
 """
 
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 
+from qlora_rft.evaluation.rows import Row, ScoreOptions, Scored, mean, per_sample, percent
 from qlora_rft.tasks.boxes import RELATIVE, Frame
-from qlora_rft.tasks.common import extract_answer, prompt  # noqa: F401  (prompt: the shared rule)
+from qlora_rft.tasks.common import extract_answer, per_completion, prompt
+from qlora_rft.tasks.task import Reward, Task
 
 THOUGHT = "Compare the image with the classes."  # the warm-up's fixed reasoning (cold-start SFT only)
 
@@ -55,3 +57,31 @@ def score(completion: str, solution: str, frame: Frame = RELATIVE) -> float:
     unused: no boxes)."""
     predicted, truth = parse(completion), parse_solution(solution)
     return float(predicted is not None and predicted == truth)
+
+
+def metrics(rows: list[Row], options: ScoreOptions = ScoreOptions()) -> Scored:
+    """`accuracy`: percent of rows whose class equals the solution's (an unparseable completion is wrong).
+
+    >>> rows = [Row(1, {"completion": "<answer>Rose</answer>", "solution": "<answer>rose</answer>"}),
+    ...         Row(2, {"completion": "no idea", "solution": "<answer>rose</answer>"})]
+    >>> metrics(rows).metrics
+    {'num_predictions': 2, 'accuracy': 50.0, 'unparseable': 1}
+    """
+    found = per_sample(rows, parse, parse_solution, score)
+    return Scored({"num_predictions": len(found.scores), "accuracy": percent(mean(found.scores)),
+                   "unparseable": found.unparseable}, found.skipped)
+
+
+TASK = Task(
+    name="classification",
+    prompt=prompt,
+    parse=parse,
+    parse_solution=parse_solution,
+    rewards={"classification": Reward(per_completion(score, "classification"))},  # 1 for the class, else 0
+    default_weights={"format": 1.0, "classification": 1.0},
+    metrics=metrics,
+    prediction_keys=("completion", "solution"),
+    headline="accuracy",
+    thought=THOUGHT,
+    in_frame=in_frame,
+)

@@ -1,4 +1,5 @@
-"""What every task shares: the think/answer format and pulling the answer out of a completion.
+"""What every task shares: the think/answer format, pulling the answer out of a completion, and turning a per-sample
+score into a reward with TRL's signature.
 
 Everything here is total: any string in, a value out, never an exception.
 """
@@ -6,6 +7,9 @@ Everything here is total: any string in, a value out, never an exception.
 from __future__ import annotations
 
 import re
+from typing import Callable
+
+from qlora_rft.tasks.boxes import RELATIVE, Frame
 
 FORMAT_INSTRUCTION = "Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
 
@@ -58,3 +62,22 @@ def completion_text(completion) -> str:
             parts.append(content if isinstance(content, str) else "")
         return "".join(parts)
     return ""
+
+
+def per_completion(score: Callable[[str, str, Frame], float], name: str) -> Callable[..., list[float]]:
+    """A reward with TRL's signature, `fn(completions, solution, frame=None, **columns)`, from a per-sample
+    `score(completion_text, solution, frame)`: each completion against its row's solution, in its box frame (one
+    per completion; none: the 0-1000 scale). Extra columns are accepted and ignored.
+
+    >>> reward = per_completion(lambda text, solution, frame: float(extract_answer(text) == solution), "same")
+    >>> reward(["<answer>a</answer>", [{"role": "assistant", "content": "<answer>b</answer>"}]], ["a", "a"])
+    [1.0, 0.0]
+    """
+
+    def reward(completions: list, solution: list[str], frame: list | None = None, **columns) -> list[float]:
+        frames = [Frame(*f) for f in frame] if frame is not None else [RELATIVE] * len(completions)
+        return [score(completion_text(c), s, f) for c, s, f in zip(completions, solution, frames)]
+
+    reward.__name__ = reward.__qualname__ = f"{name}_reward"
+    reward.__doc__ = f"The {name!r} reward with TRL's signature, per completion: {score.__doc__ or ''}"
+    return reward

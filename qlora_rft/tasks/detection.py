@@ -13,9 +13,11 @@ import re
 import warnings
 from typing import NamedTuple
 
+from qlora_rft.evaluation.rows import Row, ScoreOptions, Scored
 from qlora_rft.tasks.boxes import (RELATIVE, SCALE, Box, Frame, from_frame, into_frame, iou,  # noqa: F401
                                    to_pixels)  # (to_pixels: evaluation uses it)
-from qlora_rft.tasks.common import extract_answer, prompt  # noqa: F401  (prompt: the shared rule)
+from qlora_rft.tasks.common import extract_answer, per_completion, prompt
+from qlora_rft.tasks.task import Reward, Task
 
 THOUGHT = "Look for every instance of the category and locate each one."  # warm-up reasoning (cold-start SFT only)
 
@@ -266,3 +268,28 @@ def confidence_reward(completion: str, solution: str, frame: Frame = RELATIVE) -
 def score(completion: str, solution: str, frame: Frame = RELATIVE) -> float:
     """The per-sample evaluation value: `iou_reward` (mAP is computed elsewhere from the parsed boxes)."""
     return iou_reward(completion, solution, frame)
+
+
+def metrics(rows: list[Row], options: ScoreOptions) -> Scored:
+    """Box mAP of the rows against the annotation file, over the evaluated classes (`coco.detection_metrics`)."""
+    from qlora_rft.evaluation.coco import detection_metrics  # pycocotools is loaded only to score
+
+    return detection_metrics(rows, options.annotations, options.classes, parse)
+
+
+TASK = Task(
+    name="detection",
+    prompt=prompt,
+    parse=parse,
+    parse_solution=parse_solution,
+    rewards={"iou": Reward(per_completion(iou_reward, "iou")),
+             "confidence": Reward(per_completion(confidence_reward, "confidence"))},
+    default_weights={"format": 1.0, "iou": 1.0, "confidence": 1.0},
+    metrics=metrics,
+    prediction_keys=("image_id", "category", "completion"),
+    headline="mAP",
+    thought=THOUGHT,
+    in_frame=in_frame,
+    has_boxes=True,
+    needs_annotations=True,
+)

@@ -11,12 +11,15 @@ import json
 import math
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from qlora_rft.errors import DataError
+from qlora_rft.evaluation.rows import PerSample, Row, ScoreOptions, Scored, mean, per_sample, percent
 from qlora_rft.tasks import boxes
 from qlora_rft.tasks.boxes import RELATIVE, Box, Frame, from_frame, giou, into_frame, iou
-from qlora_rft.tasks.common import extract_answer, prompt  # noqa: F401  (prompt: the shared rule)
+from qlora_rft.tasks.common import extract_answer, per_completion, prompt
+from qlora_rft.tasks.task import Reward, Task
 
 THOUGHT = "Work out which object the instruction refers to, then find where it is in the image."  # warm-up only
 
@@ -185,6 +188,42 @@ def score(completion: str, solution: str, frame: Frame = RELATIVE) -> float:
     if predicted is None or truth is None:
         return 0.0
     return min(1.0, max(0.0, iou(predicted, truth)))
+
+
+def metrics(rows: list[Row], options: ScoreOptions = ScoreOptions()) -> Scored:
+    """`mIoU`: mean IoU in percent (an unparseable completion counts 0); `acc@0.5`: percent of rows with IoU >= 0.5."""
+    return _overlap_metrics(per_sample(rows, parse, parse_solution, score))
+
+
+def paper_metrics(rows: list[Row], options: ScoreOptions = ScoreOptions()) -> Scored:
+    """`metrics` with the original evaluation's reading: a completion's box is its first one anywhere
+    (`parse_first_box`)."""
+    return _overlap_metrics(per_sample(rows, parse_first_box, parse_solution, paper_score))
+
+
+def _overlap_metrics(found: PerSample) -> Scored:
+    hits = [float(s >= 0.5) for s in found.scores]
+    return Scored({"num_predictions": len(found.scores), "mIoU": percent(mean(found.scores)),
+                   "acc@0.5": percent(mean(hits)), "unparseable": found.unparseable}, found.skipped)
+
+
+TASK = Task(
+    name="grounding",
+    prompt=prompt,
+    parse=parse,
+    parse_solution=parse_solution,
+    rewards={"grounding": Reward(per_completion(grounding_reward, "grounding"), 0.0, 2.0)},  # GIoU + 1
+    default_weights={"format": 1.0, "grounding": 1.0},
+    metrics=metrics,
+    prediction_keys=("completion", "solution"),
+    headline="mIoU",
+    thought=THOUGHT,
+    in_frame=in_frame,
+    has_boxes=True,
+)
+
+# The original evaluation's LISA prompt (with its system prompt) and reading: the first box anywhere in the text.
+PAPER_TASK = replace(TASK, prompt=paper_prompt, parse=parse_first_box, metrics=paper_metrics, system=PAPER_SYSTEM)
 
 
 # ----------------------------------------------------------------------------- data
