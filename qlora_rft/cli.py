@@ -214,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="train and evaluate every combination of a grid; results table and plot")
     p.add_argument("config", help="YAML file (see configs/)")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every setting")
-    p.add_argument("--grid", nargs="+", required=True, help="section.key=v1,v2 (several: the cartesian product)")
+    p.add_argument("--grid", nargs="+", required=True,
+                   help="section.key=v1,v2 (several: the cartesian product; a train.seed axis is summarised as "
+                        "mean and spread per setting)")
     p.add_argument("--eval", default=None, help="a config whose data/eval settings evaluate each setting")
     p.add_argument("--out", default=None, help="sweep folder (default runs/sweep-CONFIGNAME)")
     p.set_defaults(run=cmd_sweep)

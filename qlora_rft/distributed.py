@@ -218,6 +218,19 @@ class Updates:
         return norm
 
 
+class OneProcess:
+    """What `Updates` asks of an Accelerator, for a loop this process runs alone whatever the launch (the warm-up,
+    which the main process builds while the others wait): a plain backward and gradient clipping."""
+
+    num_processes = 1
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
 class NonFiniteStep(Exception):
     """A step whose loss or gradient norm is NaN or infinite; `applied`: whether the optimizer applied it anyway
     (only a DeepSpeed engine can have: it steps before its gradient norm is known)."""

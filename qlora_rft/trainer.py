@@ -15,60 +15,27 @@ update; no checkpoint or adapter is ever written from weights that are not finit
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import random
-import re
-import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from qlora_rft import checkpoint, grpo
-from qlora_rft.config import Config, dump
-from qlora_rft.data import Example, encode_prompt, load_split, without_long_prompts
+from qlora_rft import grpo
+from qlora_rft.config import Config
+from qlora_rft.data import Example, encode_prompt
 from qlora_rft.decode import choose_decoding
-from qlora_rft.distributed import (
-    Launch,
-    NonFiniteStep,
-    Updates,
-    all_finite,
-    check_launch,
-    everywhere,
-    gather_all,
-    gather_mean,
-    make_accelerator,
-    register_head,
-    sampling_model,
-    whole_models,
-)
-from qlora_rft.errors import OutputError, TrainingError, UserError
+from qlora_rft.distributed import Launch, Updates, gather_all, gather_mean, sampling_model
+from qlora_rft.errors import UserError
 from qlora_rft.evaluation.validation import Validation
-from qlora_rft.files import atomic_folder, lock_folder, reporting_full_disk, unlock_folder
-from qlora_rft.model import (
-    Policy,
-    check_model_folder,
-    load_policy,
-    choose_sampling_weights,
-    decode_weight_bytes,
-    model_family,
-    load_reference,
-    merged_weights,
-    pick_device,
-    reference_mode,
-    resolve_model_path,
-)
-from qlora_rft.order import PromptOrder, epochs_done, training_steps
+from qlora_rft.files import unlock_folder
+from qlora_rft.model import choose_sampling_weights, decode_weight_bytes, merged_weights
 from qlora_rft.rewards import RewardSet, reward_set
-from qlora_rft.rollout import CompletionScorer, Rollout, Sampling, sample_groups, share_vision
-from qlora_rft.runlog import NullLogger, RunLogger
-from qlora_rft.tasks import get_task
-from qlora_rft.trackers import open_trackers, require
+from qlora_rft.rollout import Rollout, Sampling, sample_groups, share_vision
+from qlora_rft.run import Run, TrainResult, check_inputs, prepare_run, start_afresh
+from qlora_rft.sft import train_sft
 
 
 @dataclass
@@ -101,278 +68,6 @@ class StepStats:
     extra_groups: int = 0  # dynamic sampling: fresh groups sampled in place of uniform ones
 
 
-@dataclass
-class TrainResult:
-    output_dir: Path
-    adapter_dir: Path
-    steps: int
-    metrics: list[dict]
-    skipped_rows: int
-
-
-@dataclass
-class Run:
-    """Everything a training loop needs, set up the same way for GRPO and for the supervised baseline."""
-
-    cfg: Config
-    launch: Launch
-    out: Path
-    task: object  # tasks.Task
-    data: object  # data.Dataset
-    base_path: str  # the (warmed) base the adapters sit on
-    policy: Policy
-    accelerator: object
-    model: torch.nn.Module  # the CompletionScorer around the policy, as prepared by accelerate (DDP, DeepSpeed)
-    unwrapped: torch.nn.Module  # the policy itself: the PeftModel, or the model itself in full mode
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    updates: Updates
-    reference_model: torch.nn.Module | None  # full mode: the frozen copy's scorer (prepared); else None
-    start_step: int  # 0, or the step of the checkpoint resumed from
-    order: PromptOrder
-    spares: PromptOrder  # dynamic sampling's fresh rows: an order of their own
-    steps: int  # the run's optimizer steps: train.max_steps, or from train.epochs and the rows
-    sampling: dict = field(default_factory=dict)  # which sampling weights and decoder ran, and why
-
-    def examples(self, step: int) -> list:
-        """This process's training rows of an optimizer step: decided by the step and the process alone, so a
-        resumed run continues exactly and no two processes take the same row."""
-        return self._rows(self.order, step, self.cfg.train.prompts_per_step)
-
-    def spare_examples(self, step: int) -> list:
-        """This process's fresh rows for dynamic sampling in a step (grpo.max_extra_groups), chosen the same way
-        from an order of their own."""
-        return self._rows(self.spares, step, self.cfg.grpo.max_extra_groups)
-
-    def _rows(self, order: "PromptOrder", step: int, per_process: int) -> list:
-        first = ((step - 1) * self.launch.world_size + self.launch.rank) * per_process
-        return [self.data.examples[order.index(first + i)] for i in range(per_process)]
-
-    def epoch(self, step: int) -> float:
-        """Passes over the training rows done after `step` steps (every process's prompts counted)."""
-        return epochs_done(step, len(self.data.examples), self.cfg.train.prompts_per_step * self.launch.world_size)
-
-    @contextlib.contextmanager
-    def reference(self):
-        """The module that scores under the reference policy: the adapters-disabled policy, or full mode's copy."""
-        if self.reference_model is not None:
-            with torch.no_grad():
-                yield self.reference_model
-        else:
-            with reference_mode(self.unwrapped):
-                yield self.model
-
-    def logger(self, console, log: bool, shown: tuple[str, ...] | None = None):
-        if not (log and self.accelerator.is_main_process):
-            return NullLogger()
-        kwargs = {"shown": shown} if shown else {}
-        trackers = open_trackers(self.cfg.train.report_to, self.out, self.cfg.to_dict(), self.start_step)
-        return RunLogger(self.out / "metrics.jsonl", self.steps, self.start_step, console, trackers=trackers, **kwargs)
-
-    def optimizer_step(self, step: int, loss: float) -> float:
-        """The optimizer step (`Updates.step`, given this process's loss); returns the gradient norm. A loss or
-        gradient norm that is not finite stops the run, before the step is applied or saved."""
-        try:
-            return self.updates.step(loss)
-        except NonFiniteStep as e:
-            raise TrainingError(non_finite_message(self.cfg, step, e)) from None
-
-    def require_finite_logits(self, step: int, rollouts: list[Rollout]) -> None:
-        """Stop, on every process alike, when a process sampled from logits that were not finite."""
-        if not everywhere(self.accelerator, all(r.finite for r in rollouts)):
-            raise TrainingError(f"step {step}: the policy's next-token logits were NaN or infinite while sampling, "
-                                f"so training stopped before this step's update. {advice(self.cfg)}")
-
-    def require_finite_weights(self, folder: Path) -> None:
-        """Refuse, on every process alike, to write `folder` from trained weights that hold NaN or inf."""
-        if not all_finite(self.accelerator, self.model):
-            raise TrainingError(f"{folder} was not written: some trained weights are NaN or infinite. "
-                                f"{advice(self.cfg)}")
-
-    def checkpoint(self, step: int) -> None:
-        cfg = self.cfg.train
-        if not (cfg.save_steps and step % cfg.save_steps == 0):
-            return
-        self.require_finite_weights(self.out / f"checkpoint-{step}")
-        position = {"prompts_seen": step * cfg.prompts_per_step * self.launch.world_size,
-                    "data_rows": len(self.data.examples), "data_skipped": len(self.data.skipped),
-                    "world_size": self.launch.world_size}  # the order itself follows from the step and seed
-        if self.updates.engine is not None:  # sharded states: every process writes its own part
-            checkpoint.save_sharded(self.accelerator, self.out, step, position, keep=cfg.save_total_limit)
-            return
-        from accelerate.utils import gather_object
-
-        rng_states = gather_object([checkpoint.rng_state()]) if self.launch.world_size > 1 else None  # rank order
-        if self.accelerator.is_main_process:  # replicated weights and optimizer: one copy, every process's RNG
-            checkpoint.save(self.out, step, self.unwrapped, self.optimizer, self.scheduler, position,
-                            keep=cfg.save_total_limit, rng_states=rng_states)
-        self.accelerator.wait_for_everyone()
-
-    def finish(self, metrics: list[dict], seconds: float) -> TrainResult:
-        """Save train_summary.json, then the adapter (peft format) or, in full mode, the model (from_pretrained
-        folder), each with the processor, written whole or not at all: a folder with adapter/ (or model/) always
-        has its summary. Then the output folder is unlocked."""
-        full = self.cfg.model.mode == "full"
-        folder = self.out / ("model" if full else "adapter")
-        self.require_finite_weights(folder)
-        state = self.accelerator.get_state_dict(self.model) if self.launch.deepspeed else None  # every process
-        if self.accelerator.is_main_process:
-            summary = {"method": self.cfg.train.method, "mode": self.cfg.model.mode,
-                       "steps": self.steps, "epochs": self.epoch(self.steps), "base": self.base_path,
-                       "processes": self.launch.world_size, "data_rows": len(self.data.examples),
-                       "data_skipped": [vars(b) for b in self.data.skipped], "seconds": seconds,
-                       "sampling": self.sampling}
-            last = checkpoint.latest(self.out)
-            kept = (f"{last.name} is kept: free some space and run again with --resume" if last is not None else
-                    "no checkpoint was written (train.save_steps): free some space and run again with --overwrite")
-            with reporting_full_disk(f"the final {folder.name}/ in {self.out}", kept):
-                (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-                with atomic_folder(folder) as tmp:
-                    # Full mode writes the current names ("model.language_model.*"): a model loaded sharded under
-                    # ZeRO-3 cannot be mapped back to the names it was loaded from.
-                    extra = {"save_original_format": False} if full else {}
-                    if state is not None:  # gathered from the shards; the scorer's keys start with "policy."
-                        state = {k.removeprefix("policy."): v for k, v in state.items()}
-                        self.unwrapped.save_pretrained(tmp, state_dict=state, **extra)
-                    else:
-                        self.unwrapped.save_pretrained(tmp, **extra)
-                    self.policy.processor.save_pretrained(tmp)
-            unlock_folder(self.out)
-        self.accelerator.wait_for_everyone()
-        return TrainResult(self.out, folder, self.steps, metrics, len(self.data.skipped))
-
-
-def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
-    """Data, the (warmed) base with fresh LoRA adapters (or, in full mode, the base itself and a frozen reference
-    copy), optimizer and schedule prepared by accelerate, and the state of the newest checkpoint when resuming."""
-    from rich.console import Console
-    from transformers import get_scheduler
-
-    from qlora_rft.warmup import warmed_base
-
-    launch = Launch.from_env()
-    check_inputs(cfg, launch)  # before anything loads
-    out = Path(cfg.train.output_dir)
-    found = claim_output_dir(out, resume, launch)
-    accelerator = make_accelerator(cfg, launch, pick_device(cfg.model.device))
-    task = get_task(cfg.data.task)
-    # Data, tiny models and warm-ups are built once by the main process, then read from the cache by the others.
-    with accelerator.main_process_first(), whole_models(accelerator):
-        data = load_split(cfg.data.train, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root,
-                          min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                          factor=model_family(cfg.model.name_or_path).factor,
-                          console=console if accelerator.is_main_process else Console(quiet=True))
-        base_path = str(resolve_model_path(warmed_base(cfg, console)))
-    check_launch(cfg, launch, rows=len(data.examples))
-
-    seed_everything(cfg.train.seed)  # after building and warm-up: the same start whether they ran or were cached
-    model_cfg = replace(cfg.model, name_or_path=base_path)
-    policy = load_policy(model_cfg, cfg.lora)
-    data = without_long_prompts(data, policy.processor, task, cfg.data)  # so no prompt fails mid-run
-    check_launch(cfg, launch, rows=len(data.examples))
-    if accelerator.is_main_process:
-        report_skipped(data, console)
-    per_step = cfg.train.prompts_per_step * launch.world_size  # every process's prompts
-    steps = training_steps(cfg.train.max_steps, cfg.train.epochs, len(data.examples), per_step)
-    if cfg.train.epochs and accelerator.is_main_process:
-        from rich.console import Console
-
-        (console or Console()).print(f"training length: {cfg.train.epochs} epoch(s) of {len(data.examples)} rows "
-                                     f"at {per_step} prompts per step = {steps} steps")
-    optimizer = make_optimizer(policy, cfg)
-    warmup_steps = math.ceil(cfg.train.warmup_ratio * steps)
-    scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, warmup_steps, steps)
-    scorer = CompletionScorer(policy.model)
-    register_head(scorer, launch)
-    # The schedule is stepped once per optimizer step by `Updates` (accelerate's wrapper would step it once per
-    # process); under DeepSpeed the checkpoints still carry it.
-    model, optimizer = accelerator.prepare(scorer, optimizer)
-    if launch.deepspeed:
-        accelerator.register_for_checkpointing(scheduler)
-    reference_model = None
-    if cfg.model.mode == "full" and cfg.grpo.beta != 0:
-        reference_model = prepare_reference(accelerator, launch, model_cfg, policy)
-    if launch.world_size > 1:
-        torch.manual_seed(cfg.train.seed + 1000 * launch.rank)  # same initial weights, each its own samples
-    updates = Updates(accelerator, model, optimizer, scheduler, cfg.train.max_grad_norm)
-
-    start_step = 0
-    if resume and updates.engine is not None:
-        start_step = checkpoint.load_sharded(accelerator, found, launch.world_size)["step"]
-    elif resume:
-        start_step = checkpoint.load(found, policy.model, optimizer, scheduler, launch.rank, launch.world_size)["step"]
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        dump(cfg, out / "config.yaml")
-    return Run(cfg, launch, out, task, data, base_path, policy, accelerator, model, policy.model, optimizer,
-               scheduler, updates, reference_model, start_step,
-               PromptOrder(len(data.examples), cfg.train.seed, per_step),
-               PromptOrder(len(data.examples), cfg.train.seed, stream=1), steps)
-
-
-# What a run writes into train.output_dir; any of them (or a checkpoint) means the folder holds a run.
-RUN_FILES = ("adapter", "model", "train_summary.json", "metrics.jsonl", "completions.jsonl", "evals", "tensorboard",
-             "wandb")
-
-
-def run_files(out: Path) -> list[Path]:
-    """The files and folders of an earlier run in `out`: its results, metrics and checkpoints (complete or not)."""
-    if not out.is_dir():
-        return []
-    return sorted(p for p in out.iterdir() if p.name in RUN_FILES or re.fullmatch(r"checkpoint-\d+", p.name))
-
-
-def claim_output_dir(out: Path, resume: bool, launch: Launch) -> Path | None:
-    """Before anything loads: the main process locks train.output_dir (refused while another run holds it, or
-    when it cannot be written) and refuses to write over an earlier run unless resuming. Returns the checkpoint to
-    resume from."""
-    if launch.rank == 0:
-        lock_folder(out, "train.output_dir")
-    try:
-        found, earlier = checkpoint.latest(out), run_files(out)
-        if resume and found is None:
-            fresh = "start afresh with --overwrite" if earlier else "run without --resume to start afresh"
-            raise UserError(f"--resume: no complete checkpoint in {out}; {fresh}")
-        if earlier and not resume and launch.rank == 0:  # the others may see the files fit(overwrite) is removing
-            names = ", ".join(p.name for p in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
-            raise OutputError(f"train.output_dir={out} holds a run ({names}): pass --resume to continue it, "
-                              "--overwrite to replace it, or choose another train.output_dir")
-    except UserError:
-        unlock_folder(out)
-        raise
-    return found
-
-
-def check_inputs(cfg: Config, launch: Launch) -> None:
-    """What can be refused before anything loads: the launch, and a model folder that is not a supported model."""
-    check_launch(cfg, launch)
-    require(cfg.train.report_to)  # a tracker's package
-    if not cfg.model.name_or_path.startswith("tiny:"):
-        check_model_folder(Path(cfg.model.name_or_path).expanduser())
-
-
-def start_afresh(out: Path) -> None:
-    """Lock train.output_dir and remove an earlier run's files from it (other files are left alone)."""
-    lock_folder(out, "train.output_dir")
-    for path in [*run_files(out), out / "config.yaml"]:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-
-
-def prepare_reference(accelerator, launch: Launch, model_cfg, policy: Policy) -> torch.nn.Module:
-    """Full mode's reference: a frozen copy of the base in a scorer; under DeepSpeed an engine of its own (sharded
-    like the policy under ZeRO-3, no optimizer), so there is never a second unsharded copy."""
-    reference = CompletionScorer(load_reference(model_cfg, policy.device, policy.dtype))
-    if not launch.deepspeed:
-        return reference
-    from trl.models.utils import prepare_deepspeed
-
-    register_head(reference, launch)
-    return prepare_deepspeed(reference, accelerator)
-
-
 def fit(cfg: Config, resume: bool = False, console=None, log: bool = True, overwrite: bool = False) -> TrainResult:
     """Train with the method the config names: GRPO (`train`) or the supervised baseline (`sft.train_sft`).
 
@@ -388,8 +83,6 @@ def fit(cfg: Config, resume: bool = False, console=None, log: bool = True, overw
         start_afresh(out)
     try:
         if cfg.train.method == "sft":
-            from qlora_rft.sft import train_sft
-
             return train_sft(cfg, resume, console, log)
         return train(cfg, resume, console, log)
     finally:
@@ -488,21 +181,6 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     return run.finish(metrics, time.perf_counter() - started)
 
 
-def non_finite_message(cfg: Config, step: int, e: NonFiniteStep) -> str:
-    what = f"the loss is {e.loss}" if not math.isfinite(e.loss) else f"the gradient norm is {e.grad_norm}"
-    applied = "the DeepSpeed engine applied it" if e.applied else "it was not applied"
-    return f"step {step}: {what}, so training stopped ({applied}; no checkpoint of it was written). {advice(cfg)}"
-
-
-def advice(cfg: Config) -> str:
-    """The likely cause of values that are not finite, and what to do."""
-    cause = f"train.learning_rate={cfg.train.learning_rate:g} is too high for this model in model.mode={cfg.model.mode}"
-    if cfg.model.dtype == "float16":
-        cause += ", or float16 overflowed (model.dtype=bfloat16 or float32 has the range)"
-    return (f"Likely cause: {cause}. Lower train.learning_rate and train again into a new train.output_dir "
-            "(--resume would keep the learning rate of the checkpoints)")
-
-
 # Metrics of each process's own groups, averaged over the processes of a launch.
 AVERAGED = ("loss", "reward", "reward_std", "kl", "clip_ratio", "completion_length", "skipped_groups",
             "extra_groups", "tokens_per_second")
@@ -584,20 +262,6 @@ def chunked_logprobs(model, rollout: Rollout, g) -> torch.Tensor:
     return torch.cat(pieces)
 
 
-def make_optimizer(policy: Policy, cfg: Config) -> torch.optim.Optimizer:
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    name = cfg.train.optimizer
-    if name == "auto":  # 8-bit paged state for the adapters on one GPU; full mode's state is DeepSpeed's to shard
-        name = "paged_adamw_8bit" if policy.device.type == "cuda" and cfg.model.mode != "full" else "adamw"
-    if name == "paged_adamw_8bit":
-        if policy.device.type != "cuda":
-            raise UserError("train.optimizer=paged_adamw_8bit needs CUDA: use train.optimizer=adamw on the CPU")
-        import bitsandbytes as bnb
-
-        return bnb.optim.PagedAdamW8bit(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-
-
 def step_metrics(step, groups, stats, weights, cfg, scheduler, grad_norm, gen_tokens, gen_seconds, step_seconds,
                  elapsed) -> dict:
     totals = torch.cat([grp.total for grp in groups])
@@ -631,23 +295,3 @@ def completion_samples(group: Group, weights: dict) -> list[dict]:
              "advantage": group.advantages[k].item()} for k, text in enumerate(group.rollout.texts)]
 
 
-def report_skipped(data, console=None) -> None:
-    """One line per run about rows left out (data.on_bad_row=skip), the first few with their reasons."""
-    if not data.skipped:
-        return
-    from rich.console import Console
-
-    shown = "; ".join(f"row {b.index}: {b.reason}" for b in data.skipped[:3])
-    more = f" (+{len(data.skipped) - 3} more, listed in train_summary.json)" if len(data.skipped) > 3 else ""
-    (console or Console(stderr=True)).print(
-        f"[yellow]skipped {len(data.skipped)} of {len(data.skipped) + len(data.examples)} rows of {data.source} "
-        f"split {data.split!r}[/yellow]: {shown}{more}"
-    )
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)

@@ -1,7 +1,9 @@
 """Supervised warm-up of a base on the training solutions, so that a random tiny base writes the answer format.
 
-The tiny base then plays the part of an Instruct model. The warmed folder is cached under a hash of everything that
-decides it (base, data, warm-up settings, seed), so `train` and `demo` build it once and reuse it.
+The tiny base then plays the part of an Instruct model. Each step is the SFT baseline's (supervised.py), on the
+whole base in full precision, in this process alone (under a launch of several, the main process builds it while the
+others wait). The warmed folder is cached under a hash of everything that decides it (base, data, warm-up settings,
+seed, and WARMUP_RECIPE), so `train` and `demo` build it once and reuse it.
 """
 
 from __future__ import annotations
@@ -15,32 +17,17 @@ from pathlib import Path
 import torch
 
 from qlora_rft.config import Config
-from qlora_rft.data import Example, load_split, model_inputs, prompt_text
+from qlora_rft.data import load_split
+from qlora_rft.distributed import NonFiniteStep, OneProcess, Updates
+from qlora_rft.errors import TrainingError
 from qlora_rft.files import atomic_folder
 from qlora_rft.model import load_for_inference, model_family
-from qlora_rft.tasks import Task, get_task
+from qlora_rft.supervised import supervised_step
+from qlora_rft.tasks import get_task
 
-
-def supervised_batch(processor, task: Task, examples: list[Example], data_cfg, device: torch.device) -> dict:
-    """Prompt + target completion for each example; labels are -100 on the prompt and on padding."""
-    tok = processor.tokenizer
-    images, frames = model_inputs(processor, examples, data_cfg.min_pixels, data_cfg.max_pixels)
-    prompts = [prompt_text(processor, task, ex.problem, frame, len(ex.images)) for ex, frame in zip(examples, frames)]
-    targets = [task.warmup_target(ex.solution, frame) + tok.eos_token for ex, frame in zip(examples, frames)]
-    side = tok.padding_side
-    tok.padding_side = "right"
-    try:
-        full = processor(text=[p + t for p, t in zip(prompts, targets)], images=images, return_tensors="pt",
-                         padding=True)
-        prompt_only = processor(text=prompts, images=images, return_tensors="pt", padding=True)
-    finally:
-        tok.padding_side = side
-    labels = full["input_ids"].clone()  # [B, L]
-    prompt_lengths = prompt_only["attention_mask"].sum(-1)  # [B]
-    positions = torch.arange(labels.shape[1])[None, :]  # [1, L]
-    labels[(positions < prompt_lengths[:, None]) | (full["attention_mask"] == 0)] = -100
-    full["labels"] = labels
-    return {k: v.to(device) for k, v in full.items()}
+# Changes whenever the warm-up trains differently, so that a base warmed the old way is not reused from the cache.
+# 2: each step is the SFT baseline's (chunked LM-head cross-entropy, distributed.Updates).
+WARMUP_RECIPE = 2
 
 
 def warmup_key(cfg: Config) -> str:
@@ -50,6 +37,7 @@ def warmup_key(cfg: Config) -> str:
         "data": [cfg.data.task, cfg.warmup.data or cfg.data.train, cfg.data.train_split, cfg.data.min_pixels,
                  cfg.data.max_pixels],
         "seed": cfg.train.seed,
+        "recipe": WARMUP_RECIPE,
     }
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -76,25 +64,24 @@ def run_warmup(cfg: Config, out: Path, console=None) -> Path:
                       min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
                       factor=model_family(cfg.model.name_or_path).factor, console=console)
     policy = load_for_inference(replace(cfg.model, mode="full"))  # the model loader's checks, full precision
-    model, processor, device = policy.model, policy.processor, policy.device
     torch.manual_seed(cfg.train.seed)
     rng = random.Random(cfg.train.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.warmup.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / cfg.warmup.steps)
-    model.train()
+    updates = Updates(OneProcess(), policy.model, optimizer, scheduler, max_grad_norm=1.0)
     with atomic_folder(out) as tmp:
         logger = RunLogger(tmp / "warmup.jsonl", cfg.warmup.steps, console=console, description="warm-up",
                            shown=("loss",))
         with logger as log:
             for step in range(1, cfg.warmup.steps + 1):
                 examples = rng.sample(data.examples, min(cfg.warmup.batch_size, len(data.examples)))
-                loss = model(**supervised_batch(processor, task, examples, cfg.data, device)).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                log.log({"step": step, "loss": loss.item()})
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+                try:
+                    done = supervised_step(policy, task, examples, cfg.data, cfg.grpo.logprob_chunk, updates)
+                except NonFiniteStep as e:
+                    raise TrainingError(f"warm-up step {step}: loss {e.loss}, gradient norm {e.grad_norm}, so the "
+                                        f"warm-up stopped and nothing was cached. Lower warmup.learning_rate="
+                                        f"{cfg.warmup.learning_rate:g}") from None
+                log.log({"step": step, "loss": done.loss, "grad_norm": done.grad_norm})
+        policy.model.save_pretrained(tmp)
+        policy.processor.save_pretrained(tmp)
     return out

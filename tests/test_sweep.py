@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from rich.console import Console
+
 from qlora_rft.errors import ConfigError
-from qlora_rft.sweep import parse_grid, run_sweep
+from qlora_rft.sweep import SweepRow, _write_results, parse_grid, run_sweep, summarise
 
 
 def test_grid_is_the_cartesian_product_in_order():
@@ -19,6 +21,71 @@ def test_grid_is_the_cartesian_product_in_order():
     ]
     with pytest.raises(ConfigError, match="section.key=v1,v2"):
         parse_grid(["method"])
+
+
+def test_settings_that_differ_only_by_seed_share_a_group():
+    settings = parse_grid(["train.seed=0,1", "train.method=grpo,sft"])
+    assert [s.group for s in settings] == ["train.method=grpo", "train.method=sft"] * 2
+    assert [s.group for s in parse_grid(["train.seed=3,4"])] == ["", ""]
+
+
+def test_summary_over_seeds_by_hand():
+    """Mean, sample standard deviation (n - 1), min and max of each group, groups in order of first appearance."""
+    rows = [SweepRow("a,train.seed=0", "accuracy", 0.2, 10, 4.0, "a", 0),
+            SweepRow("b,train.seed=0", "accuracy", 0.5, 10, None, "b", 0),
+            SweepRow("a,train.seed=1", "accuracy", 0.4, 10, 6.0, "a", 1),
+            SweepRow("a,train.seed=2", "accuracy", 0.6, 12, 8.0, "a", 2)]
+    a, b = summarise(rows)
+    assert (a.setting, a.runs, a.seeds, a.values) == ("a", 3, [0, 1, 2], [0.2, 0.4, 0.6])
+    assert a.mean == pytest.approx(0.4) and a.sd == pytest.approx(0.2)  # sqrt((0.04 + 0 + 0.04) / 2)
+    assert (a.low, a.high, a.steps, a.train_seconds) == (0.2, 0.6, 12, 6.0)
+    assert (b.setting, b.runs, b.mean, b.sd, b.train_seconds) == ("b", 1, 0.5, None, None)
+
+
+def test_results_table_over_seeds_and_with_one_seed(tmp_path):
+    seeded = [SweepRow("base-0", "accuracy", 24.0, 0, None, "base", 0),
+              SweepRow("base-1", "accuracy", 26.0, 0, None, "base", 1),
+              SweepRow("train.method=grpo,train.seed=0", "accuracy", 30.0, 60, 100.0, "train.method=grpo", 0),
+              SweepRow("train.method=grpo,train.seed=1", "accuracy", 34.0, 60, 110.0, "train.method=grpo", 1)]
+    result = _write_results(tmp_path / "seeded", seeded, Console(quiet=True))
+    assert result.table.read_text().splitlines() == [
+        "| setting | accuracy (%) mean | sd | min | max | seeds | steps | train seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| base | 25.00 | 1.41 | 24.00 | 26.00 | 0,1 | 0 |  |",  # sd: sqrt(2)
+        "| train.method=grpo | 32.00 | 2.83 | 30.00 | 34.00 | 0,1 | 60 | 105 |",  # sd: sqrt(8)
+    ]
+    assert len(result.csv.read_text().splitlines()) == 1 + 4  # one line per run
+    assert result.plot.read_bytes()[:4] == b"\x89PNG"
+
+    single = [SweepRow("base", "accuracy", 24.5, 0, None, "base", 0),
+              SweepRow("train.method=grpo", "accuracy", 31.0, 60, 190.0, "train.method=grpo", 0)]
+    result = _write_results(tmp_path / "single", single, Console(quiet=True))
+    assert result.table.read_text().splitlines() == [
+        "| setting | accuracy (%) | steps | train seconds |", "|---|---:|---:|---:|",
+        "| base | 24.50 | 0 |  |", "| train.method=grpo | 31.00 | 60 | 190 |",
+    ]
+
+
+@pytest.mark.slow
+def test_a_seed_axis_is_trained_per_seed_and_summarised_per_setting(tiny_overrides, tmp_path):
+    """2 seeds x 1 method, each seed with its own warm-up: two bases and two adapters, one row each."""
+    out = tmp_path / "sweep"
+    overrides = [*tiny_overrides, "eval.limit=4", "eval.max_new_tokens=6", "train.save_steps=0", "warmup.steps=2",
+                 "warmup.batch_size=2"]
+    result = run_sweep(None, ["train.method=sft", "train.seed=0,1"], out=out, overrides=overrides)
+    assert [r.setting for r in result.rows] == ["base-0", "base-1", "train.method=sft,train.seed=0",
+                                                "train.method=sft,train.seed=1"]
+    assert [(s.setting, s.runs, s.seeds) for s in result.settings] == [("base", 2, [0, 1]),
+                                                                       ("train.method=sft", 2, [0, 1])]
+    trained = result.settings[1]
+    assert trained.mean == pytest.approx((result.rows[2].value + result.rows[3].value) / 2)
+    assert trained.steps == 2 and trained.sd is not None
+    table = result.table.read_text().splitlines()
+    assert table[0].startswith("| setting | accuracy (%) mean | sd | min | max | seeds |")
+    assert table[3].startswith("| train.method=sft | ") and "| 0,1 | 2 |" in table[3]
+    bases = [json.loads((out / name / "train" / "train_summary.json").read_text())["base"]
+             for name in ("train.method=sft,train.seed=0", "train.method=sft,train.seed=1")]
+    assert bases[0] != bases[1]  # each seed warmed its own base
 
 
 def test_sweep_trains_evaluates_tabulates_and_skips_finished_settings(tiny_overrides, tmp_path, monkeypatch):

@@ -34,10 +34,10 @@ def _alternating_rewards(rewards, texts, columns, frame=None, row=None):
 
 
 def test_two_step_qlora_grpo_changes_lora_weights_only(tiny_overrides, monkeypatch):
-    import qlora_rft.trainer as trainer_module
+    import qlora_rft.run as run_module
 
     captured = {}
-    real_load = trainer_module.load_policy
+    real_load = run_module.load_policy
 
     def spy(*args, **kwargs):
         policy = real_load(*args, **kwargs)
@@ -45,7 +45,7 @@ def test_two_step_qlora_grpo_changes_lora_weights_only(tiny_overrides, monkeypat
         captured["before"] = _snapshot(policy.model)
         return policy
 
-    monkeypatch.setattr(trainer_module, "load_policy", spy)
+    monkeypatch.setattr(run_module, "load_policy", spy)
     # A random tiny model never earns a reward, so every advantage would be 0: give the group some spread.
     monkeypatch.setattr(RewardSet, "score", _alternating_rewards)
     cfg = load_config(None, tiny_overrides)
@@ -129,7 +129,7 @@ def _rewards_by_call(uniform_calls: int, per_step: int):
     calls = []
 
     def fake(rewards, texts, columns, frame=None, row=None):
-        calls.append(columns["solution"])
+        calls.append(columns)
         uniform = (len(calls) - 1) % per_step < uniform_calls
         return {name: [0.0 if uniform else float(k % 2) for k in range(len(texts))] for name in rewards.weights}
 
@@ -142,6 +142,7 @@ def test_dynamic_sampling_replaces_uniform_groups_within_the_bound(tiny_override
     """2 prompts a step, at most 3 fresh ones. Fresh groups with spread: both uniform groups are replaced at once
     (2 extra). Every group uniform: 2 fresh, still uniform, then only 1 more (the bound), and the group left
     uniform is skipped (beta 0: all its advantages are 0)."""
+
     fake, calls = _rewards_by_call(uniform_calls, per_step)
     monkeypatch.setattr(RewardSet, "score", fake)
     settings = ["grpo.dynamic_sampling=true", "grpo.max_extra_groups=3", "train.prompts_per_step=2",
@@ -157,6 +158,7 @@ def test_dynamic_sampling_replaces_uniform_groups_within_the_bound(tiny_override
 def test_truncated_completions_are_left_out_of_the_loss(tiny_overrides, monkeypatch, mask):
     """EOS suppressed up to the length limit: every completion is truncated. Masked, no token counts: loss and
     gradient are 0; unmasked, the same rewards train."""
+
     monkeypatch.setattr(RewardSet, "score", _alternating_rewards)
     settings = ["grpo.min_completion_length=8", f"grpo.mask_truncated_completions={str(mask).lower()}",
                 "train.save_steps=0"]

@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from qlora_rft.tasks.boxes import RELATIVE, Frame
+if TYPE_CHECKING:
+    from qlora_rft.tasks.boxes import Frame
 
 DECIMALS = 4
 
@@ -86,6 +87,8 @@ def repeat_of(first_line: dict, key, line: int) -> int | None:
 def row_frame(row: Row) -> Frame:
     """The box frame a prediction was asked for: its `frame` [width, height] (pixels, written by families that
     answer in pixels), else the dataset's 0-1000 scale; answers are mapped back to 0-1000 with it."""
+    from qlora_rft.tasks.boxes import RELATIVE, Frame  # here: the tasks package imports this module at its load
+
     frame = row.record.get("frame")
     if isinstance(frame, list) and len(frame) == 2 and all(_positive(v) for v in frame):
         return Frame(*frame)

@@ -123,7 +123,7 @@ def detection_items(cfg: Config, asking: Asking | None = None) -> list[EvalItem]
     when not given."""
     from qlora_rft.evaluation.class_sets import resolve_classes
     from qlora_rft.evaluation.exist_map import asked_classes, check_exist_map, read_exist_map
-    from qlora_rft.evaluation.scoring import load_annotations
+    from qlora_rft.evaluation.coco import load_annotations
 
     path = Path(resolve_source(cfg.eval.annotations))
     if not path.is_file():

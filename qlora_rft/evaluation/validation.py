@@ -23,7 +23,7 @@ from qlora_rft.evaluation.runner import (METRICS, PREDICTIONS, EvalItem, eval_it
                                          record_key, resolve_asking, score_predictions)
 
 if TYPE_CHECKING:
-    from qlora_rft.trainer import Run
+    from qlora_rft.run import Run
 
 FOLDER = "evals"  # under train.output_dir: step-STEP/ per evaluation
 

@@ -7,7 +7,7 @@ huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct and Qwen2.5-VL-7B-Instruct config.jso
 
 from __future__ import annotations
 
-from qlora_rft.models import Family, mrope_section
+from qlora_rft.models.family import Family, mrope_section
 
 
 def build_config(ids: dict, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,

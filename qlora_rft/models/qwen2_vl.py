@@ -5,7 +5,7 @@ docs). Real shapes from Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2-VL-7B-Instruct 
 
 from __future__ import annotations
 
-from qlora_rft.models import Family, mrope_section
+from qlora_rft.models.family import Family, mrope_section
 
 
 def build_config(ids: dict, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,

@@ -6,7 +6,7 @@ encoding carries them too. Boxes on a 0-1000 scale of the image (Qwen3-VL cookbo
 
 from __future__ import annotations
 
-from qlora_rft.models import Family
+from qlora_rft.models.family import Family
 
 
 def build_config(ids: dict, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,

@@ -271,10 +271,10 @@ def score(completion: str, solution: str, frame: Frame = RELATIVE) -> float:
 
 
 def metrics(rows: list[Row], options: ScoreOptions) -> Scored:
-    """Box mAP of the rows against the annotation file, over the evaluated classes (`scoring.detection_metrics`)."""
-    from qlora_rft.evaluation.scoring import detection_metrics  # pycocotools is loaded only to score
+    """Box mAP of the rows against the annotation file, over the evaluated classes (`coco.detection_metrics`)."""
+    from qlora_rft.evaluation.coco import detection_metrics  # pycocotools is loaded only to score
 
-    return detection_metrics(rows, options.annotations, options.classes)
+    return detection_metrics(rows, options.annotations, options.classes, parse)
 
 
 TASK = Task(

@@ -1,0 +1,73 @@
+"""What a model family is (`Family`) and the pieces family modules share; `models/__init__.py` lists the families.
+
+Kept apart from the list so that the family modules and the list never import each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+LANGUAGE_LORA = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({names})"  # every family's text layers
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one model family needs to be loaded, trained, sampled and built at random."""
+
+    name: str  # as its authors write it, e.g. "Qwen2.5-VL"
+    model_types: tuple[str, ...]  # config.json model_type values it serves
+    model_class: str  # transformers class of the image-text-to-text model
+    processor_class: str  # transformers class of its processor
+    patch_size: int  # vision patch side, pixels
+    merge_size: int  # patches merged per side into one image token
+    min_pixels: int  # the released processor's image area bounds
+    max_pixels: int
+    box_convention: str  # "relative" (0-1000 of the image) or "absolute" (pixels of the resized image)
+    vision_lora: str  # peft regex of the vision tower's linears and merger (lora.train_vision)
+    build_config: Callable[..., object]  # (token ids, **shape) -> transformers config
+    build_processor: Callable[..., object]  # (tokenizer, chat_template, min_pixels, max_pixels) -> processor
+    vision_features: Callable[[object], list] | None = None  # get_image_features output -> extra levels
+    presets: dict[str, dict] = field(default_factory=dict)  # preset name -> shape for build_config
+    # config attributes naming the vision placeholder tokens: never sampled (one in a completion would be taken for
+    # an image slot in the next forward)
+    suppressed_tokens: tuple[str, ...] = ("image_token_id", "video_token_id", "vision_start_token_id",
+                                          "vision_end_token_id")
+
+    @property
+    def factor(self) -> int:
+        """Resized image sides are multiples of this: one image token covers factor x factor pixels."""
+        return self.patch_size * self.merge_size
+
+    def frame(self, width: int, height: int):
+        """The box coordinates this family is asked for on a width x height (resized) input image."""
+        from qlora_rft.tasks.boxes import RELATIVE, Frame
+
+        return Frame(width, height) if self.box_convention == "absolute" else RELATIVE
+
+    def transformers_class(self):
+        import transformers
+
+        return getattr(transformers, self.model_class)
+
+    def lora_regex(self, target_modules, train_vision: bool) -> str:
+        """peft target_modules regex: the named linears of the language model (and the vision tower's if asked)."""
+        pattern = LANGUAGE_LORA.format(names="|".join(target_modules))
+        return pattern + "|" + self.vision_lora if train_vision else pattern
+
+    def encode_images(self, model, pixel_values, grid_thw) -> tuple:
+        """The vision tower run once (no grad): per image, its features at every level the language model takes
+        (the merged output first, then deepstack levels where the family has them)."""
+        import torch
+
+        with torch.no_grad():
+            out = model.model.get_image_features(pixel_values, grid_thw, return_dict=True)
+        levels = [out.pooler_output, *(self.vision_features(out) if self.vision_features else [])]  # [L][images]
+        return tuple(tuple(level[i].detach() for level in levels) for i in range(len(out.pooler_output)))
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """M-RoPE's split of the rotary half into temporal / height / width sections, in the released ratio
+    (128 -> [16, 24, 24])."""
+    half = head_dim // 2
+    return [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
