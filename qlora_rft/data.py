@@ -131,21 +131,13 @@ def _split_parquet(folder: Path, split: str) -> list[Path]:
     return sorted({f for pattern in patterns for f in folder.glob(pattern)})
 
 
-def _json_source(source: str, split: str) -> Path | None:
+def _split_file(source: str, split: str, suffix: str) -> Path | None:
+    """A `suffix` file (.json, .jsonl) named directly, or SPLIT`suffix` in a named folder; else None."""
     path = Path(source).expanduser()
-    if path.suffix == ".json" and path.is_file():
+    if path.suffix == suffix and path.is_file():
         return path
-    if path.is_dir() and (path / f"{split}.json").is_file():
-        return path / f"{split}.json"
-    return None
-
-
-def _jsonl_source(source: str, split: str) -> Path | None:
-    path = Path(source).expanduser()
-    if path.suffix == ".jsonl" and path.is_file():
-        return path
-    if path.is_dir() and (path / f"{split}.jsonl").is_file():
-        return path / f"{split}.jsonl"
+    if path.is_dir() and (path / f"{split}{suffix}").is_file():
+        return path / f"{split}{suffix}"
     return None
 
 
@@ -186,11 +178,11 @@ def _rows(resolved: str, split: str, image_root: str | None):
 
     from qlora_rft.tasks.grounding import is_reasonseg, load_lisa_json, load_reasonseg
 
-    jsonl_file = _jsonl_source(resolved, split)
+    jsonl_file = _split_file(resolved, split, ".jsonl")
     if jsonl_file is not None:
         rows = load_jsonl(jsonl_file, image_root)
         return rows, sorted({key for row in rows for key in row})
-    json_file = _json_source(resolved, split)
+    json_file = _split_file(resolved, split, ".json")
     if json_file is not None or is_reasonseg(resolved, split):
         rows = load_lisa_json(json_file, image_root or None) if json_file else load_reasonseg(resolved, split)
         return rows, list(rows[0].keys()) if rows else list(REQUIRED_COLUMNS)
