@@ -62,3 +62,30 @@ def first_shapes_rows(folder, count: int):
     table = pq.read_table(Path(resolve_source("synthetic:shapes")) / "train.parquet").slice(0, count)
     pq.write_table(table, folder / "train.parquet")
     return folder
+
+
+def policy_with_adapters(overrides: list[str], seed: int | None = None):
+    """The config and a tiny policy whose LoRA B matrices are N(0, 0.2), so the adapters change its outputs;
+    with `seed`, the global RNG is seeded before the adapters are made (the same model whatever ran before)."""
+    import torch
+
+    from qlora_rft.config import load_config
+    from qlora_rft.model import load_policy
+
+    cfg = load_config(None, overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    policy = load_policy(cfg.model, cfg.lora)
+    for name, p in policy.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    return cfg, policy
+
+
+def training_examples(cfg, policy, count: int = 1) -> list:
+    """The first `count` rows of the config's classification training data, at the policy's image factor."""
+    from qlora_rft.data import load_split
+    from qlora_rft.tasks import get_task
+
+    return load_split(cfg.data.train, "train", get_task("classification"), min_pixels=cfg.data.min_pixels,
+                      max_pixels=cfg.data.max_pixels, factor=policy.family.factor).examples[:count]

@@ -17,10 +17,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from qlora_rft.config import load_config
-from qlora_rft.data import encode_prompt, load_split
+from qlora_rft.data import encode_prompt
 from qlora_rft.decode import Decoder, banned_ids, draw, filter_logits
-from qlora_rft.model import load_policy, merged_weights
+from qlora_rft.model import merged_weights
 from qlora_rft.rollout import Sampling, left_pad, sample_groups, share_vision
 from qlora_rft.tasks import get_task
 
@@ -101,17 +100,11 @@ def _hf_processors(prompt_length, min_new, eos, vision, temperature, top_k, top_
 def setup(tmp_path_factory, private_cache):
     """A tiny QLoRA policy with non-zero adapters; two prompts of different lengths (different image sizes, so
     left padding and different M-RoPE offsets); the LM head's EOS row made likely, so that rows finish early."""
-    from conftest import TINY_RUN
+    from conftest import TINY_RUN, policy_with_adapters, training_examples
 
-    cfg = load_config(None, [*TINY_RUN, f"train.output_dir={tmp_path_factory.mktemp('run')}"])
-    torch.manual_seed(0)  # the adapters' initialisation too: the same model whatever ran before in the session
-    policy = load_policy(cfg.model, cfg.lora)
-    for name, p in policy.model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.2)
+    cfg, policy = policy_with_adapters([*TINY_RUN, f"train.output_dir={tmp_path_factory.mktemp('run')}"], seed=0)
     task = get_task("classification")
-    examples = load_split(cfg.data.train, "train", task, min_pixels=cfg.data.min_pixels,
-                          max_pixels=cfg.data.max_pixels, factor=policy.family.factor).examples[:2]
+    examples = training_examples(cfg, policy, 2)
     bigger = replace(cfg.data, min_pixels=7056, max_pixels=7056)
     prompts = [encode_prompt(policy.processor, task, examples[0], cfg.data, policy.device),
                encode_prompt(policy.processor, task, examples[1], bigger, policy.device)]

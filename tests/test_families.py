@@ -14,7 +14,7 @@ from conftest import TINY_RUN
 from PIL import Image
 
 from qlora_rft.config import LoraSettings, load_config
-from qlora_rft.data import encode_prompt, load_split, resize_image
+from qlora_rft.data import encode_prompt, resize_image
 from qlora_rft.errors import UserError
 from qlora_rft.models import families, family_of, preset_names
 from qlora_rft.tasks import get_task
@@ -146,17 +146,11 @@ def test_lora_targets_are_the_language_linears_and_with_train_vision_every_visio
 
 
 def _policy_and_prompt(preset, mode="qlora"):
-    from qlora_rft.model import load_policy
+    from conftest import policy_with_adapters, training_examples
 
-    cfg = load_config(None, [*TINY_RUN, f"model.name_or_path=tiny:{preset}", f"model.mode={mode}"])
-    policy = load_policy(cfg.model, cfg.lora)
-    for name, p in policy.model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.2)  # adapters that matter
-    task = get_task("classification")
-    example = load_split(cfg.data.train, "train", task, min_pixels=cfg.data.min_pixels,
-                         max_pixels=cfg.data.max_pixels, factor=policy.family.factor).examples[0]
-    return policy, encode_prompt(policy.processor, task, example, cfg.data, policy.device)
+    cfg, policy = policy_with_adapters([*TINY_RUN, f"model.name_or_path=tiny:{preset}", f"model.mode={mode}"])
+    example = training_examples(cfg, policy)[0]
+    return policy, encode_prompt(policy.processor, get_task("classification"), example, cfg.data, policy.device)
 
 
 @pytest.mark.parametrize("preset", NEW_FAMILIES)

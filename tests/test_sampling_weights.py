@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from qlora_rft.config import load_config
-from qlora_rft.data import encode_prompt, load_split
+from qlora_rft.data import encode_prompt
 from qlora_rft.errors import ConfigError, UserError
 from qlora_rft.model import (
     choose_sampling_weights,
     copy_bytes,
     decode_weight_bytes,
-    load_policy,
     merged_weights,
 )
 from qlora_rft.rollout import Sampling, completion_logprobs, sample_groups, share_vision
@@ -26,17 +25,11 @@ TOLERANCE = {"merged": (1e-4, 1e-5), "int8": (0.05, 0.01), "fp8": (0.2, 0.05)}
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, private_cache):
-    from conftest import TINY_RUN
+    from conftest import TINY_RUN, policy_with_adapters, training_examples
 
-    cfg = load_config(None, [*TINY_RUN, f"train.output_dir={tmp_path_factory.mktemp('run')}"])
-    torch.manual_seed(0)  # before the adapters are made: the same lora_A whatever ran before
-    policy = load_policy(cfg.model, cfg.lora)
-    for name, p in policy.model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.2)  # adapters that matter
+    cfg, policy = policy_with_adapters([*TINY_RUN, f"train.output_dir={tmp_path_factory.mktemp('run')}"], seed=0)
+    example = training_examples(cfg, policy)[0]
     task = get_task("classification")
-    example = load_split(cfg.data.train, "train", task, min_pixels=cfg.data.min_pixels,
-                          max_pixels=cfg.data.max_pixels, factor=policy.family.factor).examples[0]
     prompt = share_vision(policy.model, encode_prompt(policy.processor, task, example, cfg.data, policy.device))
     return policy, prompt
 

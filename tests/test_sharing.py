@@ -7,22 +7,18 @@ import copy
 
 import torch
 
-from qlora_rft.config import load_config
-from qlora_rft.data import encode_prompt, load_split
-from qlora_rft.model import load_policy, merged_weights, reference_mode
+from qlora_rft.data import encode_prompt
+from qlora_rft.model import merged_weights, reference_mode
 from qlora_rft.rollout import Sampling, completion_logprobs, sample_groups, share_vision
 from qlora_rft.tasks import get_task
 
 
 def _setup(tiny_overrides):
-    cfg = load_config(None, tiny_overrides)
-    policy = load_policy(cfg.model, cfg.lora)
-    for name, p in policy.model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.2)  # adapters that matter
+    from conftest import policy_with_adapters, training_examples
+
+    cfg, policy = policy_with_adapters(tiny_overrides)
     task = get_task("classification")
-    examples = load_split(cfg.data.train, "train", task, min_pixels=cfg.data.min_pixels,
-                          max_pixels=cfg.data.max_pixels, factor=policy.family.factor).examples[:2]
+    examples = training_examples(cfg, policy, 2)
     prompts = [encode_prompt(policy.processor, task, ex, cfg.data, policy.device) for ex in examples]
     return policy, prompts
 
