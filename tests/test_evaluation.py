@@ -48,9 +48,9 @@ def test_detection_eval_writes_predictions_resumes_and_rescoring_matches(tmp_pat
     with (out / "predictions.jsonl").open("a") as f:
         f.write('{"image_id": 1, "categ')
     asked = []
-    real_generate = runner.generate
-    monkeypatch.setattr(runner, "generate", lambda policy, task, items, *rest: (
-        asked.extend(items) or real_generate(policy, task, items, *rest)))
+    real_answers = runner.answer_batches
+    monkeypatch.setattr(runner, "answer_batches", lambda sampler, task, items, *rest: (
+        asked.extend(items) or real_answers(sampler, task, items, *rest)))
     second = runner.run_eval(load_config(None, [*DETECTION, "eval.limit=6", f"eval.output_dir={out}"]))
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(asked) == 2 and len(rows) == 6

@@ -18,7 +18,7 @@ from qlora_rft.config import load_config
 from qlora_rft.distributed import Updates
 from qlora_rft.errors import TrainingError, UserError
 from qlora_rft.rewards import RewardSet
-from qlora_rft.rollout import FiniteLogits
+from qlora_rft.sampling import FiniteLogits
 from qlora_rft.runlog import read_metrics
 from qlora_rft.trainer import fit, train
 
@@ -78,7 +78,9 @@ def test_backward_chunks_give_the_same_gradient_as_the_whole_group(tiny_override
     from qlora_rft import grpo
     from qlora_rft.data import encode_prompt, load_split
     from qlora_rft.model import load_policy, reference_mode
-    from qlora_rft.rollout import CompletionScorer, Sampling, sample_group
+    from conftest import sample
+    from qlora_rft.rollout import CompletionScorer
+    from qlora_rft.sampling import Settings
     from qlora_rft.tasks import get_task
     from qlora_rft.trainer import Group, StepStats, backward_group, chunked_logprobs
 
@@ -98,7 +100,7 @@ def test_backward_chunks_give_the_same_gradient_as_the_whole_group(tiny_override
                          max_pixels=cfg.data.max_pixels, factor=policy.family.factor).examples[0]
     prompt = encode_prompt(policy.processor, task, example, cfg.data, policy.device)
     torch.manual_seed(0)
-    rollout = sample_group(policy.model, policy.processor, prompt, 4, 4, Sampling(8), policy.tokens)
+    rollout = sample(policy, [prompt], 4, 4, Settings(8))[0]
     total = torch.tensor([1.0, 0.0, 0.5, 0.0])
     scorer = CompletionScorer(policy.model)
     settings = ["grpo.num_iterations=2", "grpo.epsilon_high=5.0"]  # cispo's cap; clip-higher for the others
