@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
 
 from conftest import sample
 from qlora_rft.data import encode_prompt
-from qlora_rft.rollout import share_vision
+from qlora_rft.rollout import completion_logprobs, share_vision
 from qlora_rft.sampling import Settings, left_pad
 from qlora_rft.sampling.static import StaticBackend, banned_ids, draw, filter_logits
 from qlora_rft.sampling.weights import merged_weights
@@ -141,6 +141,25 @@ def test_sampled_tokens_equal_a_cache_free_reference_for_a_seed(setup):
     assert torch.equal(torch.cat([r.completion_ids for r in ours]), theirs)
     again = sample(policy, prompts, 4, 8, rule, backend=StaticBackend(), generator=torch.Generator().manual_seed(6))
     assert not torch.equal(torch.cat([r.completion_ids for r in again]), theirs)  # the seed matters
+
+
+@pytest.mark.parametrize("backend", [StaticBackend, None])  # None: generate, scored by the sampler afterwards
+def test_each_sampled_tokens_logprob_is_the_one_the_trainer_computes(setup, backend):
+    """The sampler's log-prob of each drawn token: the full softmax at the temperature, before top-k/top-p (as
+    grpo.token_logprobs scores it), 0 after a completion's end; for packed prompts and a group split in calls."""
+    policy, prompts = setup
+    rule = Settings(9, temperature=0.7, top_k=3, min_new_tokens=2)  # top-k 3: a truncated softmax would differ
+    for chunk in (8, 2):
+        rollouts = sample(policy, prompts, 4, chunk, rule, backend=backend() if backend else None,
+                          generator=torch.Generator().manual_seed(3))
+        for r in rollouts:
+            with torch.no_grad():
+                trainer = completion_logprobs(policy.model, r.prompt, r.completion_ids, r.mask, 1024, 0.7) * r.mask
+            assert torch.allclose(r.sampler_logp, trainer, atol=1e-4), (r.sampler_logp - trainer).abs().max()
+            assert (r.sampler_logp[r.mask == 0] == 0).all() and (r.sampler_logp[r.mask == 1] < 0).all()
+            # Renormalised over the top 3, the drawn tokens' mean log-prob could not fall below -log 3 (minus the
+            # spread of a small sample): the values are the full softmax's.
+            assert r.sampler_logp[r.mask == 1].mean() < -2 * math.log(3)
 
 
 @torch.no_grad()

@@ -62,6 +62,28 @@ def test_detection_eval_writes_predictions_resumes_and_rescoring_matches(tmp_pat
     assert json.loads((out / "metrics.json").read_text()) == second.metrics
 
 
+@pytest.mark.parametrize("preset", ["tiny", "qwen2.5-vl-tiny", "qwen3-vl-tiny"])
+def test_the_static_decoder_answers_as_generate(preset, tmp_path):
+    """eval.decode=static and generate: the same predictions, for a batch of 4 prompts and a last batch of 2 of
+    different lengths (a longer class name: left padding); a decoding setting is part of what a resumed evaluation
+    keeps."""
+    coco = json.loads(open(runner.resolve_source("synthetic:shapes-detection/test_coco.json")).read())
+    coco["categories"].append({"id": 99, "name": "very large striped purple polygon"})  # a longer prompt
+    annotations = tmp_path / "coco.json"
+    annotations.write_text(json.dumps(coco))
+    common = [*DETECTION, f"model.name_or_path=tiny:{preset}", "eval.limit=6", "data.max_prompt_length=512",
+              f"eval.annotations={annotations}"]
+    found = {}
+    for decode in ("generate", "static"):
+        run = runner.run_eval(load_config(None, [*common, f"eval.decode={decode}", f"eval.output_dir={tmp_path / decode}"]))
+        found[decode] = [json.loads(line) for line in run.predictions.read_text().splitlines()]
+    assert found["static"] == found["generate"] and len(found["static"]) == 6
+    assert found["static"][4]["category"] == "very large striped purple polygon"  # in the last batch, left-padded
+    assert len({line["completion"] for line in found["static"]}) > 1  # answers that differ between prompts
+    with pytest.raises(UserError, match=r"decode 'static' -> 'generate'"):
+        runner.run_eval(load_config(None, [*common, "eval.decode=generate", f"eval.output_dir={tmp_path / 'static'}"]))
+
+
 def test_classification_eval_and_another_model_in_the_same_folder(tmp_path):
     overrides = ["model.name_or_path=tiny:tiny", "data.max_pixels=3136", "eval.limit=5", "eval.max_new_tokens=8",
                  f"eval.output_dir={tmp_path}"]
