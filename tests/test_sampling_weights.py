@@ -109,3 +109,38 @@ def test_fp8_is_refused_where_the_device_has_none(setup, tmp_path):
         choose_sampling_weights("fp8", policy.model, torch.device("cpu"), torch.float32)
     with pytest.raises(ConfigError, match="sampling_weights=fp8 needs a CUDA GPU"):
         load_config(None, ["grpo.sampling_weights=fp8", "model.device=cpu"])
+
+
+def test_the_correction_follows_the_weights_and_a_model_without_adapters_samples_its_own(setup):
+    from qlora_rft.sampling.weights import SamplingWeights, choose_correction
+
+    policy, _ = setup
+    cpu = torch.device("cpu")
+    assert choose_correction("auto", choose_sampling_weights("auto", policy.model, cpu, torch.float32)).mode == "tis"
+    assert choose_correction("auto", SamplingWeights("int8", "")).mode == "tis"
+    assert choose_correction("auto", SamplingWeights("adapters", "")).mode == "none"
+    assert choose_correction("mis", SamplingWeights("adapters", "")).mode == "mis"  # by name, whatever the weights
+    plain = policy.base.model.visual  # any module without LoRA layers (full mode, a base evaluated alone)
+    chosen = choose_sampling_weights("int8", plain, cpu, torch.float32)
+    assert chosen.mode == "trained" and not chosen.merges
+    assert choose_correction("auto", chosen).mode == "none"
+
+
+def test_the_backend_choice_and_the_repetition_penalty_only_generate_applies():
+    from qlora_rft.sampling import choose_backend
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_backend("auto", cpu, "merged").name == "static"
+    assert choose_backend("auto", cuda, "merged").name == "generate"
+    assert choose_backend("static", cuda, "int8").name == "static, compiled"
+    assert choose_backend("static", cuda, "adapters").name == "static"  # 4-bit kernels: eager
+    assert choose_backend("auto", cpu, "merged", "eval.decode", repetition_penalty=1.05).name == "generate"
+    with pytest.raises(UserError, match="eval.decode=static has no repetition penalty.*eval.decode=generate"):
+        choose_backend("static", cpu, "merged", "eval.decode", repetition_penalty=1.05)
+
+
+def test_the_importance_cap_is_checked_at_load():
+    with pytest.raises(ConfigError, match="grpo.importance_cap=0.5 must be >= 1"):
+        load_config(None, ["grpo.importance_cap=0.5"])
+    with pytest.raises(ConfigError, match="grpo.importance_correction must be one of auto, none, tis, mis"):
+        load_config(None, ["grpo.importance_correction=sequence_mask"])
