@@ -328,13 +328,14 @@ def side_trl(s: BenchSettings, workdir: Path) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoProcessor, TrainerCallback
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from qlora_rft.config import ModelConfig
     from qlora_rft.data import open_image, resize_image
     from qlora_rft.model import decode_weight_bytes, keep_training_layout, load_base
     from qlora_rft.models import family_of
+    from qlora_rft.pretrained import load_processor
     from qlora_rft.rewards import classification_reward, format_reward
     from qlora_rft.tasks import get_task
 
@@ -343,8 +344,7 @@ def side_trl(s: BenchSettings, workdir: Path) -> dict:
     # The model as a TRL user would load it: from_pretrained with the same BitsAndBytesConfig (NF4, double quant).
     model = load_base(Path(s.model_path), ModelConfig(name_or_path=s.model_path, mode="qlora"), device, dtype)
     keep_training_layout(model)  # on the CPU, bitsandbytes would otherwise repack weights in eval mode
-    processor = AutoProcessor.from_pretrained(s.model_path)
-    processor.tokenizer.padding_side = "left"
+    processor = load_processor(s.model_path, padding_side="left")
 
     rows = measured_rows(s)
     dataset = Dataset.from_dict({
