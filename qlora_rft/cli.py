@@ -136,6 +136,16 @@ def cmd_tiny_model(args) -> None:
     print(f"wrote a random {args.preset} ({family_of(path).name}) to {path}")
 
 
+def cmd_env(args) -> None:
+    from qlora_rft.environment import report
+
+    text, same = report()
+    if not (args.quiet and same):
+        print(text)
+    if not same:
+        raise SystemExit(1)
+
+
 def cmd_config(args) -> None:
     from qlora_rft.config import describe, load_config
 
@@ -246,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(preset_names())}")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_tiny_model)
+
+    p = sub.add_parser("env", help="which installed packages differ from the versions the tests passed with (exit 1 "
+                       "if any does)")
+    p.add_argument("--quiet", action="store_true", help="print nothing when none differs")
+    p.set_defaults(run=cmd_env)
 
     p = sub.add_parser("config", help="print every config field with its default and meaning, or a resolved config")
     p.add_argument("config", nargs="?", default=None)
