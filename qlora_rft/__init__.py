@@ -8,3 +8,7 @@ models/ (one module per model family), distributed.py (launches), data.py, evalu
 """
 
 __version__ = "0.1.0"
+
+from qlora_rft.pretrained import keep_bitsandbytes_local  # noqa: E402
+
+keep_bitsandbytes_local()

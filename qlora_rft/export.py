@@ -135,8 +135,9 @@ def merge_adapter(
     temporary sibling of `out`, reloaded with plain transformers, and only then renamed to `out`; a failure leaves
     `out` untouched. A non-empty `out` is refused unless `overwrite`. Prints nothing; see `MergeReport.ok`.
     """
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+    from transformers import AutoModelForImageTextToText
+
+    from qlora_rft import pretrained
 
     short = canonical_dtype(dtype)
     torch_dtype = DTYPES[short]
@@ -150,10 +151,10 @@ def merge_adapter(
     with _quiet():
         model = load_base(base_path, ModelConfig(name_or_path=str(base_path), mode="full"), dev, torch_dtype)
         if (base_path / "generation_config.json").is_file():  # the merged folder ships the base's own settings
-            model.generation_config = GenerationConfig.from_pretrained(str(base_path))
-        processor = AutoProcessor.from_pretrained(str(base_path))
+            model.generation_config = pretrained.load_generation_config(base_path)
+        processor = pretrained.load_processor(base_path)
         try:
-            model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
+            model = pretrained.load_adapter(model, adapter_path, trainable=False)
         except torch.OutOfMemoryError:
             raise
         except (ValueError, RuntimeError, KeyError) as e:
@@ -181,9 +182,8 @@ def merge_adapter(
             processor.save_pretrained(tmp)
             del model
             _free(dev)
-            reloaded = AutoModelForImageTextToText.from_pretrained(
-                str(tmp), dtype=torch_dtype, device_map={"": str(dev)}
-            )
+            reloaded = pretrained.load_model(AutoModelForImageTextToText, tmp, dtype=torch_dtype,
+                                             device_map={"": str(dev)})
             diff_reloaded = _max_abs_diff(verification_logits(reloaded, processor), reference)
             del reloaded
             _free(dev)
