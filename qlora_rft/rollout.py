@@ -39,11 +39,15 @@ class Rollout:
 
 @torch.no_grad()
 def share_vision(model, prompt: PromptInputs) -> PromptInputs:
-    """Run the (frozen) vision tower once for this prompt; generation and every log-prob pass reuse the result
-    (every level the family's language model takes, deepstack included) instead of running it again for each of
-    the G completions and each pass."""
+    """Run the (frozen) vision tower once for this prompt's images and videos; generation and every log-prob pass
+    reuse the result (every level the family's language model takes, deepstack included) instead of running it
+    again for each of the G completions and each pass."""
     base = base_model(model)
-    prompt.vision = family_of(base).encode_images(base, prompt.pixel_values, prompt.image_grid_thw)
+    family = family_of(base)
+    if prompt.image_grid_thw is not None:
+        prompt.vision = family.encode_images(base, prompt.pixel_values, prompt.image_grid_thw)
+    if prompt.video_grid_thw is not None:
+        prompt.video_vision = family.encode_videos(base, prompt.pixel_values_videos, prompt.video_grid_thw)
     return prompt
 
 
@@ -78,7 +82,7 @@ def completion_scores(
         attention_mask=attention_mask,
         mm_token_type_ids=mm_types.to(prompt.mm_token_type_ids.dtype),
         use_cache=False,
-        **inputs,  # image_grid_thw, and pixel_values or the shared vision features
+        **inputs,  # grids (and a video's time inputs), and pixels or the shared vision features
     ).last_hidden_state  # [B, P+T, H]
     P = prompt.length
     predicting = hidden[:, P - 1 : P + T - 1]  # [B, T, H]: the state before each completion token
