@@ -75,7 +75,8 @@ def test_the_static_decoder_answers_as_generate(preset, tmp_path):
               f"eval.annotations={annotations}"]
     found = {}
     for decode in ("generate", "static"):
-        run = runner.run_eval(load_config(None, [*common, f"eval.decode={decode}", f"eval.output_dir={tmp_path / decode}"]))
+        cfg = load_config(None, [*common, f"eval.decode={decode}", f"eval.output_dir={tmp_path / decode}"])
+        run = runner.run_eval(cfg)
         found[decode] = [json.loads(line) for line in run.predictions.read_text().splitlines()]
     assert found["static"] == found["generate"] and len(found["static"]) == 6
     assert found["static"][4]["category"] == "very large striped purple polygon"  # in the last batch, left-padded

@@ -29,9 +29,8 @@ class Sampler:
     caches and counters are rebuilt on resume (they never change a token).
     """
 
-    def __init__(self, policy: Policy, weights: SamplingWeights, backend: Backend,
-                 correction: Correction | None = None, gather: Callable[[], contextlib.AbstractContextManager] | None
-                 = None):
+    def __init__(self, policy: Policy, weights: SamplingWeights, backend: Backend, correction: Correction | None = None,
+                 gather: Callable[[], contextlib.AbstractContextManager] | None = None):
         self.processor, self.tokens, self.device = policy.processor, policy.tokens, policy.device
         self.weights, self.backend = weights, backend
         self.correction = correction or Correction("none", "not training")
