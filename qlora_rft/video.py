@@ -161,3 +161,20 @@ def read_frames(cell: dict, indices: tuple[int, ...], size: tuple[int, int]) -> 
     if missing:
         raise ValueError(f"frame {missing[0]} no longer decodes (the file changed since the data loaded?)")
     return torch.stack([frames[i] for i in indices])
+
+
+def write_clip(frames: list, path, fps: float) -> None:
+    """Frames ([H, W, 3] uint8 arrays of one even size) as an H.264 mp4 (the codec PyAV's wheels carry); for the
+    synthetic clips and the tests, which draw theirs at run time."""
+    from fractions import Fraction
+
+    import av
+
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "12", "preset": "ultrafast"}  # near lossless, fast
+        for array in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())

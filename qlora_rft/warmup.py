@@ -25,10 +25,12 @@ from qlora_rft.model import load_for_inference, model_family
 from qlora_rft.pretrained import save_adapter
 from qlora_rft.supervised import supervised_step
 from qlora_rft.tasks import get_task
+from qlora_rft.video import VideoRule
 
 # Changes whenever the warm-up trains differently, so that a base warmed the old way is not reused from the cache.
 # 2: each step is the SFT baseline's (chunked LM-head cross-entropy, distributed.Updates).
-WARMUP_RECIPE = 2
+# 3: the tiny models' chat template and processors take video (a warmed folder keeps the processor it was made with).
+WARMUP_RECIPE = 3
 
 
 def warmup_key(cfg: Config) -> str:
@@ -36,7 +38,7 @@ def warmup_key(cfg: Config) -> str:
         "model": cfg.model.name_or_path,
         "warmup": vars(cfg.warmup),
         "data": [cfg.data.task, cfg.warmup.data or cfg.data.train, cfg.data.train_split, cfg.data.min_pixels,
-                 cfg.data.max_pixels],
+                 cfg.data.max_pixels, cfg.data.video_fps, cfg.data.video_max_frames, cfg.data.video_max_pixels],
         "seed": cfg.train.seed,
         "recipe": WARMUP_RECIPE,
     }
@@ -63,7 +65,8 @@ def run_warmup(cfg: Config, out: Path, console=None) -> Path:
     source = cfg.warmup.data or cfg.data.train
     data = load_split(source, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root,
                       min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                      factor=model_family(cfg.model.name_or_path).factor, console=console)
+                      factor=model_family(cfg.model.name_or_path).factor, video=VideoRule.of(cfg.data),
+                      console=console)
     policy = load_for_inference(replace(cfg.model, mode="full"))  # the model loader's checks, full precision
     torch.manual_seed(cfg.train.seed)
     rng = random.Random(cfg.train.seed)

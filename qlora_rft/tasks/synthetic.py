@@ -5,6 +5,8 @@
   image and some categories absent ('No Objects'); extra columns image_id and category for evaluation.
 - grounding (`shapes-grounding`): a LISA-style JSON per split plus an images/ folder; instructions need a small
   reasoning step ("the shape to the left of the blue square").
+- video classification (`shapes-motion`): mp4 clips of a square moving left, right, up or down, and JSON lines
+  {video, problem, solution} asking which way (the classification task's reward and accuracy).
 Small enough for a tiny model on a CPU, so the demo and the tests can show training working end to end.
 """
 
@@ -37,6 +39,8 @@ CLASSIFICATION_PROBLEM = (
     "This is an image containing a shape. Please identify the colour and the kind of the shape based on the image."
 )
 GROUNDING_RELATIONS = ("left of", "right of", "largest", "smallest")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy) per frame, in steps
+MOTION_PROBLEM = "In which direction does the square move: left, right, up or down?"
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,26 @@ class ShapesSpec:
         return [f"{c} {s}" for c in self.colours for s in self.shapes]
 
 
-DATASETS: dict[str, ShapesSpec] = {
+@dataclass(frozen=True)
+class MotionSpec:
+    """Clips of one square moving in a straight line: `frames` frames at `fps`, `step` pixels a frame."""
+
+    task: str = "motion"
+    train_per_class: int = 64  # clips per direction
+    test_per_class: int = 25
+    size: int = 56  # square frames, pixels (two 28-pixel image tokens a side)
+    side: tuple[int, int] = (14, 20)  # the square's side, pixels
+    frames: int = 8
+    fps: int = 4
+    step: int = 4
+    seed: int = 0
+
+    @property
+    def classes(self) -> list[str]:
+        return list(DIRECTIONS)
+
+
+DATASETS: dict[str, ShapesSpec | MotionSpec] = {
     # The demo: a square covers ~1.8x the area of a cross of the same size, so colour and kind both show in the
     # average colour of patches, which even a small vision tower passes on.
     "shapes": ShapesSpec(shapes=("square", "cross"), side=(0.45, 0.6)),
@@ -65,6 +88,7 @@ DATASETS: dict[str, ShapesSpec] = {
     "shapes-detection": ShapesSpec(task="detection", shapes=SHAPES, train_per_class=48, test_per_class=24, size=112),
     "shapes-grounding": ShapesSpec(task="grounding", colours=tuple(COLOURS), shapes=SHAPES, train_per_class=96,
                                    test_per_class=48, size=112),
+    "shapes-motion": MotionSpec(),
 }
 
 
@@ -247,6 +271,37 @@ def grounding_records(spec: ShapesSpec, split: str, image_dir: Path) -> list[dic
     return records
 
 
+def motion_rows(spec: MotionSpec, split: str, clip_dir: Path) -> list[dict]:
+    """Clips of a square of a random colour and size moving `spec.step` pixels a frame over a speckled background,
+    each direction equally often, saved as mp4 under clip_dir; rows {video (relative path), problem, solution}."""
+    import numpy as np
+
+    from qlora_rft.video import write_clip
+
+    per_class = spec.train_per_class if split == "train" else spec.test_per_class
+    rng = random.Random(f"{spec.seed}-{split}-motion")
+    travel = spec.step * (spec.frames - 1)
+    rows = []
+    for number in range(per_class * len(DIRECTIONS)):
+        direction = list(DIRECTIONS)[number % len(DIRECTIONS)]
+        dx, dy = DIRECTIONS[direction]
+        side = rng.randint(*spec.side)
+        x = rng.randint(travel if dx < 0 else 0, spec.size - side - (travel if dx > 0 else 0))
+        y = rng.randint(travel if dy < 0 else 0, spec.size - side - (travel if dy > 0 else 0))
+        background, colour = _canvas(rng, spec.size), rng.choice(list(COLOURS))
+        frames = []
+        for t in range(spec.frames):
+            image = background.copy()
+            x0, y0 = x + dx * spec.step * t, y + dy * spec.step * t
+            _paint(image, random.Random(number), colour, "square", (x0, y0, x0 + side - 1, y0 + side - 1))
+            frames.append(np.asarray(image))
+        name = f"{split}-{number:05d}.mp4"
+        write_clip(frames, clip_dir / name, spec.fps)
+        rows.append({"video": f"clips/{name}", "problem": MOTION_PROBLEM, "solution": f"<answer>{direction}</answer>"})
+    rng.shuffle(rows)
+    return rows
+
+
 # ----------------------------------------------------------------------------- writing
 
 
@@ -271,7 +326,7 @@ def write_dataset(name: str, out: Path) -> Path:
     """Write `name`'s splits (train, test) into `out`, atomically: a half-written folder never shows.
 
     Parquet datasets get train.parquet / test.parquet (detection also SPLIT_coco.json with images/, for mAP);
-    grounding gets train.json / test.json and images/.
+    grounding gets train.json / test.json and images/; video gets train.jsonl / test.jsonl and clips/.
     """
     if name not in DATASETS:
         raise DataError(f"unknown synthetic dataset {name!r}: choose one of {', '.join(DATASETS)}")
@@ -286,6 +341,10 @@ def write_dataset(name: str, out: Path) -> Path:
                 (tmp / "images").mkdir(exist_ok=True)
                 coco = coco_annotations(spec, scenes, split, tmp / "images")
                 (tmp / f"{split}_coco.json").write_text(json.dumps(coco))
+            elif spec.task == "motion":
+                (tmp / "clips").mkdir(exist_ok=True)
+                rows = motion_rows(spec, split, tmp / "clips")
+                (tmp / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
             else:
                 (tmp / "images").mkdir(exist_ok=True)
                 records = grounding_records(spec, split, tmp / "images")
