@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from qlora_rft.config import Config
-from qlora_rft.data import load_split
+from qlora_rft.data import load_split, resolve_source
 from qlora_rft.distributed import NonFiniteStep, OneProcess, Updates
 from qlora_rft.errors import TrainingError
 from qlora_rft.files import atomic_folder
@@ -37,12 +37,18 @@ def warmup_key(cfg: Config) -> str:
     decided_by = {
         "model": cfg.model.name_or_path,
         "warmup": vars(cfg.warmup),
-        "data": [cfg.data.task, cfg.warmup.data or cfg.data.train, cfg.data.train_split, cfg.data.min_pixels,
-                 cfg.data.max_pixels, cfg.data.video_fps, cfg.data.video_max_frames, cfg.data.video_max_pixels],
+        "data": [cfg.data.task, data_key(cfg.warmup.data or cfg.data.train), cfg.data.train_split,
+                 cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.video_fps, cfg.data.video_max_frames,
+                 cfg.data.video_max_pixels],
         "seed": cfg.train.seed,
         "recipe": WARMUP_RECIPE,
     }
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_key(source: str) -> str:
+    """A source as the key names it: synthetic data by its generated folder, which changes with its recipe."""
+    return resolve_source(source) if source.startswith("synthetic:") else source
 
 
 def warmed_base(cfg: Config, console=None) -> str:

@@ -407,3 +407,31 @@ def test_a_run_whose_clips_all_fail_to_decode_stops_in_one_line(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "has no usable rows: all 1 are bad (row 0: video does not decode" in lines[0]
+
+
+def test_the_synthetic_colour_change_clips_answer_by_order_alone():
+    """shapes-colour-change: balanced final colours, and in every clip the square shows its first colour in the first
+    frame of each temporal patch and the answer in the second, so both colours are on screen for as long."""
+    from collections import Counter
+
+    from qlora_rft.data import open_clip
+    from qlora_rft.tasks.synthetic import CHANGE_COLOURS, COLOURS
+
+    data = load_split("synthetic:shapes-colour-change", "test", TASK, min_pixels=3136, max_pixels=7056, factor=28,
+                      video=RULE)
+    assert len(data) == 100 and not data.skipped
+    assert Counter(ex.solution for ex in data.examples) == {f"<answer>{c}</answer>": 25 for c in CHANGE_COLOURS}
+    for example in data.examples[:8]:
+        clip_ = example.clips[0]
+        assert (clip_.total, clip_.fps, clip_.indices, clip_.size) == (4, 2.0, (0, 1, 2, 3), (84, 84))
+        frames = open_clip(clip_).float()  # [4, 3, 84, 84]
+        grey = frames[:, :, 0, 0][:, :, None, None]  # a corner is background
+        square = (frames - grey).abs().sum(1) > 60  # [4, 84, 84]
+        colours = [frames[t][:, square[t]].mean(-1) for t in range(4)]  # the square's mean colour per frame
+
+        def nearest(rgb):
+            return min(CHANGE_COLOURS, key=lambda c: float((rgb - torch.tensor(COLOURS[c]).float()).abs().sum()))
+
+        end = example.solution[len("<answer>"):-len("</answer>")]
+        assert [nearest(c) for c in colours][1::2] == [end, end]
+        assert nearest(colours[0]) == nearest(colours[2]) != end

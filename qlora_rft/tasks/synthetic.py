@@ -5,8 +5,9 @@
   image and some categories absent ('No Objects'); extra columns image_id and category for evaluation.
 - grounding (`shapes-grounding`): a LISA-style JSON per split plus an images/ folder; instructions need a small
   reasoning step ("the shape to the left of the blue square").
-- video classification (`shapes-motion`): mp4 clips of a square moving left, right, up or down, and JSON lines
-  {video, problem, solution} asking which way (the classification task's reward and accuracy).
+- video classification (`shapes-colour-change`): mp4 clips of a square that flickers between two colours, and JSON
+  lines {video, problem, solution} asking which colour it ends on (the classification task's reward and accuracy):
+  both colours are on screen for as long, so only their order in time answers it.
 Small enough for a tiny model on a CPU, so the demo and the tests can show training working end to end.
 """
 
@@ -39,8 +40,8 @@ CLASSIFICATION_PROBLEM = (
     "This is an image containing a shape. Please identify the colour and the kind of the shape based on the image."
 )
 GROUNDING_RELATIONS = ("left of", "right of", "largest", "smallest")
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy) per frame, in steps
-MOTION_PROBLEM = "In which direction does the square move: left, right, up or down?"
+CHANGE_COLOURS = ("red", "green", "blue", "yellow")
+CHANGE_PROBLEM = "The square flickers between two colours. Which colour does it end on?"
 
 
 @dataclass(frozen=True)
@@ -60,25 +61,26 @@ class ShapesSpec:
 
 
 @dataclass(frozen=True)
-class MotionSpec:
-    """Clips of one square moving in a straight line: `frames` frames at `fps`, `step` pixels a frame."""
+class ColourChangeSpec:
+    """Clips of one still square, `frames` frames at `fps`, flickering between two colours frame by frame: each
+    temporal patch (two frames) shows the first colour, then the second, the answer."""
 
-    task: str = "motion"
-    train_per_class: int = 64  # clips per direction
+    task: str = "colour-change"
+    train_per_class: int = 128  # clips per final colour
     test_per_class: int = 25
-    size: int = 56  # square frames, pixels (two 28-pixel image tokens a side)
-    side: tuple[int, int] = (14, 20)  # the square's side, pixels
-    frames: int = 8
-    fps: int = 4
-    step: int = 4
+    size: int = 84  # square frames, pixels (three 28-pixel image tokens a side)
+    side: tuple[int, int] = (28, 40)  # the square's side, pixels
+    frames: int = 4  # at data.video_fps=2 every frame is sampled: two temporal patches
+    fps: int = 2
     seed: int = 0
+    recipe: int = 3  # changes whenever the drawing does (the cache key)
 
     @property
     def classes(self) -> list[str]:
-        return list(DIRECTIONS)
+        return list(CHANGE_COLOURS)
 
 
-DATASETS: dict[str, ShapesSpec | MotionSpec] = {
+DATASETS: dict[str, ShapesSpec | ColourChangeSpec] = {
     # The demo: a square covers ~1.8x the area of a cross of the same size, so colour and kind both show in the
     # average colour of patches, which even a small vision tower passes on.
     "shapes": ShapesSpec(shapes=("square", "cross"), side=(0.45, 0.6)),
@@ -88,7 +90,7 @@ DATASETS: dict[str, ShapesSpec | MotionSpec] = {
     "shapes-detection": ShapesSpec(task="detection", shapes=SHAPES, train_per_class=48, test_per_class=24, size=112),
     "shapes-grounding": ShapesSpec(task="grounding", colours=tuple(COLOURS), shapes=SHAPES, train_per_class=96,
                                    test_per_class=48, size=112),
-    "shapes-motion": MotionSpec(),
+    "shapes-colour-change": ColourChangeSpec(),
 }
 
 
@@ -271,33 +273,32 @@ def grounding_records(spec: ShapesSpec, split: str, image_dir: Path) -> list[dic
     return records
 
 
-def motion_rows(spec: MotionSpec, split: str, clip_dir: Path) -> list[dict]:
-    """Clips of a square of a random colour and size moving `spec.step` pixels a frame over a speckled background,
-    each direction equally often, saved as mp4 under clip_dir; rows {video (relative path), problem, solution}."""
+def colour_change_rows(spec: ColourChangeSpec, split: str, clip_dir: Path) -> list[dict]:
+    """Clips of a square of random size and place over a plain grey background, one colour in the even frames and
+    another (the answer) in the odd ones, each final colour equally often, saved as mp4 under clip_dir; rows
+    {video (relative path), problem, solution}."""
     import numpy as np
 
     from qlora_rft.video import write_clip
 
     per_class = spec.train_per_class if split == "train" else spec.test_per_class
-    rng = random.Random(f"{spec.seed}-{split}-motion")
-    travel = spec.step * (spec.frames - 1)
+    rng = random.Random(f"{spec.seed}-{split}-colour-change")
     rows = []
-    for number in range(per_class * len(DIRECTIONS)):
-        direction = list(DIRECTIONS)[number % len(DIRECTIONS)]
-        dx, dy = DIRECTIONS[direction]
+    for number in range(per_class * len(CHANGE_COLOURS)):
+        end = CHANGE_COLOURS[number % len(CHANGE_COLOURS)]
+        start = rng.choice([c for c in CHANGE_COLOURS if c != end])
         side = rng.randint(*spec.side)
-        x = rng.randint(travel if dx < 0 else 0, spec.size - side - (travel if dx > 0 else 0))
-        y = rng.randint(travel if dy < 0 else 0, spec.size - side - (travel if dy > 0 else 0))
-        background, colour = _canvas(rng, spec.size), rng.choice(list(COLOURS))
-        frames = []
+        x, y = rng.randint(0, spec.size - side), rng.randint(0, spec.size - side)
+        grey = rng.randint(200, 245)
+        background, frames = Image.new("RGB", (spec.size, spec.size), (grey, grey, grey)), []
         for t in range(spec.frames):
             image = background.copy()
-            x0, y0 = x + dx * spec.step * t, y + dy * spec.step * t
-            _paint(image, random.Random(number), colour, "square", (x0, y0, x0 + side - 1, y0 + side - 1))
+            colour = start if t % 2 == 0 else end
+            _paint(image, random.Random(number), colour, "square", (x, y, x + side - 1, y + side - 1))
             frames.append(np.asarray(image))
         name = f"{split}-{number:05d}.mp4"
         write_clip(frames, clip_dir / name, spec.fps)
-        rows.append({"video": f"clips/{name}", "problem": MOTION_PROBLEM, "solution": f"<answer>{direction}</answer>"})
+        rows.append({"video": f"clips/{name}", "problem": CHANGE_PROBLEM, "solution": f"<answer>{end}</answer>"})
     rng.shuffle(rows)
     return rows
 
@@ -341,9 +342,9 @@ def write_dataset(name: str, out: Path) -> Path:
                 (tmp / "images").mkdir(exist_ok=True)
                 coco = coco_annotations(spec, scenes, split, tmp / "images")
                 (tmp / f"{split}_coco.json").write_text(json.dumps(coco))
-            elif spec.task == "motion":
+            elif spec.task == "colour-change":
                 (tmp / "clips").mkdir(exist_ok=True)
-                rows = motion_rows(spec, split, tmp / "clips")
+                rows = colour_change_rows(spec, split, tmp / "clips")
                 (tmp / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
             else:
                 (tmp / "images").mkdir(exist_ok=True)
