@@ -76,7 +76,8 @@ def one(preset: str, frames: int, steps: int, generations: int, length: int) -> 
         prompt = encode_prompt(processor, get_task("classification"), example, cfg.data, "cpu")
     later = result.metrics[1:] or result.metrics  # the first step builds the decoder's caches
     return {"preset": preset, "frames": frames, "frame_size": list(example.clips[0].size),
-            "video_grid_thw": prompt.video_grid_thw.tolist()[0], "video_tokens": int((prompt.mm_token_type_ids == 2).sum()),
+            "video_grid_thw": prompt.video_grid_thw.tolist()[0],
+            "video_tokens": int((prompt.mm_token_type_ids == 2).sum()),
             "prompt_tokens": prompt.length, "step_seconds": statistics.median(m["step_seconds"] for m in later),
             "steps": len(result.metrics), "num_generations": generations, "completion_tokens": length,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

@@ -82,7 +82,7 @@ def frame_size(width: int, height: int, count: int, rule: VideoRule, min_pixels:
     token side. ValueError when the rule refuses the shape.
 
     >>> rule = VideoRule(fps=2.0, max_frames=32, max_pixels=401408)
-    >>> frame_size(640, 480, 16, rule, min_pixels=3136, max_pixels=401408, factor=28)  # 401408 / 16 x 2 = 50176 pixels a frame at most: 9 x 6 tokens of 28 px
+    >>> frame_size(640, 480, 16, rule, min_pixels=3136, max_pixels=401408, factor=28)  # 50176 pixels a frame at most
     (252, 168)
     """
     from qwen_vl_utils.vision_process import smart_resize

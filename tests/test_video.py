@@ -435,3 +435,23 @@ def test_the_synthetic_colour_change_clips_answer_by_order_alone():
         end = example.solution[len("<answer>"):-len("</answer>")]
         assert [nearest(c) for c in colours][1::2] == [end, end]
         assert nearest(colours[0]) == nearest(colours[2]) != end
+
+
+def test_the_supervised_step_takes_video_rows(tmp_path):
+    """SFT and the warm-up: prompt (clip tokens included) masked, the target's tokens scored, a finite loss."""
+    from conftest import policy_with_adapters
+
+    from qlora_rft.supervised import sft_loss, supervised_batch
+
+    data = motion_rows(tmp_path / "data")
+    cfg, policy = policy_with_adapters(["model.name_or_path=tiny:tiny", "data.max_pixels=3136"], seed=0)
+    examples = load_split(data, "train", TASK, min_pixels=3136, max_pixels=3136, factor=28, video=RULE).examples[:2]
+    batch = supervised_batch(policy.processor, TASK, examples, cfg.data, policy.device)
+    video = batch["mm_token_type_ids"] == 2
+    assert int(video.sum()) == 2 * 2 * 4  # two clips of 2 temporal patches of 2 x 2 tokens
+    assert (batch["labels"][video] == -100).all()  # the prompt, clips included, is never a target
+    targets = [TASK.warmup_target(ex.solution) for ex in examples]
+    scored = (batch["labels"] != -100).sum(-1).tolist()
+    assert scored == [len(policy.processor.tokenizer(t + "<|im_end|>")["input_ids"]) for t in targets]
+    loss, count = sft_loss(policy.model, batch, 64)
+    assert count == sum(scored) and torch.isfinite(loss)
