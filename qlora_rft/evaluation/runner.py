@@ -1,5 +1,6 @@
-"""Evaluation runs: greedy, batched inference of a base (with an optional adapter) into predictions.jsonl, then the
-metrics from that file alone (`scoring`), so `qlora-rft score` reproduces them without a model.
+"""Evaluation runs: greedy, batched inference of a base (with an optional adapter) into predictions.jsonl, decoded by
+the sampler training uses (eval.decode, eval.sampling_weights), then the metrics from that file alone (`scoring`), so
+`qlora-rft score` reproduces them without a model.
 
 Resumable: each line is written as soon as its batch is done, and a rerun skips the prompts already written; a
 rerun whose settings would change the answers (eval_info.json) is refused rather than mixed into the same file.
