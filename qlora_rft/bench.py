@@ -349,7 +349,8 @@ def side_trl(s: BenchSettings, workdir: Path) -> dict:
 
     from qlora_rft.config import ModelConfig
     from qlora_rft.data import open_image, resize_image
-    from qlora_rft.model import decode_weight_bytes, keep_training_layout, load_base
+    from qlora_rft.model import keep_training_layout, load_base
+    from qlora_rft.sampling.weights import decode_weight_bytes
     from qlora_rft.models import family_of
     from qlora_rft.pretrained import load_processor
     from qlora_rft.rewards import classification_reward, format_reward

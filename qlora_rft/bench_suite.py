@@ -383,7 +383,7 @@ def smoke(settings: BenchSettings, workdir: Path) -> dict:
     import torch
 
     from qlora_rft.bench import side_ours
-    from qlora_rft.model import fp8_supported
+    from qlora_rft.sampling.weights import fp8_supported
 
     fp8 = fp8_supported(torch.device(settings.device))
     checks = []

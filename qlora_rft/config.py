@@ -240,6 +240,18 @@ class GRPOConfig:
         ("auto", "generate", "static"),
     )
 
+    importance_correction: str = _f(
+        "auto",
+        "Correction for sampling on weights other than those trained (a merged, int8 or fp8 copy: a slightly "
+        "different policy), as TRL's vLLM importance sampling at token level: each token's policy term times "
+        "r = pi_policy / pi_sampler. tis: min(r, grpo.importance_cap); mis: r, or 0 (the token left out) where r > "
+        "grpo.importance_cap; none: no weight; auto: tis when grpo.sampling_weights resolves to a copy, none for "
+        "adapters. metrics.jsonl logs sampling/kl and sampling/ratio_max whatever this says.",
+        ("auto", "none", "tis", "mis"),
+    )
+    importance_cap: float = _f(3.0, "The cap of grpo.importance_correction's ratio (TRL's "
+                               "vllm_importance_sampling_clip_max default).")
+
     @property
     def clip_high(self) -> float:
         """The upper clip range (or cispo's cap): grpo.epsilon_high; when it is 0, grpo.epsilon (cispo: 5.0)."""
@@ -265,6 +277,18 @@ class EvalConfig:
     label: str = _f("", "Name of this evaluation in reports; empty: 'adapter' with an adapter, else 'base'.")
     batch_size: int = _f(16, "Prompts per generate call (left-padded, greedy).")
     max_new_tokens: int = _f(256, "Tokens generated per answer at most.")
+    decode: str = _f(
+        "auto",
+        "How answers are decoded (greedy), as grpo.decode: generate, static, or auto (static on the CPU, generate "
+        "on CUDA and under eval.protocol=paper when the model folder sets a repetition penalty, which static lacks).",
+        ("auto", "generate", "static"),
+    )
+    sampling_weights: str = _f(
+        "auto",
+        "What answers are decoded on, as grpo.sampling_weights: adapters, merged, int8, fp8 or auto (merged on the "
+        "CPU; on CUDA merged when the copy fits). A base evaluated without eval.adapter decodes on its own weights.",
+        ("auto", "adapters", "merged", "int8", "fp8"),
+    )
     limit: int = _f(0, "Evaluate at most this many prompts (0: all).")
     annotations: str = _f(
         "",
@@ -614,6 +638,10 @@ def validate(cfg: Config) -> None:
     need(g.logprob_chunk >= 1, "grpo.logprob_chunk must be >= 1")
     need(not (g.sampling_weights == "fp8" and cfg.model.device == "cpu"),
          "grpo.sampling_weights=fp8 needs a CUDA GPU (compute capability 8.9+): use int8 or merged on the CPU")
+    need(not (cfg.eval.sampling_weights == "fp8" and cfg.model.device == "cpu"),
+         "eval.sampling_weights=fp8 needs a CUDA GPU (compute capability 8.9+): use int8 or merged on the CPU")
+    need(g.importance_cap >= 1, f"grpo.importance_cap={g.importance_cap:g} must be >= 1: below 1 it would weigh down "
+         "(tis) or drop (mis) tokens on which sampler and policy agree; TRL's default is 3")
 
     t = cfg.train
     need(t.max_steps >= 0, f"train.max_steps={t.max_steps} must be >= 1 (or 0 when train.epochs sets the length)")

@@ -10,6 +10,7 @@ V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,14 @@ def truncated(ids: torch.Tensor, eos_token_ids: int | list[int]) -> torch.Tensor
     return ~torch.isin(ids, eos).any(dim=-1)
 
 
+class TokenScores(NamedTuple):
+    """Per completion token: its log-prob, and the entropy of the distribution it was drawn from (no grad; None
+    when not asked for)."""
+
+    logp: torch.Tensor  # [B, T] fp32
+    entropy: torch.Tensor | None = None  # [B, T] fp32
+
+
 def token_logprobs(
     hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024,
     temperature: float = 1.0,
@@ -50,22 +59,40 @@ def token_logprobs(
     The temperature is the sampler's: the loss must score completions under the distribution they came from.
     Each chunk of positions is recomputed in the backward (activation checkpointing), so memory follows the chunk.
     """
+    return token_scores(hidden, lm_head_weight, targets, chunk_size, temperature).logp
+
+
+def token_scores(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024,
+    temperature: float = 1.0, entropy: bool = False,
+) -> TokenScores:
+    """`token_logprobs`, and with `entropy` each position's entropy -sum p log p of the same tempered softmax,
+    from the same chunks of logits (no [B, T, V] tensor is kept; no gradient flows through the entropy)."""
     B, T, H = hidden.shape
     flat_h = hidden.reshape(B * T, H)  # [N, H]
     flat_y = targets.reshape(B * T)  # [N]
-    pieces = []
+    logps, entropies = [], []
     for start in range(0, B * T, chunk_size):
         h, y = flat_h[start : start + chunk_size], flat_y[start : start + chunk_size]
         if torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad):
-            pieces.append(checkpoint(_chunk_logprobs, h, lm_head_weight, y, temperature, use_reentrant=False))
+            logp, ent = checkpoint(_chunk_scores, h, lm_head_weight, y, temperature, entropy, use_reentrant=False)
         else:
-            pieces.append(_chunk_logprobs(h, lm_head_weight, y, temperature))
-    return torch.cat(pieces).reshape(B, T)
+            logp, ent = _chunk_scores(h, lm_head_weight, y, temperature, entropy)
+        logps.append(logp)
+        entropies.append(ent)
+    return TokenScores(torch.cat(logps).reshape(B, T), torch.cat(entropies).reshape(B, T) if entropy else None)
 
 
-def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+def _chunk_scores(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, temperature: float,
+                  entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     logits = (h @ weight.T).float() / temperature  # [n, V] in fp32 for a stable logsumexp
-    return logits.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [n]
+    norm = torch.logsumexp(logits, dim=-1)  # [n]
+    logp = logits.gather(-1, y[:, None]).squeeze(-1) - norm  # [n]
+    if not entropy:
+        return logp, None
+    with torch.no_grad():
+        ent = norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # [n]: log Z - E_p[logit]
+    return logp, ent
 
 
 SCALINGS = ("group", "batch", "none")
@@ -131,13 +158,15 @@ def token_loss(
     advantages: torch.Tensor,
     objective: Objective,
     mask: torch.Tensor | None = None,
+    importance: torch.Tensor | None = None,
 ) -> TokenLoss:
     """The per-token loss of `objective.loss_type`, with A the completion's advantage and r the importance ratio:
 
     grpo, bnpo, dr_grpo, dapo: -min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A)  (PPO's clipped term);
     cispo: -min(r, epsilon_high) * A * logp, the capped weight detached (MiniMax-M1);
     sapo: -sigmoid(tau * (r - 1)) * 4 / tau * A, tau by the sign of A (a soft gate instead of the clip);
-    each plus beta * k3 KL. They differ further in how `aggregate` sums them.
+    that term times `importance` [B, T] when given (the sampler correction, `importance_weights`: as TRL, on the
+    policy term only), then plus beta * k3 KL. They differ further in how `aggregate` sums them.
     logp, old_logp, ref_logp: [B, T]; advantages: [B]; mask [B, T]: the tokens that count (sequence level needs it).
     With one update per rollout old_logp = logp.detach(), so r = 1 and the gradient is A * grad(logp), whichever
     the type (cispo, sapo: within the cap and the gate's slope 1 at r = 1).
@@ -167,6 +196,8 @@ def token_loss(
         clipped = clipped_term < unclipped
     else:
         raise ValueError(f"unknown loss type {o.loss_type!r}")
+    if importance is not None:
+        loss = loss * importance
     kl = None
     if o.beta != 0:
         if ref_logp is None:
@@ -175,6 +206,54 @@ def token_loss(
         loss = loss + o.beta * kl
     return TokenLoss(loss=loss.expand_as(logp), kl=kl, ratio=ratio.expand_as(logp),
                      clipped=clipped.expand_as(logp))
+
+
+CORRECTIONS = ("none", "tis", "mis")
+
+
+def importance_weights(policy_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, mode: str,
+                       cap: float) -> torch.Tensor:
+    """Per-token weights correcting for completions drawn from the sampler's weights rather than the policy's, as
+    TRL's vLLM importance sampling at token level: r = pi_policy / pi_sampler = exp((policy - sampler) * mask)
+    (1 outside the mask); tis: min(r, cap) (TRL's token_truncate); mis: r, or 0 where r > cap (token_mask: the
+    token leaves the loss, its count stays in the normalisation). No gradient.  [B, T] each -> [B, T]
+
+    >>> policy, sampler, mask = torch.tensor([[0.0, -1.0, -3.0]]), torch.tensor([[0.0, -2.0, -1.0]]), torch.ones(1, 3)
+    >>> importance_weights(policy, sampler, mask, "tis", 2.0), importance_weights(policy, sampler, mask, "mis", 2.0)
+    (tensor([[1.0000, 2.0000, 0.1353]]), tensor([[1.0000, 0.0000, 0.1353]]))
+    """
+    ratio = torch.exp((policy_logp.detach() - sampler_logp) * mask)
+    if mode == "tis":
+        return ratio.clamp(max=cap)
+    if mode == "mis":
+        return ratio.masked_fill(ratio > cap, 0.0)
+    if mode == "none":
+        return torch.ones_like(ratio)
+    raise ValueError(f"unknown importance correction {mode!r}")
+
+
+@dataclass(frozen=True)
+class SamplerGap:
+    """How far the sampler's distribution is from the policy's on the sampled tokens: sums, so that chunks add up."""
+
+    kl: float  # summed k3 estimates of KL(sampler || policy), one per token
+    ratio_max: float  # largest pi_policy / pi_sampler
+    tokens: float  # tokens counted
+
+
+def sampler_gap(policy_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor) -> SamplerGap:
+    """The per-token k3 estimate of KL(sampler || policy), exp(d) - d - 1 with d = policy - sampler (the tokens were
+    drawn from the sampler), summed over the mask, and the largest ratio exp(d) there.  [B, T] each. In float64: a
+    gap of float rounding alone (d ~ 1e-6) stays a tiny positive number instead of noise around 0.
+
+    >>> gap = sampler_gap(torch.tensor([[0.0, -1.0]]), torch.tensor([[0.0, -2.0]]), torch.ones(1, 2))
+    >>> round(gap.kl, 4), round(gap.ratio_max, 4), gap.tokens  # e - 1 - 1 = 0.7183
+    (0.7183, 2.7183, 2.0)
+    """
+    policy, sampler = policy_logp.detach().double(), sampler_logp.double()  # float64: rounding never makes it < 0
+    kl = (k3_kl(sampler, policy) * mask).sum()
+    ratio = torch.exp(policy - sampler).masked_fill(mask == 0, 0.0)
+    return SamplerGap(kl.item(), ratio.max().item() if mask.any() else 0.0, float(mask.sum()))
 
 
 @dataclass(frozen=True)

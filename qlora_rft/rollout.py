@@ -1,70 +1,18 @@
-"""Sampling a group of G completions for one prompt, in chunks, and the log-probs of completion tokens.
-
-Sampling settings are passed explicitly on every call (a checkpoint's generation_config never decides them).
-Completions come from transformers' generate, or from the static-cache decoder (decode.py) continuing the same
-shared prefill.
-Log-probs come from the last hidden states of completion positions through the LM head in chunks: the full
-[B, L, V] logits are never built.
+"""A group's `Rollout` (what the sampler returns), and the log-probs (and entropies) of completion tokens under the
+policy being trained (`CompletionScorer`, what accelerate prepares): from the last hidden states of completion
+positions through the LM head in chunks, so the full [B, L, V] logits are never built.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from qlora_rft import grpo
-from qlora_rft.data import PromptInputs, shared_features
+from qlora_rft.data import PromptInputs
+from qlora_rft.model import base_model
 from qlora_rft.models import family_of
-
-if TYPE_CHECKING:
-    from qlora_rft.decode import Decoder
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    do_sample: bool = True
-    min_new_tokens: int = 0
-
-    def generation_config(self, tokens: "SpecialTokens"):
-        """Every setting explicit. Vision placeholder tokens are suppressed: one in a completion would be taken
-        for an image slot in the next forward ("image features and image tokens do not match")."""
-        from transformers import GenerationConfig
-
-        common = dict(
-            max_new_tokens=self.max_new_tokens,
-            min_new_tokens=self.min_new_tokens,
-            eos_token_id=tokens.eos,
-            pad_token_id=tokens.pad,
-            suppress_tokens=tokens.vision,
-        )
-        if not self.do_sample:
-            return GenerationConfig(do_sample=False, **common)
-        return GenerationConfig(
-            do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, **common
-        )
-
-
-@dataclass(frozen=True)
-class SpecialTokens:
-    eos: list[int]  # any of these ends a completion
-    pad: int
-    vision: list[int]  # image/video placeholders and vision start/end: never sampled
-
-    @classmethod
-    def of(cls, model, tokenizer) -> "SpecialTokens":
-        config = model.config
-        eos = model.generation_config.eos_token_id
-        eos_ids = sorted({*([eos] if isinstance(eos, int) else (eos or [])), tokenizer.eos_token_id} - {None})
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-        vision = [getattr(config, name, None) for name in family_of(model).suppressed_tokens]
-        return cls(eos=eos_ids, pad=pad, vision=[v for v in vision if v is not None])
 
 
 @dataclass
@@ -75,7 +23,9 @@ class Rollout:
     completion_ids: torch.Tensor  # [G, T] (pad after the first EOS)
     mask: torch.Tensor  # [G, T] float: 1 up to and including the first EOS
     texts: list[str]  # decoded completions, special tokens removed
-    finite: bool = True  # False: some next-token logits of the sampling were NaN or inf (see FiniteLogits)
+    finite: bool = True  # False: some next-token logits of the sampling were NaN or inf (sampling.FiniteLogits)
+    sampler_logp: torch.Tensor | None = None  # [G, T] fp32: each token's log-prob under the sampling weights
+    # (temperature applied, before top-k/top-p; 0 after the first EOS); None: not sampled (teacher-forced)
 
     @property
     def size(self) -> int:
@@ -83,151 +33,6 @@ class Rollout:
 
     def chunk(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.completion_ids[start:stop], self.mask[start:stop]
-
-
-@torch.no_grad()
-def sample_groups(
-    model, processor, prompts: list[PromptInputs], group_size: int, chunk: int, sampling: Sampling,
-    tokens: SpecialTokens, share_prefill: bool = True, decoder: "Decoder | None" = None,
-    generator: torch.Generator | None = None,
-) -> list[Rollout]:
-    """G completions for each prompt, `chunk` completions per generate call.
-
-    chunk < G: each group is sampled in G / chunk calls (peak memory follows the chunk);
-    chunk = k * G: k prompts share a call (left-padded), which is how a small model keeps the device busy.
-    share_prefill: the prompt is run through the model once and its KV cache repeated for the completions,
-    instead of being prefilled again for each of them.
-    decoder: decode on its static cache (decode.Decoder) instead of HF generate, drawing from `generator`
-    (None: the device's default generator, which train.seed seeds and checkpoints keep).
-    """
-    if decoder is not None:
-        return _sample_static(model, processor, prompts, group_size, chunk, sampling, tokens, share_prefill,
-                              decoder, generator)
-    config = sampling.generation_config(tokens)
-    finite = FiniteLogits(tokens.eos[0])
-    chunk = chunk or group_size
-    was_training = model.training
-    model.eval()
-    pieces: list[list[torch.Tensor]] = [[] for _ in prompts]  # per prompt: [n, t] completion pieces
-    try:
-        if chunk <= group_size:
-            for i, prompt in enumerate(prompts):
-                prefix = prefill(model, prompt.repeated(1)) if share_prefill else None
-                for _ in range(group_size // chunk):
-                    kwargs = prompt.repeated(chunk)
-                    if prefix is not None:
-                        kwargs = _from_prefix(model, kwargs, copy.deepcopy(prefix), chunk)
-                    out = model.generate(**kwargs, generation_config=config, logits_processor=[finite])  # [chunk, P+t]
-                    pieces[i].append(out[:, prompt.length :])
-        else:
-            per_call = chunk // group_size
-            for first in range(0, len(prompts), per_call):
-                group = prompts[first : first + per_call]
-                batch, width = left_pad(group, tokens.pad, group_size)
-                if share_prefill:
-                    batch = _from_prefix(model, batch, prefill(model, left_pad(group, tokens.pad, 1)[0]), group_size)
-                out = model.generate(**batch, generation_config=config, logits_processor=[finite])  # [k*G, width+t]
-                for j in range(out.shape[0] // group_size):
-                    pieces[first + j].append(out[j * group_size : (j + 1) * group_size, width:])
-    finally:
-        model.train(was_training)
-    return [_rollout(prompt, p, processor, tokens, finite.ok) for prompt, p in zip(prompts, pieces)]
-
-
-class FiniteLogits:
-    """A logits processor for generate: a row of next-token logits holding NaN or +inf (-inf marks suppressed
-    tokens) ends its completion with EOS instead of failing the sampler, and `ok` turns False."""
-
-    def __init__(self, eos: int):
-        self.eos = eos
-        self.seen: torch.Tensor | None = None  # any bad row so far; a tensor, so no device sync per token
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        bad = (scores.isnan() | scores.isposinf()).any(dim=-1, keepdim=True)  # [B, 1]
-        self.seen = bad.any() if self.seen is None else self.seen | bad.any()
-        ended = torch.full_like(scores, -torch.inf)  # [B, V]
-        ended[:, self.eos] = 0.0
-        return torch.where(bad, ended, scores)
-
-    @property
-    def ok(self) -> bool:
-        return self.seen is None or not bool(self.seen)
-
-
-@torch.no_grad()
-def _sample_static(model, processor, prompts: list[PromptInputs], group_size: int, chunk: int, sampling: Sampling,
-                   tokens: SpecialTokens, share_prefill: bool, decoder: "Decoder",
-                   generator: torch.Generator | None) -> list[Rollout]:
-    """`sample_groups` on the decoder's static cache: the same calls, each continuing from a prefill."""
-    chunk = chunk or group_size
-    was_training = model.training
-    model.eval()
-    pieces: list[list[torch.Tensor]] = [[] for _ in prompts]
-    finite = FiniteLogits(tokens.eos[0])
-
-    def decode(batch: dict, repeat: int) -> torch.Tensor:  # batch rows, each `repeat` times -> [rows, t]
-        return decoder.generate(model, prefill(model, batch), batch["attention_mask"], batch["input_ids"][:, -1],
-                                repeat, sampling, tokens, generator, finite)
-
-    try:
-        if chunk <= group_size:
-            for i, prompt in enumerate(prompts):
-                for _ in range(group_size // chunk):
-                    pieces[i].append(decode(prompt.repeated(1), chunk) if share_prefill
-                                     else decode(prompt.repeated(chunk), 1))
-        else:
-            per_call = chunk // group_size
-            for first in range(0, len(prompts), per_call):
-                group = prompts[first : first + per_call]
-                out = (decode(left_pad(group, tokens.pad, 1)[0], group_size) if share_prefill
-                       else decode(left_pad(group, tokens.pad, group_size)[0], 1))  # [k * G, t]
-                for j in range(out.shape[0] // group_size):
-                    pieces[first + j].append(out[j * group_size : (j + 1) * group_size])
-    finally:
-        model.train(was_training)
-    return [_rollout(prompt, p, processor, tokens, finite.ok) for prompt, p in zip(prompts, pieces)]
-
-
-@dataclass
-class Prefix:
-    """A prompt batch run once: its KV cache and the M-RoPE offsets, one row per prompt."""
-
-    cache: object  # transformers Cache
-    rope_deltas: torch.Tensor  # [rows, 1]
-
-
-def prefill(model, kwargs: dict) -> Prefix:
-    """Every prompt token but the last through the model, once (the last one starts generation)."""
-    prefix = {k: v[:, :-1] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
-              for k, v in kwargs.items()}
-    cache = model(**prefix, use_cache=True, logits_to_keep=1).past_key_values
-    return Prefix(cache, _core(model).rope_deltas)
-
-
-def _from_prefix(model, kwargs: dict, prefix: Prefix, repeat: int) -> dict:
-    """Generate kwargs that continue from a prefill: each row repeated `repeat` times, the image already in the
-    cache (only the last prompt token and the completion are computed)."""
-    prefix.cache.batch_repeat_interleave(repeat)
-    _core(model).rope_deltas = prefix.rope_deltas.repeat_interleave(repeat, dim=0)
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "mm_encoder_outputs")}
-    return {**kwargs, "past_key_values": prefix.cache}
-
-
-def base_model(model):
-    """The ...ForConditionalGeneration inside a peft wrapper (adapters still live in its layers), or the model."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _core(model):
-    """The ...Model inside (where M-RoPE offsets live between calls)."""
-    return base_model(model).model
-
-
-def sample_group(model, processor, prompt: PromptInputs, group_size: int, chunk: int, sampling: Sampling,
-                 tokens: SpecialTokens, share_prefill: bool = True) -> Rollout:
-    """G completions of one prompt (see `sample_groups`)."""
-    return sample_groups(model, processor, [prompt], group_size, min(chunk or group_size, group_size), sampling,
-                         tokens, share_prefill)[0]
 
 
 @torch.no_grad()
@@ -240,34 +45,6 @@ def share_vision(model, prompt: PromptInputs) -> PromptInputs:
     return prompt
 
 
-def left_pad(prompts: list[PromptInputs], pad_id: int, repeat: int) -> tuple[dict, int]:
-    """Model kwargs for several prompts, each repeated `repeat` times, left-padded to one width."""
-    width = max(p.length for p in prompts)
-    rows = {"input_ids": [], "attention_mask": [], "mm_token_type_ids": []}
-    for p in prompts:
-        gap = width - p.length
-        rows["input_ids"].append(torch.nn.functional.pad(p.input_ids, (gap, 0), value=pad_id))
-        rows["attention_mask"].append(torch.nn.functional.pad(p.attention_mask, (gap, 0), value=0))
-        rows["mm_token_type_ids"].append(torch.nn.functional.pad(p.mm_token_type_ids, (gap, 0), value=0))
-    batch = {k: torch.cat(v).repeat_interleave(repeat, dim=0) for k, v in rows.items()}  # [k * repeat, width]
-    batch["image_grid_thw"] = torch.cat([p.image_grid_thw.repeat(repeat, 1) for p in prompts])
-    if all(p.vision is not None for p in prompts):
-        batch["mm_encoder_outputs"] = shared_features(tuple(f for p in prompts for f in p.vision * repeat))
-    else:
-        batch["pixel_values"] = torch.cat([p.pixel_values.repeat(repeat, 1) for p in prompts])
-    return batch, width
-
-
-def _rollout(prompt: PromptInputs, pieces: list[torch.Tensor], processor, tokens: SpecialTokens,
-             finite: bool = True) -> Rollout:
-    width = max(p.shape[1] for p in pieces)
-    ids = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=tokens.pad) for p in pieces])
-    mask = grpo.completion_mask(ids, tokens.eos)  # [G, T]
-    ids = torch.where(mask.bool(), ids, torch.full_like(ids, tokens.pad))
-    texts = processor.batch_decode(ids, skip_special_tokens=True)
-    return Rollout(prompt=prompt, completion_ids=ids, mask=mask, texts=texts, finite=finite)
-
-
 def completion_logprobs(
     model, prompt: PromptInputs, completion_ids: torch.Tensor, mask: torch.Tensor, logprob_chunk: int,
     temperature: float = 1.0, share_prompt: bool = False,
@@ -278,9 +55,17 @@ def completion_logprobs(
     share_prompt (no-grad passes only): the prompt runs once and the B completions continue from its KV cache,
     instead of the prompt being computed again in each of the B rows.
     """
+    return completion_scores(model, prompt, completion_ids, mask, logprob_chunk, temperature, share_prompt).logp
+
+
+def completion_scores(
+    model, prompt: PromptInputs, completion_ids: torch.Tensor, mask: torch.Tensor, logprob_chunk: int,
+    temperature: float = 1.0, share_prompt: bool = False, entropy: bool = False,
+) -> grpo.TokenScores:
+    """`completion_logprobs`, and with `entropy` the policy's entropy at each completion position (no grad)."""
     base = base_model(model)
     if share_prompt:
-        return _logprobs_after_prefill(base, prompt, completion_ids, mask, logprob_chunk, temperature)
+        return _scores_after_prefill(base, prompt, completion_ids, mask, logprob_chunk, temperature, entropy)
     B, T = completion_ids.shape
     inputs = prompt.repeated(B)
     input_ids = torch.cat([inputs.pop("input_ids"), completion_ids], dim=1)  # [B, P+T]
@@ -295,13 +80,13 @@ def completion_logprobs(
     ).last_hidden_state  # [B, P+T, H]
     P = prompt.length
     predicting = hidden[:, P - 1 : P + T - 1]  # [B, T, H]: the state before each completion token
-    return grpo.token_logprobs(predicting, base.lm_head.weight, completion_ids, logprob_chunk, temperature)
+    return grpo.token_scores(predicting, base.lm_head.weight, completion_ids, logprob_chunk, temperature, entropy)
 
 
 @torch.no_grad()
-def _logprobs_after_prefill(base, prompt: PromptInputs, completion_ids: torch.Tensor, mask: torch.Tensor,
-                            logprob_chunk: int, temperature: float) -> torch.Tensor:
-    """`completion_logprobs` with the prompt computed once: P + B*T tokens through the model instead of B*(P+T)."""
+def _scores_after_prefill(base, prompt: PromptInputs, completion_ids: torch.Tensor, mask: torch.Tensor,
+                          logprob_chunk: int, temperature: float, entropy: bool) -> grpo.TokenScores:
+    """`completion_scores` with the prompt computed once: P + B*T tokens through the model instead of B*(P+T)."""
     B, T = completion_ids.shape
     P = prompt.length
     was_training = base.training
@@ -322,11 +107,12 @@ def _logprobs_after_prefill(base, prompt: PromptInputs, completion_ids: torch.Te
             predicting = torch.cat([predicting, rest], dim=1)  # [B, T, H]
     finally:
         base.train(was_training)
-    return grpo.token_logprobs(predicting, base.lm_head.weight, completion_ids, logprob_chunk, temperature)
+    return grpo.token_scores(predicting, base.lm_head.weight, completion_ids, logprob_chunk, temperature, entropy)
 
 
 class CompletionScorer(torch.nn.Module):
-    """The policy as one module whose forward gives completion log-probs (`completion_logprobs`).
+    """The policy as one module whose forward gives completion log-probs, and entropies when asked
+    (`completion_scores`).
 
     This is what accelerate prepares: every log-prob pass then runs through the engine's own forward (DDP's
     gradient hooks, DeepSpeed's gathering of sharded weights), not around it. `policy` is the PeftModel, or the
@@ -338,9 +124,9 @@ class CompletionScorer(torch.nn.Module):
         self.policy = policy
 
     def forward(self, prompt: PromptInputs, completion_ids: torch.Tensor, mask: torch.Tensor, logprob_chunk: int,
-                temperature: float = 1.0, share_prompt: bool = False) -> torch.Tensor:
-        return completion_logprobs(self.policy, prompt, completion_ids, mask, logprob_chunk, temperature,
-                                   share_prompt)
+                temperature: float = 1.0, share_prompt: bool = False, entropy: bool = False) -> grpo.TokenScores:
+        return completion_scores(self.policy, prompt, completion_ids, mask, logprob_chunk, temperature,
+                                 share_prompt, entropy)
 
     @property
     def config(self):

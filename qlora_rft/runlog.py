@@ -21,7 +21,8 @@ SAMPLES = "completions.jsonl"  # beside metrics.jsonl
 class RunLogger:
     def __init__(self, path: Path, total_steps: int, start_step: int = 0, console: Console | None = None,
                  description: str = "GRPO",
-                 shown: tuple[str, ...] = ("epoch", "reward", "kl", "completion_length", "tokens_per_second"),
+                 shown: tuple[str, ...] = ("epoch", "reward", "kl", "entropy", "completion_length",
+                                           "tokens_per_second"),
                  trackers: Trackers | None = None):
         self._shown = shown
         self._trackers = trackers or Trackers()

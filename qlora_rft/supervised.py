@@ -15,8 +15,7 @@ from qlora_rft import grpo
 from qlora_rft.config import DataConfig
 from qlora_rft.data import Example, model_inputs, prompt_text
 from qlora_rft.distributed import Updates
-from qlora_rft.model import Policy
-from qlora_rft.rollout import base_model
+from qlora_rft.model import Policy, base_model
 from qlora_rft.tasks import Task
 
 

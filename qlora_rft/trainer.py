@@ -1,11 +1,12 @@
 """The GRPO training loop on accelerate. `train(cfg)` reads top to bottom, one numbered step per block:
 
-  1. sample G completions of a prompt (in generation chunks)      -> Rollout
+  1. sample G completions of a prompt (the run's Sampler)          -> Rollout (+ the sampler's log-probs)
   2. score them with the task's verifiable rewards                  -> rewards [G]
      (dynamic sampling: a group whose rewards are all equal gives way to a fresh prompt's)
   3. advantages of all the step's groups at once                    -> [G] each
   4. fixed log-probs: reference (adapters off, or full mode's frozen copy) and old policy -> [G, T] each, no grad
-  5. policy loss and backward, backward_chunk completions at a time (accumulated over chunks and prompts)
+  5. policy loss and backward, backward_chunk completions at a time (accumulated over chunks and prompts),
+     each token weighted for the sampler's weights when they are not the trained ones (grpo.importance_correction)
   6. optimizer step, metrics line (with eval/<metric> every train.eval_steps: evaluation/validation.py), checkpoint
 
 The same loop runs in one process or under `accelerate launch` (DDP, DeepSpeed ZeRO-3): see distributed.py.
@@ -26,15 +27,14 @@ import torch
 from qlora_rft import grpo
 from qlora_rft.config import Config
 from qlora_rft.data import Example, encode_prompt
-from qlora_rft.decode import choose_decoding
-from qlora_rft.distributed import Launch, Updates, gather_all, gather_mean, sampling_model
+from qlora_rft.distributed import Launch, Updates, gather_all, gather_mean
 from qlora_rft.errors import UserError
 from qlora_rft.evaluation.validation import Validation
 from qlora_rft.files import unlock_folder
-from qlora_rft.model import choose_sampling_weights, decode_weight_bytes, merged_weights
 from qlora_rft.rewards import RewardSet, reward_set
-from qlora_rft.rollout import Rollout, Sampling, sample_groups, share_vision
+from qlora_rft.rollout import Rollout
 from qlora_rft.run import Run, TrainResult, check_inputs, prepare_run, start_afresh
+from qlora_rft.sampling import Sampler, Settings, make_sampler
 from qlora_rft.sft import train_sft
 
 
@@ -66,6 +66,9 @@ class StepStats:
     clip: list[float] = field(default_factory=list)
     skipped_groups: int = 0
     extra_groups: int = 0  # dynamic sampling: fresh groups sampled in place of uniform ones
+    entropy: float = 0.0  # the policy's entropy summed over the completion tokens of the step's backward passes
+    tokens: float = 0.0  # those tokens
+    gaps: list[grpo.SamplerGap] = field(default_factory=list)  # the sampler against the policy, per chunk
 
 
 def fit(cfg: Config, resume: bool = False, console=None, log: bool = True, overwrite: bool = False) -> TrainResult:
@@ -97,19 +100,13 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     G = g.num_generations
     rewarder = reward_set(cfg.rewards, task)  # built-in and plugin rewards, by name
     weights = rewarder.weights
-    sampling = Sampling(g.max_completion_length, g.temperature, g.top_p, g.top_k,
-                        min_new_tokens=g.min_completion_length)
-    sample_with = choose_sampling_weights(g.sampling_weights, policy.model, policy.device, policy.dtype)
-    decoding = choose_decoding(g.decode, policy.device, sample_with.mode)
-    decoder = decoding.decoder
-    kept_copy = {} if decoder is not None and decoder.compile else None  # CUDA graphs need the same addresses
-    run.sampling = {"weights": sample_with.mode, "weights_reason": sample_with.reason, "decode": decoding.name,
-                    "decode_reason": decoding.reason}
+    sampler = make_sampler(g, policy, accelerator, model)  # grpo.sampling_weights, grpo.decode, the correction
+    settings = Settings.for_training(g)
     if log and accelerator.is_main_process:
         from rich.console import Console
 
-        (console or Console()).print(f"sampling: {sample_with.mode} weights ({sample_with.reason}); "
-                                                f"decoding: {decoding.name} ({decoding.reason})")
+        (console or Console()).print(f"{sampler.summary()}; importance correction: {sampler.correction.mode} "
+                                     f"({sampler.correction.reason})")
     skip_uniform = g.skip_uniform_groups and g.beta == 0 and not run.launch.distributed  # engines step in lockstep
     logger = run.logger(console, log)
     validation = Validation.of(run)  # train.eval_steps
@@ -119,20 +116,17 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
         for step in range(run.start_step + 1, run.steps + 1):
             step_start = time.perf_counter()
 
-            # 1. Sample G completions per prompt, generation_chunk completions per generate call, and 2. score them
-            #    with the verifiable rewards. Dynamic sampling: groups whose rewards are all equal give way to the
-            #    groups of fresh prompts, grpo.max_extra_groups at most.
+            # 1. Sample G completions per prompt (the sampler: its weights made ready once per step, its backend
+            #    decoding grpo.generation_chunk completions per call), and 2. score them with the verifiable rewards.
+            #    Dynamic sampling: groups whose rewards are all equal give way to the groups of fresh prompts,
+            #    grpo.max_extra_groups at most.
             t0 = time.perf_counter()
-            with sampling_model(accelerator, model) as scorer:  # under ZeRO-3: the weights gathered whole
-                sampler = scorer.policy
-                with merged_weights(sampler, sample_with.merges, sample_with.mode, kept_copy):
-                    if step == run.start_step + 1:  # what each decode step reads (the bench's bandwidth figure)
-                        run.sampling["decode_weight_bytes"] = decode_weight_bytes(sampler)
-                    sample = partial(sample_scored, run, sampler, sampling, decoder, rewarder)
-                    groups = sample(run.examples(step))  # this process's prompts
-                    dropped = []  # the groups that gave way
-                    if g.dynamic_sampling:
-                        dropped = replace_uniform_groups(groups, sample, run.spare_examples(step))
+            with sampler.synced():  # under ZeRO-3 the weights gathered whole; merged/int8/fp8: the copy made
+                sample = partial(sample_scored, run, sampler, settings, rewarder)
+                groups = sample(run.examples(step))  # this process's prompts
+                dropped = []  # the groups that gave way
+                if g.dynamic_sampling:
+                    dropped = replace_uniform_groups(groups, sample, run.spare_examples(step))
             gen_seconds = time.perf_counter() - t0
             rollouts = [grp.rollout for grp in groups + dropped]
             run.require_finite_logits(step, rollouts)
@@ -163,13 +157,15 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
                 todo = [grp for grp in groups if not (skip_uniform and not grp.advantages.any())]
                 stats.skipped_groups += len(groups) - len(todo)  # all advantages 0 and beta = 0: no gradient at all
                 for i, group in enumerate(todo):
-                    backward_group(model, run.updates, group, g, size, stats, last_group=i == len(todo) - 1)
+                    backward_group(model, run.updates, group, g, size, stats, sampler.correction.mode,
+                                   last_group=i == len(todo) - 1)
                 grad_norm = run.optimizer_step(step, stats.loss)  # stops at a non-finite loss or gradient
 
             line = step_metrics(step, groups, stats, weights, cfg, run.scheduler, grad_norm, gen_tokens, gen_seconds,
                                 time.perf_counter() - step_start, time.perf_counter() - started)
             line.update(gather_mean(accelerator, {k: line[k] for k in line if k in AVERAGED}))
-            line.update(decoder.counters() if decoder is not None else {})  # shapes built, graphs compiled
+            line.update({k: gather_all(accelerator, torch.tensor([line[k]])).max().item() for k in line if k in MAXED})
+            line.update(sampler.counters())  # the static decoder: shapes built, graphs compiled
             line["epoch"] = run.epoch(step)
             line.update(validation.metrics(run, step))  # eval/<metric> at an evaluation step
             metrics.append(line)
@@ -178,23 +174,24 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
                 logger.samples(step, completion_samples(groups[0], weights))
             run.checkpoint(step)
 
+    run.sampling = sampler.describe()  # which weights, decoder and correction ran, and why
     return run.finish(metrics, time.perf_counter() - started)
 
 
 # Metrics of each process's own groups, averaged over the processes of a launch.
 AVERAGED = ("loss", "reward", "reward_std", "kl", "clip_ratio", "completion_length", "skipped_groups",
-            "extra_groups", "tokens_per_second")
+            "extra_groups", "tokens_per_second", "entropy", "sampling/kl")
+MAXED = ("sampling/ratio_max",)  # ... and the largest over the processes
 
 
-def sample_scored(run: Run, sampler, sampling: Sampling, decoder, rewarder: RewardSet,
+def sample_scored(run: Run, sampler: Sampler, settings: Settings, rewarder: RewardSet,
                   examples: list) -> list[Group]:
     """Steps 1-2 for some rows: sample G completions of each row's prompt, score them, sum the weighted rewards."""
     cfg, policy, G = run.cfg, run.policy, run.cfg.grpo.num_generations
     prompts = [encode_prompt(policy.processor, run.task, ex, cfg.data, policy.device) for ex in examples]
     if not cfg.lora.train_vision:  # a frozen vision tower: encode each image once for all passes
-        prompts = [share_vision(sampler, p) for p in prompts]
-    rollouts = sample_groups(sampler, policy.processor, prompts, G, cfg.grpo.generation_chunk, sampling,
-                             policy.tokens, cfg.grpo.share_prefill, decoder)
+        prompts = [sampler.share_vision(p) for p in prompts]
+    rollouts = sampler.sample(prompts, G, settings)
     groups = []
     for example, rollout in zip(examples, rollouts):
         rewards = rewarder.score(rollout.texts, example.reward_columns(), rollout.prompt.frame, example.index)
@@ -229,9 +226,11 @@ def objective(g) -> grpo.Objective:
 
 
 def backward_group(model, updates: Updates, group: Group, g, size: grpo.StepSize, stats: StepStats,
-                   last_group: bool = True) -> None:
+                   correction: str = "none", last_group: bool = True) -> None:
     """Loss of one group, backward_chunk completions per forward/backward: each chunk's share of the step's loss
-    (`grpo.aggregate` divides by counts of the whole step, so the shares never depend on the chunking)."""
+    (`grpo.aggregate` divides by counts of the whole step, so the shares never depend on the chunking). Where the
+    rollout carries the sampler's log-probs, each token's policy term is weighted by `correction` (none, tis, mis:
+    `grpo.importance_weights`) and the gap between sampler and policy is measured."""
     rollout = group.rollout
     G = rollout.size
     chunk = g.backward_chunk or G
@@ -239,17 +238,27 @@ def backward_group(model, updates: Updates, group: Group, g, size: grpo.StepSize
     for start in range(0, G, chunk):
         ids, mask = rollout.chunk(start, start + chunk)  # [c, T] each
         loss_mask = group.loss_mask[start : start + chunk]  # [c, T]
+        sampled = rollout.sampler_logp[start : start + chunk] if rollout.sampler_logp is not None else None
         with updates.accumulating(last=last_group and start + chunk >= G):
-            logp = model(rollout.prompt, ids, mask, g.logprob_chunk, g.temperature)  # [c, T]
+            scores = model(rollout.prompt, ids, mask, g.logprob_chunk, g.temperature, entropy=True)  # [c, T] each
+            logp = scores.logp
             old = group.old_logp[start : start + chunk] if group.old_logp is not None else logp.detach()
             ref = group.ref_logp[start : start + chunk] if group.ref_logp is not None else None
-            terms = grpo.token_loss(logp, old, ref, group.advantages[start : start + chunk], objective(g), loss_mask)
+            weight = None  # old is the policy the completions were sampled for: the correction's numerator
+            if sampled is not None and correction != "none":
+                weight = grpo.importance_weights(old, sampled, mask, correction, g.importance_cap)
+            terms = grpo.token_loss(logp, old, ref, group.advantages[start : start + chunk], objective(g), loss_mask,
+                                    weight)
             loss = grpo.aggregate(terms.loss, loss_mask, g.loss_type, size, group_tokens)
             updates.backward(loss)
         stats.loss += loss.item()
         if terms.kl is not None:
             stats.kl.append(grpo.masked_mean(terms.kl.detach(), loss_mask).item())
         stats.clip.append(grpo.masked_mean(terms.clipped.float(), loss_mask).item())
+        stats.entropy += float((scores.entropy * mask).sum())
+        stats.tokens += float(mask.sum())
+        if sampled is not None:
+            stats.gaps.append(grpo.sampler_gap(old, sampled, mask))
 
 
 @torch.no_grad()
@@ -257,7 +266,7 @@ def chunked_logprobs(model, rollout: Rollout, g) -> torch.Tensor:
     """Log-probs of all G completions from a CompletionScorer, backward_chunk at a time, without grad. -> [G, T]"""
     chunk = g.backward_chunk or rollout.size
     pieces = [model(rollout.prompt, *rollout.chunk(s, s + chunk), g.logprob_chunk, g.temperature,
-                    share_prompt=g.share_prefill)
+                    share_prompt=g.share_prefill).logp
               for s in range(0, rollout.size, chunk)]
     return torch.cat(pieces)
 
@@ -283,6 +292,10 @@ def step_metrics(step, groups, stats, weights, cfg, scheduler, grad_norm, gen_to
     }
     for name in weights:
         line[f"rewards/{name}"] = float(np.mean([np.mean(grp.rewards[name]) for grp in groups]))
+    line["entropy"] = stats.entropy / stats.tokens if stats.tokens else float("nan")  # nan: every backward skipped
+    if stats.gaps:  # completions drawn by the sampler (not teacher-forced): how far its weights are from the policy
+        line["sampling/kl"] = sum(gap.kl for gap in stats.gaps) / max(sum(gap.tokens for gap in stats.gaps), 1.0)
+        line["sampling/ratio_max"] = max(gap.ratio_max for gap in stats.gaps)
     return line
 
 

@@ -89,3 +89,16 @@ def training_examples(cfg, policy, count: int = 1) -> list:
 
     return load_split(cfg.data.train, "train", get_task("classification"), min_pixels=cfg.data.min_pixels,
                       max_pixels=cfg.data.max_pixels, factor=policy.family.factor).examples[:count]
+
+
+def sample(policy, prompts: list, group_size: int, chunk: int, rule, share_prefill: bool = True, backend=None,
+           generator=None) -> list:
+    """G completions of each prompt from a Sampler on the policy's weights as they stand (a test that wants a
+    sampling copy applies `merged_weights` around the call), decoded by `backend` (default: generate)."""
+    from dataclasses import replace
+
+    from qlora_rft.sampling import GenerateBackend, Sampler, SamplingWeights
+
+    sampler = Sampler(policy, SamplingWeights("adapters", "as the test holds them"), backend or GenerateBackend())
+    with sampler.synced():
+        return sampler.sample(prompts, group_size, replace(rule, chunk=chunk, share_prefill=share_prefill), generator)

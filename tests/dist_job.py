@@ -21,6 +21,7 @@ from qlora_rft import grpo
 from qlora_rft.config import load_config
 from qlora_rft.rewards import RewardSet
 from qlora_rft.rollout import Rollout
+from qlora_rft.sampling import Sampler
 
 TEXTS = [
     "<think>it has four sides</think><answer>square</answer>",
@@ -30,9 +31,9 @@ TEXTS = [
 ]
 
 
-def fixed_groups(model, processor, prompts, group_size, chunk, sampling, tokens, share_prefill=True, decoder=None,
-                 varied=False):
-    return [fixed_group(processor, p, group_size, tokens, varied) for p in prompts]
+def fixed_groups(sampler, prompts, group_size, settings, generator=None, varied=False):
+    """What Sampler.sample returns, teacher-forced: no sampler log-probs (so no importance correction)."""
+    return [fixed_group(sampler.processor, p, group_size, sampler.tokens, varied) for p in prompts]
 
 
 def fixed_group(processor, prompt, group_size, tokens, varied) -> Rollout:
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> None:
     if sample:
         RewardSet.score = text_rewards
     else:
-        trainer.sample_groups = functools.partial(fixed_groups, varied=varied)
+        Sampler.sample = functools.partialmethod(fixed_groups, varied=varied)
     result = trainer.fit(load_config(config, overrides), resume=resume, log=False)
     if int(os.environ.get("RANK", "0")) == 0:
         (result.output_dir / "job_metrics.json").write_text(json.dumps(result.metrics))

@@ -17,10 +17,12 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from conftest import sample
 from qlora_rft.data import encode_prompt
-from qlora_rft.decode import Decoder, banned_ids, draw, filter_logits
-from qlora_rft.model import merged_weights
-from qlora_rft.rollout import Sampling, left_pad, sample_groups, share_vision
+from qlora_rft.rollout import completion_logprobs, share_vision
+from qlora_rft.sampling import Settings, left_pad
+from qlora_rft.sampling.static import StaticBackend, banned_ids, draw, filter_logits
+from qlora_rft.sampling.weights import merged_weights
 from qlora_rft.tasks import get_task
 
 INF = math.inf
@@ -109,8 +111,7 @@ def setup(tmp_path_factory, private_cache):
     prompts = [encode_prompt(policy.processor, task, examples[0], cfg.data, policy.device),
                encode_prompt(policy.processor, task, examples[1], bigger, policy.device)]
     assert prompts[0].length != prompts[1].length
-    first = sample_groups(policy.model, policy.processor, prompts[:1], 2, 2, Sampling(1, do_sample=False),
-                          policy.tokens)[0].completion_ids[0, 0]
+    first = sample(policy, prompts[:1], 2, 2, Settings(1, do_sample=False))[0].completion_ids[0, 0]
     head = policy.base.lm_head.weight
     with torch.no_grad():
         head[policy.tokens.eos[0]] = 1.5 * head[first]  # EOS wins wherever that token would
@@ -119,13 +120,12 @@ def setup(tmp_path_factory, private_cache):
 
 def test_greedy_tokens_equal_hf_generate(setup):
     policy, prompts = setup
-    decoder = Decoder(bucket=16)
-    greedy = Sampling(10, do_sample=False, min_new_tokens=2)
+    decoder = StaticBackend(bucket=16)
+    greedy = Settings(10, do_sample=False, min_new_tokens=2)
     for group in (prompts, [share_vision(policy.model, p) for p in prompts]):  # pixels, shared image features
         for chunk, share in ((2, True), (8, True), (8, False), (4, False)):  # in two calls; packed (left-padded)
-            hf = sample_groups(policy.model, policy.processor, group, 4, chunk, greedy, policy.tokens, share)
-            ours = sample_groups(policy.model, policy.processor, group, 4, chunk, greedy, policy.tokens, share,
-                                 decoder=decoder)
+            hf = sample(policy, group, 4, chunk, greedy, share)
+            ours = sample(policy, group, 4, chunk, greedy, share, backend=decoder)
             for a, b in zip(hf, ours):
                 assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
     assert decoder.builds == 3 and decoder.compiles == 0  # one per batch size (2, 8 and 4 rows), never per call
@@ -133,19 +133,37 @@ def test_greedy_tokens_equal_hf_generate(setup):
 
 def test_sampled_tokens_equal_a_cache_free_reference_for_a_seed(setup):
     policy, prompts = setup
-    rule = Sampling(9, temperature=0.7, top_p=0.9, top_k=20, min_new_tokens=2)
-    ours = sample_groups(policy.model, policy.processor, prompts, 4, 8, rule, policy.tokens, decoder=Decoder(),
-                         generator=torch.Generator().manual_seed(5))  # both prompts in one left-padded call
-    batch, _ = left_pad(prompts, policy.tokens.pad, 4)
+    rule = Settings(9, temperature=0.7, top_p=0.9, top_k=20, min_new_tokens=2)
+    ours = sample(policy, prompts, 4, 8, rule, backend=StaticBackend(),
+                  generator=torch.Generator().manual_seed(5))  # both prompts in one left-padded call
+    batch = left_pad(prompts, policy.tokens.pad, 4)
     theirs = _reference(policy, batch, rule, torch.Generator().manual_seed(5))
     assert torch.equal(torch.cat([r.completion_ids for r in ours]), theirs)
-    again = sample_groups(policy.model, policy.processor, prompts, 4, 8, rule, policy.tokens, decoder=Decoder(),
-                          generator=torch.Generator().manual_seed(6))
+    again = sample(policy, prompts, 4, 8, rule, backend=StaticBackend(), generator=torch.Generator().manual_seed(6))
     assert not torch.equal(torch.cat([r.completion_ids for r in again]), theirs)  # the seed matters
 
 
+@pytest.mark.parametrize("backend", [StaticBackend, None])  # None: generate, scored by the sampler afterwards
+def test_each_sampled_tokens_logprob_is_the_one_the_trainer_computes(setup, backend):
+    """The sampler's log-prob of each drawn token: the full softmax at the temperature, before top-k/top-p (as
+    grpo.token_logprobs scores it), 0 after a completion's end; for packed prompts and a group split in calls."""
+    policy, prompts = setup
+    rule = Settings(9, temperature=0.7, top_k=3, min_new_tokens=2)  # top-k 3: a truncated softmax would differ
+    for chunk in (8, 2):
+        rollouts = sample(policy, prompts, 4, chunk, rule, backend=backend() if backend else None,
+                          generator=torch.Generator().manual_seed(3))
+        for r in rollouts:
+            with torch.no_grad():
+                trainer = completion_logprobs(policy.model, r.prompt, r.completion_ids, r.mask, 1024, 0.7) * r.mask
+            assert torch.allclose(r.sampler_logp, trainer, atol=1e-4), (r.sampler_logp - trainer).abs().max()
+            assert (r.sampler_logp[r.mask == 0] == 0).all() and (r.sampler_logp[r.mask == 1] < 0).all()
+            # Renormalised over the top 3, the drawn tokens' mean log-prob could not fall below -log 3 (minus the
+            # spread of a small sample): the values are the full softmax's.
+            assert r.sampler_logp[r.mask == 1].mean() < -2 * math.log(3)
+
+
 @torch.no_grad()
-def _reference(policy, batch: dict, rule: Sampling, generator: torch.Generator) -> torch.Tensor:
+def _reference(policy, batch: dict, rule: Settings, generator: torch.Generator) -> torch.Tensor:
     """Sampling by the same rule the plain way: the whole sequence through the model at every token (no cache, no
     prefill), transformers' logits processors, the same exponential race on the same noise."""
     tokens, model = policy.tokens, policy.model
@@ -176,18 +194,16 @@ def test_the_compiled_step_is_built_once_for_every_step_and_prompt(setup, backen
     code, ~30 s to build): the same graph serves every call - another prompt length in the bucket, weights
     refilled in place after an update."""
     policy, prompts = setup
-    compiled, eager, kept = Decoder(compile=True, bucket=64, backend=backend), Decoder(bucket=64), {}
-    greedy = Sampling(6, do_sample=False, min_new_tokens=6)  # no EOS: six tokens that can change
+    compiled, eager, kept = StaticBackend(compile=True, bucket=64, compiler=backend), StaticBackend(bucket=64), {}
+    greedy = Settings(6, do_sample=False, min_new_tokens=6)  # no EOS: six tokens that can change
     lora_b = [p for n, p in policy.model.named_parameters() if "lora_B" in n]
     before = [p.detach().clone() for p in lora_b]
     seen = []
     for _ in range(3):  # three optimizer steps
         with merged_weights(policy.model, store=kept):
-            ours = sample_groups(policy.model, policy.processor, prompts, 4, 4, greedy, policy.tokens,
-                                 decoder=compiled)  # one call per prompt: two prompt widths
+            ours = sample(policy, prompts, 4, 4, greedy, backend=compiled)  # one call per prompt: two prompt widths
         with merged_weights(policy.model):
-            plain = sample_groups(policy.model, policy.processor, prompts, 4, 4, greedy, policy.tokens,
-                                  decoder=eager)
+            plain = sample(policy, prompts, 4, 4, greedy, backend=eager)
         assert all(torch.equal(a.completion_ids, b.completion_ids) for a, b in zip(ours, plain))
         seen.append([r.completion_ids for r in ours])
         with torch.no_grad():

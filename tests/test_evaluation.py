@@ -48,9 +48,9 @@ def test_detection_eval_writes_predictions_resumes_and_rescoring_matches(tmp_pat
     with (out / "predictions.jsonl").open("a") as f:
         f.write('{"image_id": 1, "categ')
     asked = []
-    real_generate = runner.generate
-    monkeypatch.setattr(runner, "generate", lambda policy, task, items, *rest: (
-        asked.extend(items) or real_generate(policy, task, items, *rest)))
+    real_answers = runner.answer_batches
+    monkeypatch.setattr(runner, "answer_batches", lambda sampler, task, items, *rest: (
+        asked.extend(items) or real_answers(sampler, task, items, *rest)))
     second = runner.run_eval(load_config(None, [*DETECTION, "eval.limit=6", f"eval.output_dir={out}"]))
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(asked) == 2 and len(rows) == 6
@@ -60,6 +60,29 @@ def test_detection_eval_writes_predictions_resumes_and_rescoring_matches(tmp_pat
                           runner.resolve_source("synthetic:shapes-detection/test_coco.json"), "all")
     assert rescored == second.metrics
     assert json.loads((out / "metrics.json").read_text()) == second.metrics
+
+
+@pytest.mark.parametrize("preset", ["tiny", "qwen2.5-vl-tiny", "qwen3-vl-tiny"])
+def test_the_static_decoder_answers_as_generate(preset, tmp_path):
+    """eval.decode=static and generate: the same predictions, for a batch of 4 prompts and a last batch of 2 of
+    different lengths (a longer class name: left padding); a decoding setting is part of what a resumed evaluation
+    keeps."""
+    coco = json.loads(open(runner.resolve_source("synthetic:shapes-detection/test_coco.json")).read())
+    coco["categories"].append({"id": 99, "name": "very large striped purple polygon"})  # a longer prompt
+    annotations = tmp_path / "coco.json"
+    annotations.write_text(json.dumps(coco))
+    common = [*DETECTION, f"model.name_or_path=tiny:{preset}", "eval.limit=6", "data.max_prompt_length=512",
+              f"eval.annotations={annotations}"]
+    found = {}
+    for decode in ("generate", "static"):
+        cfg = load_config(None, [*common, f"eval.decode={decode}", f"eval.output_dir={tmp_path / decode}"])
+        run = runner.run_eval(cfg)
+        found[decode] = [json.loads(line) for line in run.predictions.read_text().splitlines()]
+    assert found["static"] == found["generate"] and len(found["static"]) == 6
+    assert found["static"][4]["category"] == "very large striped purple polygon"  # in the last batch, left-padded
+    assert len({line["completion"] for line in found["static"]}) > 1  # answers that differ between prompts
+    with pytest.raises(UserError, match=r"decode 'static' -> 'generate'"):
+        runner.run_eval(load_config(None, [*common, "eval.decode=generate", f"eval.output_dir={tmp_path / 'static'}"]))
 
 
 def test_classification_eval_and_another_model_in_the_same_folder(tmp_path):

@@ -63,6 +63,55 @@ def test_k3_kl_by_hand():
 GRPO = grpo.Objective()  # loss_type grpo, beta 0, epsilon 0.2 both sides, token level
 
 
+def test_importance_weights_truncate_or_drop_past_the_cap_by_hand():
+    policy = torch.tensor([[0.5, 0.2, 0.1, 0.3, 0.9]]).log()
+    sampler = torch.tensor([[0.5, 0.1, 0.4, 0.05, 0.01]]).log()  # ratios 1, 2, 0.25, 6 and 90
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])  # the last token is padding: weight 1, whatever its ratio
+    tis = grpo.importance_weights(policy, sampler, mask, "tis", 3.0)
+    mis = grpo.importance_weights(policy, sampler, mask, "mis", 3.0)
+    assert tis[0].tolist() == pytest.approx([1.0, 2.0, 0.25, 3.0, 1.0])  # min(r, 3)
+    assert mis[0].tolist() == pytest.approx([1.0, 2.0, 0.25, 0.0, 1.0])  # r, or 0 past 3
+    assert grpo.importance_weights(policy, sampler, mask, "none", 3.0).tolist() == [[1.0] * 5]
+    with pytest.raises(ValueError):
+        grpo.importance_weights(policy, sampler, mask, "sequence", 3.0)
+
+
+def test_the_importance_weight_scales_the_policy_term_and_its_gradient_not_the_kl():
+    logp = torch.tensor([[math.log(0.25)]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.5)]])
+    objective = grpo.Objective(beta=0.1)
+    terms = grpo.token_loss(logp, logp.detach(), ref, torch.tensor([1.0]), objective, importance=torch.tensor([[2.0]]))
+    assert terms.loss.item() == pytest.approx(2 * -1.0 + 0.1 * 0.306853, abs=1e-6)  # 2 * (-r A) + beta * k3
+    terms.loss.sum().backward()
+    # d/dlogp: 2 * -A (the ratio's slope 1 at r = 1) + beta * d(k3)/dlogp = 0.1 * (1 - exp(ref - logp)) = -0.1
+    assert logp.grad.item() == pytest.approx(-2.0 - 0.1, abs=1e-6)
+
+
+def test_sampler_gap_is_the_k3_kl_of_sampler_to_policy_and_the_largest_ratio_by_hand():
+    policy = torch.tensor([[0.5, 0.3, 0.9]]).log()
+    sampler = torch.tensor([[0.25, 0.3, 0.001]]).log()
+    gap = grpo.sampler_gap(policy, sampler, torch.tensor([[1.0, 1.0, 0.0]]))  # the third token is padding
+    # d = log(0.5 / 0.25) = log 2: exp(d) - d - 1 = 2 - 0.693147 - 1 = 0.306853; the second token: 0
+    assert (gap.kl, gap.ratio_max, gap.tokens) == (pytest.approx(0.306853, abs=1e-6), pytest.approx(2.0), 2.0)
+
+
+def test_entropy_from_the_chunked_head_by_hand_and_against_the_full_softmax():
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])  # V = 4, H = 2
+    hidden = torch.tensor([[[0.0, 0.0], [math.log(2.0), math.log(2.0)]]])  # logits [0,0,0,0] and [l2, l2, 0, 0]
+    scores = grpo.token_scores(hidden, weight, torch.tensor([[0, 1]]), chunk_size=1, entropy=True)
+    # uniform over 4: log 4; then p = (1/3, 1/3, 1/6, 1/6): 2/3 log 3 + 1/3 log 6 = 1.329661
+    assert scores.entropy[0].tolist() == pytest.approx([math.log(4), 1.329661], abs=1e-6)
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, 8, requires_grad=True)
+    weight = torch.randn(11, 8)
+    targets = torch.randint(0, 11, (3, 5))
+    scores = grpo.token_scores(hidden, weight, targets, chunk_size=4, temperature=0.7, entropy=True)
+    probs = torch.softmax((hidden @ weight.T) / 0.7, -1)
+    assert torch.allclose(scores.entropy, -(probs * probs.log()).sum(-1), atol=1e-5)
+    assert not scores.entropy.requires_grad and scores.logp.requires_grad
+    assert torch.equal(scores.logp, grpo.token_logprobs(hidden, weight, targets, chunk_size=4, temperature=0.7))
+
+
 def test_token_loss_on_policy_is_minus_advantage_and_its_gradient_is_a_times_grad_logp():
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     terms = grpo.token_loss(logp, logp.detach(), None, torch.tensor([0.5]), GRPO)
@@ -214,9 +263,11 @@ class _Accelerator:
         return x
 
 
-def _trl_loss(logp, old, ref, advantages, mask, objective, max_completion_length, accumulation=1, tokens=None):
+def _trl_loss(logp, old, ref, advantages, mask, objective, max_completion_length, accumulation=1, tokens=None,
+              is_ratio=None):
     """TRL's GRPOTrainer._compute_loss itself, fed our log-probs instead of running a model: one micro-batch of an
-    accumulation window of `accumulation` (steps_per_generation the same), `tokens` the generation batch's."""
+    accumulation window of `accumulation` (steps_per_generation the same), `tokens` the generation batch's;
+    `is_ratio`: its vLLM importance-sampling ratio, with the correction on."""
     from trl import GRPOTrainer
 
     o = objective
@@ -232,7 +283,8 @@ def _trl_loss(logp, old, ref, advantages, mask, objective, max_completion_length
         epsilon_low=o.epsilon,
         epsilon_high=o.epsilon_high,
         max_completion_length=max_completion_length,
-        use_vllm=False,
+        use_vllm=is_ratio is not None,
+        vllm_importance_sampling_correction=is_ratio is not None,
         model=SimpleNamespace(training=True),
         current_gradient_accumulation_steps=accumulation,
         _entropy_bonus_enabled=False,
@@ -250,7 +302,42 @@ def _trl_loss(logp, old, ref, advantages, mask, objective, max_completion_length
         "ref_per_token_logps": ref,
         "num_items_in_batch": torch.tensor(float(mask.sum() if tokens is None else tokens)),
     }
+    if is_ratio is not None:
+        inputs["importance_sampling_ratio"] = is_ratio
     return GRPOTrainer._compute_loss(stub, None, inputs)
+
+
+def _trl_is_ratio(old, sampling, mask, mode, cap):
+    """TRL 1.16's token-level vLLM importance-sampling ratio as _generate_and_score_completions computes it
+    (clip_min None): exp of the masked log-ratio, clamped above (token_truncate) or zeroed past the cap (token_mask)."""
+    ratio = torch.exp((old - sampling) * mask)
+    if mode == "token_truncate":
+        return torch.clamp(ratio, min=None, max=cap)
+    return ratio.masked_fill((ratio < -math.inf) | (ratio > cap), value=0.0)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("ours,theirs", [("tis", "token_truncate"), ("mis", "token_mask")])
+def test_our_importance_correction_equals_trls_on_the_same_logprobs(loss_type, ours, theirs):
+    """The weights against TRL's arithmetic, then the corrected loss and its gradient against its _compute_loss."""
+    torch.manual_seed(2)
+    B, T, L = 4, 6, 8
+    logp = (-torch.rand(B, T) * 3).requires_grad_()
+    sampling = logp.detach() + 0.8 * torch.randn(B, T)  # a sampler far enough off for ratios past the cap of 2
+    ref = logp.detach() + 0.5 * torch.randn(B, T)
+    advantages = torch.randn(B)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]]).float()
+    old = logp.detach()  # one update per rollout: the policy the completions were sampled for
+    weights = grpo.importance_weights(old, sampling, mask, ours, 2.0)
+    assert torch.equal(weights, _trl_is_ratio(old, sampling, mask, theirs, 2.0))
+    assert (weights[mask == 1] == 2.0).any() if ours == "tis" else (weights[mask == 1] == 0).any()  # the cap acts
+    objective = grpo.Objective(loss_type, beta=0.04)
+    size = grpo.StepSize(groups=1, group_size=B, max_completion_length=L, tokens=float(mask.sum()))
+    terms = grpo.token_loss(logp, old, ref, advantages, objective, mask, weights)
+    mine = grpo.aggregate(terms.loss, mask, loss_type, size, group_tokens=float(mask.sum()))
+    trl = _trl_loss(logp, old, ref, advantages, mask, objective, L, is_ratio=weights)
+    assert mine.item() == pytest.approx(trl.item(), abs=1e-6)
+    assert torch.allclose(torch.autograd.grad(mine, logp)[0], torch.autograd.grad(trl, logp)[0], atol=1e-7)
 
 
 # every loss type x importance sampling level x an upper clip equal to epsilon, clip-higher's 0.28, and 5.0 (cispo's

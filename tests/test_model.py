@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import sample
 from qlora_rft.config import load_config
 from qlora_rft.data import encode_prompt, load_split
 from qlora_rft.errors import UserError
 from qlora_rft.model import load_policy, reference_mode, resolve_model_path
-from qlora_rft.rollout import Sampling, completion_logprobs, sample_group
+from qlora_rft.rollout import completion_logprobs
+from qlora_rft.sampling import Settings
 from qlora_rft.tasks import get_task
 
 
@@ -72,20 +74,17 @@ def test_sampling_ignores_the_checkpoints_near_greedy_generation_config(tiny_ove
     cfg, policy = _policy(tiny_overrides)
     assert policy.model.generation_config.temperature in (None, 1.0)
     torch.manual_seed(0)
-    rollout = sample_group(policy.model, policy.processor, _prompt(cfg, policy), 8, 4, Sampling(12), policy.tokens)
+    rollout = sample(policy, [_prompt(cfg, policy)], 8, 4, Settings(12))[0]
     assert rollout.completion_ids.shape[0] == 8
     assert len(set(rollout.texts)) > 1  # a near-greedy sampler would give 8 identical completions
     assert ((rollout.mask == 0) | (rollout.completion_ids != policy.tokens.vision[0])).all()
 
 
 def test_generation_chunks_and_packed_prompts_give_the_group_size(tiny_overrides):
-    from qlora_rft.rollout import sample_groups
-
     cfg, policy = _policy(tiny_overrides)
     prompt = _prompt(cfg, policy)
     for chunk in (2, 4, 8):
-        rollouts = sample_groups(policy.model, policy.processor, [prompt, prompt], 4, chunk, Sampling(6),
-                                 policy.tokens)
+        rollouts = sample(policy, [prompt, prompt], 4, chunk, Settings(6))
         assert [r.completion_ids.shape[0] for r in rollouts] == [4, 4]
         assert all(len(r.texts) == 4 for r in rollouts)
 

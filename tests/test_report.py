@@ -12,7 +12,7 @@ from qlora_rft.errors import UserError
 from qlora_rft.evaluation.report import Report, make_report, moving_average
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TRAIN_PNGS = ("rewards.png", "kl.png", "completion_length.png", "tokens_per_second.png")
+TRAIN_PNGS = ("rewards.png", "kl.png", "entropy.png", "completion_length.png", "tokens_per_second.png")
 
 
 def metrics_lines(steps: int = 20) -> list[dict]:
@@ -23,6 +23,7 @@ def metrics_lines(steps: int = 20) -> list[dict]:
             "clip_ratio": 0.0, "completion_length": 30.0 + step, "skipped_groups": 0.0, "grad_norm": 1.0,
             "learning_rate": 1e-5, "tokens_per_second": 100.0 + step, "step_seconds": 2.0,
             "elapsed_seconds": 2.0 * step, "rewards/format": 0.5 + 0.01 * step, "rewards/iou": 0.05 * step,
+            "entropy": 2.0 - 0.05 * step, "sampling/kl": 1e-4,
         })
     lines[6]["kl"] = None  # the logger writes non-finite values as null
     lines[19]["reward"] = math.nan  # the last reward: the summary's "last" must skip it
@@ -96,6 +97,7 @@ def test_summary_compares_base_and_adapter(full_run):
     assert "| reward | 0.1 | 1.9 | 1.9 |" in summary
     assert "| kl | 0.01 | 0.2 | 0.2 |" in summary
     assert "| rewards/iou | 0.05 | 1 | 1 |" in summary
+    assert "| entropy | 1.95 | 1 | 1.95 |" in summary and "| sampling/kl | 0.0001 | 0.0001 | 0.0001 |" in summary
 
 
 def test_evaluation_markdown(full_run):
@@ -112,8 +114,8 @@ def test_evaluation_markdown(full_run):
 def test_metrics_only_run_skips_missing_and_null_curves(tmp_path):
     lines = metrics_lines()
     for line in lines:
-        line["kl"] = None
-        del line["tokens_per_second"]
+        line["kl"] = line["sampling/kl"] = None
+        del line["tokens_per_second"], line["entropy"]
     write_metrics(tmp_path / "train" / "metrics.jsonl", lines)
     report = make_report(tmp_path)
     assert {p.name for p in report.files} == {"rewards.png", "completion_length.png", "summary.md"}
@@ -182,7 +184,7 @@ def test_evaluation_during_training_is_plotted_beside_the_reward(tmp_path):
     report = make_report(tmp_path)
     with Image.open(report.folder / "rewards.png") as image:
         assert image.size == (1400, 400)  # two 7x4 inch panels at 100 dpi: reward, then the evaluation
-    with Image.open(report.folder / "kl.png") as image:
+    with Image.open(report.folder / "entropy.png") as image:
         assert image.size == (700, 400)
     summary = report.summary.read_text()
     assert "| eval/accuracy | 20 | 50 | 50 |" in summary  # first, last, max

@@ -6,16 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import sample
 from qlora_rft.config import load_config
 from qlora_rft.data import encode_prompt
 from qlora_rft.errors import ConfigError, UserError
-from qlora_rft.model import (
-    choose_sampling_weights,
-    copy_bytes,
-    decode_weight_bytes,
-    merged_weights,
-)
-from qlora_rft.rollout import Sampling, completion_logprobs, sample_groups, share_vision
+from qlora_rft.rollout import completion_logprobs, share_vision
+from qlora_rft.sampling import Settings
+from qlora_rft.sampling.weights import choose_sampling_weights, copy_bytes, decode_weight_bytes, merged_weights
 from qlora_rft.tasks import get_task
 
 # Largest and mean |log p difference| per completion token (nats) against the adapters' path, on the tiny model
@@ -51,10 +48,10 @@ def test_compact_copies_give_log_probs_within_tolerance_of_the_adapters(setup):
     policy, prompt = setup
     ids = torch.randint(7, 300, (4, 16), generator=torch.Generator().manual_seed(1))  # above the special ids
     mask = torch.ones(4, 16)
-    greedy = Sampling(12, do_sample=False)
+    greedy = Settings(12, do_sample=False)
     with torch.no_grad():
         adapters = completion_logprobs(policy.model, prompt, ids, mask, 1024)  # 4-bit base + LoRA
-    tokens = sample_groups(policy.model, policy.processor, [prompt], 2, 2, greedy, policy.tokens)[0].completion_ids
+    tokens = sample(policy, [prompt], 2, 2, greedy)[0].completion_ids
     head = policy.base.lm_head.weight.nbytes
     for mode, (largest, mean) in TOLERANCE.items():
         with torch.no_grad(), merged_weights(policy.model, mode=mode):
@@ -64,7 +61,7 @@ def test_compact_copies_give_log_probs_within_tolerance_of_the_adapters(setup):
         assert read == head + copy_bytes(policy.model, mode, torch.float32)  # all a decode step reads
         if mode == "int8":
             with merged_weights(policy.model, mode=mode):
-                again = sample_groups(policy.model, policy.processor, [prompt], 2, 2, greedy, policy.tokens)[0]
+                again = sample(policy, [prompt], 2, 2, greedy)[0]
             _agree_up_to_a_near_tie(policy, prompt, tokens[:1], again.completion_ids[:1], 2 * largest)
     merged, int8 = (copy_bytes(policy.model, m, torch.float32) for m in ("merged", "int8"))
     assert int8 < 0.3 * merged  # 1 byte a weight and a scale per row, against 4 bytes (fp32 on the CPU)
@@ -112,3 +109,38 @@ def test_fp8_is_refused_where_the_device_has_none(setup, tmp_path):
         choose_sampling_weights("fp8", policy.model, torch.device("cpu"), torch.float32)
     with pytest.raises(ConfigError, match="sampling_weights=fp8 needs a CUDA GPU"):
         load_config(None, ["grpo.sampling_weights=fp8", "model.device=cpu"])
+
+
+def test_the_correction_follows_the_weights_and_a_model_without_adapters_samples_its_own(setup):
+    from qlora_rft.sampling.weights import SamplingWeights, choose_correction
+
+    policy, _ = setup
+    cpu = torch.device("cpu")
+    assert choose_correction("auto", choose_sampling_weights("auto", policy.model, cpu, torch.float32)).mode == "tis"
+    assert choose_correction("auto", SamplingWeights("int8", "")).mode == "tis"
+    assert choose_correction("auto", SamplingWeights("adapters", "")).mode == "none"
+    assert choose_correction("mis", SamplingWeights("adapters", "")).mode == "mis"  # by name, whatever the weights
+    plain = policy.base.model.visual  # any module without LoRA layers (full mode, a base evaluated alone)
+    chosen = choose_sampling_weights("int8", plain, cpu, torch.float32)
+    assert chosen.mode == "trained" and not chosen.merges
+    assert choose_correction("auto", chosen).mode == "none"
+
+
+def test_the_backend_choice_and_the_repetition_penalty_only_generate_applies():
+    from qlora_rft.sampling import choose_backend
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_backend("auto", cpu, "merged").name == "static"
+    assert choose_backend("auto", cuda, "merged").name == "generate"
+    assert choose_backend("static", cuda, "int8").name == "static, compiled"
+    assert choose_backend("static", cuda, "adapters").name == "static"  # 4-bit kernels: eager
+    assert choose_backend("auto", cpu, "merged", "eval.decode", repetition_penalty=1.05).name == "generate"
+    with pytest.raises(UserError, match="eval.decode=static has no repetition penalty.*eval.decode=generate"):
+        choose_backend("static", cpu, "merged", "eval.decode", repetition_penalty=1.05)
+
+
+def test_the_importance_cap_is_checked_at_load():
+    with pytest.raises(ConfigError, match="grpo.importance_cap=0.5 must be >= 1"):
+        load_config(None, ["grpo.importance_cap=0.5"])
+    with pytest.raises(ConfigError, match="grpo.importance_correction must be one of auto, none, tis, mis"):
+        load_config(None, ["grpo.importance_correction=sequence_mask"])

@@ -7,9 +7,12 @@ import copy
 
 import torch
 
+from conftest import sample
 from qlora_rft.data import encode_prompt
-from qlora_rft.model import merged_weights, reference_mode
-from qlora_rft.rollout import Sampling, completion_logprobs, sample_groups, share_vision
+from qlora_rft.model import reference_mode
+from qlora_rft.rollout import completion_logprobs, share_vision
+from qlora_rft.sampling import Settings
+from qlora_rft.sampling.weights import merged_weights
 from qlora_rft.tasks import get_task
 
 
@@ -43,10 +46,10 @@ def test_logprobs_and_greedy_samples_with_shared_vision_equal_those_without(tiny
         with reference_mode(policy.model):
             assert torch.allclose(completion_logprobs(policy.model, plain, ids, mask, 1024),
                                   completion_logprobs(policy.model, fast, ids, mask, 1024), atol=1e-5)
-    greedy = Sampling(8, do_sample=False)
+    greedy = Settings(8, do_sample=False)
     for chunk in (2, 8):  # a group in two calls, and both prompts packed in one call
-        a = sample_groups(policy.model, policy.processor, prompts, 4, chunk, greedy, policy.tokens)
-        b = sample_groups(policy.model, policy.processor, shared, 4, chunk, greedy, policy.tokens)
+        a = sample(policy, prompts, 4, chunk, greedy)
+        b = sample(policy, shared, 4, chunk, greedy)
         assert [r.texts for r in a] == [r.texts for r in b]
 
 
@@ -68,7 +71,7 @@ def test_the_vision_tower_runs_once_per_prompt(tiny_overrides):
     hook = policy.base.model.visual.register_forward_hook(lambda *a: calls.append(1))
     try:
         shared = [share_vision(policy.model, p) for p in prompts]
-        rollouts = sample_groups(policy.model, policy.processor, shared, 4, 8, Sampling(6), policy.tokens)
+        rollouts = sample(policy, shared, 4, 8, Settings(6))
         with torch.no_grad():
             for r in rollouts:
                 completion_logprobs(policy.model, r.prompt, r.completion_ids, r.mask, 1024)
@@ -83,13 +86,11 @@ def test_the_vision_tower_runs_once_per_prompt(tiny_overrides):
 def test_generation_from_a_shared_prefill_equals_prefilling_every_completion(tiny_overrides):
     policy, prompts = _setup(tiny_overrides)
     shared = [share_vision(policy.model, copy.copy(p)) for p in prompts]
-    greedy = Sampling(8, do_sample=False)
+    greedy = Settings(8, do_sample=False)
     for group in (prompts, shared):  # image pixels, or the shared image encoding
         for chunk in (2, 8):  # a group in two calls, and both prompts packed in one call
-            plain = sample_groups(policy.model, policy.processor, group, 4, chunk, greedy, policy.tokens,
-                                  share_prefill=False)
-            fast = sample_groups(policy.model, policy.processor, group, 4, chunk, greedy, policy.tokens,
-                                 share_prefill=True)
+            plain = sample(policy, group, 4, chunk, greedy, share_prefill=False)
+            fast = sample(policy, group, 4, chunk, greedy, share_prefill=True)
             for a, b in zip(plain, fast):
                 assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
 
@@ -101,7 +102,7 @@ def test_a_shared_prefill_runs_the_prompt_once(tiny_overrides):
     hook = policy.base.model.language_model.register_forward_hook(
         lambda module, args, kwargs, out: lengths.append(kwargs["inputs_embeds"].shape), with_kwargs=True)
     try:
-        sample_groups(policy.model, policy.processor, [prompt], 4, 2, Sampling(3, do_sample=False), policy.tokens)
+        sample(policy, [prompt], 4, 2, Settings(3, do_sample=False))
     finally:
         hook.remove()
     prompt_rows = [shape[0] for shape in lengths if shape[1] > 1]  # calls that process prompt tokens
@@ -129,10 +130,10 @@ def test_sampling_with_merged_weights_equals_the_4bit_model_with_adapters(tiny_o
     assert torch.allclose(plain, merged, atol=1e-4)  # ...with the same result
     assert torch.equal(plain, again)  # and everything is back as it was on exit
 
-    greedy = Sampling(8, do_sample=False)
-    a = sample_groups(policy.model, policy.processor, [prompt], 4, 4, greedy, policy.tokens)[0]
+    greedy = Settings(8, do_sample=False)
+    a = sample(policy, [prompt], 4, 4, greedy)[0]
     with merged_weights(policy.model):
-        b = sample_groups(policy.model, policy.processor, [prompt], 4, 4, greedy, policy.tokens)[0]
+        b = sample(policy, [prompt], 4, 4, greedy)[0]
     assert a.texts == b.texts
 
 

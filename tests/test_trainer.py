@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,8 @@ from qlora_rft.config import load_config
 from qlora_rft.distributed import Updates
 from qlora_rft.errors import TrainingError, UserError
 from qlora_rft.rewards import RewardSet
-from qlora_rft.rollout import FiniteLogits
 from qlora_rft.runlog import read_metrics
+from qlora_rft.sampling import FiniteLogits
 from qlora_rft.trainer import fit, train
 
 
@@ -66,9 +67,36 @@ def test_two_step_qlora_grpo_changes_lora_weights_only(tiny_overrides, monkeypat
     sampling = json.loads((result.output_dir / "train_summary.json").read_text())["sampling"]
     assert (sampling["weights"], sampling["decode"]) == ("merged", "static")  # auto on the CPU
     assert sampling["weights_reason"].startswith("auto on the CPU") and sampling["decode_weight_bytes"] > 0
+    assert sampling["importance_correction"] == "tis" and "merged copy" in sampling["importance_correction_reason"]
+    for line in lines:  # the policy's entropy, and the sampler's distance from it (merged: float rounding only)
+        assert 0 < line["entropy"] <= math.log(768)  # at most uniform over the tiny vocabulary
+        assert 0 <= line["sampling/kl"] < 1e-6 and 1 - 1e-3 < line["sampling/ratio_max"] < 1 + 1e-3
     assert (result.adapter_dir / "adapter_config.json").is_file()
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     assert [p.name for p in checkpoint.all_checkpoints(result.output_dir)] == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_int8_sampling_is_further_from_the_policy_than_merged_and_tis_trains_finite(tiny_overrides, monkeypatch):
+    """One step each, the same seed: sampling/kl measures how far the sampling weights are from the trained ones
+    (adapters and merged: rounding; int8: its quantization), auto corrects only a copy, and tis gives finite losses."""
+    monkeypatch.setattr(RewardSet, "score", _alternating_rewards)
+    found = {}
+    for weights, correction in (("adapters", "auto"), ("merged", "auto"), ("int8", "auto"), ("int8", "none")):
+        out = Path(tiny_overrides[-1].split("=", 1)[1]) / f"{weights}-{correction}"
+        cfg = load_config(None, [*tiny_overrides, "train.max_steps=1", "train.save_steps=0",
+                                 f"grpo.sampling_weights={weights}", f"grpo.importance_correction={correction}",
+                                 f"train.output_dir={out}"])
+        result = train(cfg, log=False)
+        summary = json.loads((out / "train_summary.json").read_text())["sampling"]
+        found[weights, correction] = (result.metrics[0], summary["importance_correction"])
+    assert [c for _, c in found.values()] == ["none", "tis", "tis", "none"]
+    kl = {w: line["sampling/kl"] for (w, c), (line, _) in found.items() if c == "auto"}
+    assert kl["int8"] > 100 * max(kl["merged"], 1e-9) and kl["int8"] > 100 * max(kl["adapters"], 1e-9), kl
+    assert found["int8", "auto"][0]["sampling/ratio_max"] > 1.001
+    assert all(math.isfinite(line["loss"]) and math.isfinite(line["grad_norm"]) for line, _ in found.values())
+    # the same samples (same seed, same int8 copy), weighted or not: the correction changed the loss
+    assert found["int8", "auto"][0]["reward"] == found["int8", "none"][0]["reward"]
+    assert found["int8", "auto"][0]["loss"] != found["int8", "none"][0]["loss"]
 
 
 def test_backward_chunks_give_the_same_gradient_as_the_whole_group(tiny_overrides):
@@ -78,7 +106,9 @@ def test_backward_chunks_give_the_same_gradient_as_the_whole_group(tiny_override
     from qlora_rft import grpo
     from qlora_rft.data import encode_prompt, load_split
     from qlora_rft.model import load_policy, reference_mode
-    from qlora_rft.rollout import CompletionScorer, Sampling, sample_group
+    from conftest import sample
+    from qlora_rft.rollout import CompletionScorer
+    from qlora_rft.sampling import Settings
     from qlora_rft.tasks import get_task
     from qlora_rft.trainer import Group, StepStats, backward_group, chunked_logprobs
 
@@ -98,7 +128,7 @@ def test_backward_chunks_give_the_same_gradient_as_the_whole_group(tiny_override
                          max_pixels=cfg.data.max_pixels, factor=policy.family.factor).examples[0]
     prompt = encode_prompt(policy.processor, task, example, cfg.data, policy.device)
     torch.manual_seed(0)
-    rollout = sample_group(policy.model, policy.processor, prompt, 4, 4, Sampling(8), policy.tokens)
+    rollout = sample(policy, [prompt], 4, 4, Settings(8))[0]
     total = torch.tensor([1.0, 0.0, 0.5, 0.0])
     scorer = CompletionScorer(policy.model)
     settings = ["grpo.num_iterations=2", "grpo.epsilon_high=5.0"]  # cispo's cap; clip-higher for the others

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from resume_job import text_rewards  # noqa: E402  rewards of the sampled text: a run depends on every RNG draw
 
 EVAL = ["data.eval=synthetic:shapes", "eval.limit=3", "eval.batch_size=2", "eval.max_new_tokens=8"]
-TRAINED = ("loss", "reward", "kl", "grad_norm", "completion_length", "rewards/format", "rewards/classification")
+TRAINED = ("loss", "reward", "kl", "grad_norm", "completion_length", "rewards/format", "rewards/classification",
+           "entropy", "sampling/kl", "sampling/ratio_max")
 
 
 def _adapter(run_dir: Path) -> dict:

@@ -34,7 +34,8 @@ class Panel(NamedTuple):
 TRAIN_PLOTS = {
     "rewards.png": (Panel(("reward", "rewards/*"), "Reward"),
                     Panel(tuple(f"eval/{key}" for key in EVAL_METRICS), "Evaluation during training (%)", False)),
-    "kl.png": (Panel(("kl",), "KL to the reference"),),
+    "kl.png": (Panel(("kl",), "KL to the reference"), Panel(("sampling/kl",), "KL of the sampler to the policy")),
+    "entropy.png": (Panel(("entropy",), "Policy entropy (nats per completion token)"),),
     "completion_length.png": (Panel(("completion_length",), "Completion length (tokens)"),),
     "tokens_per_second.png": (Panel(("tokens_per_second",), "Generation throughput (tokens/s)"),),
 }

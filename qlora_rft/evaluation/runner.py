@@ -1,5 +1,6 @@
-"""Evaluation runs: greedy, batched inference of a base (with an optional adapter) into predictions.jsonl, then the
-metrics from that file alone (`scoring`), so `qlora-rft score` reproduces them without a model.
+"""Evaluation runs: greedy, batched inference of a base (with an optional adapter) into predictions.jsonl, decoded by
+the sampler training uses (eval.decode, eval.sampling_weights), then the metrics from that file alone (`scoring`), so
+`qlora-rft score` reproduces them without a model.
 
 Resumable: each line is written as soon as its batch is done, and a rerun skips the prompts already written; a
 rerun whose settings would change the answers (eval_info.json) is refused rather than mixed into the same file.
@@ -31,7 +32,7 @@ from qlora_rft.data import (Example, encode_prompts, load_images, load_split, pr
                              too_long)
 from qlora_rft.errors import DataError, UserError
 from qlora_rft.rewards import RewardSet, reward_set
-from qlora_rft.rollout import Sampling
+from qlora_rft.sampling import Sampler, Settings, make_sampler
 from qlora_rft.tasks import Task, detection, get_task
 from qlora_rft.tasks.boxes import RELATIVE, Frame, to_scale
 
@@ -233,42 +234,35 @@ def eval_items(cfg: Config, task: Task, asking: Asking | None = None) -> list[Ev
 
 
 @torch.no_grad()
-def generate(policy, task: Task, items: list[EvalItem], asking: Asking, batch_size: int
-             ) -> Iterator[tuple[list[EvalItem], list[str], list[Frame]]]:
-    """Greedy completions, one batch at a time (left padding, explicit settings, the protocol's image bounds), with
-    the box frame each prompt asked for."""
-    config = Sampling(max_new_tokens=asking.max_new_tokens, do_sample=False).generation_config(policy.tokens)
-    config.repetition_penalty = asking.repetition_penalty
+def answer_batches(sampler: Sampler, task: Task, items: list[EvalItem], asking: Asking, batch_size: int
+                   ) -> Iterator[tuple[list[EvalItem], list[str], list[Frame]]]:
+    """Greedy completions from the sampler (inside its `synced()`), one batch at a time (left padding, explicit
+    settings, the protocol's image bounds), with the box frame each prompt asked for."""
+    settings = Settings(max_new_tokens=asking.max_new_tokens, do_sample=False,
+                        repetition_penalty=asking.repetition_penalty)
     no_limit = 2**31 - 1
-    was_training = policy.model.training  # a policy evaluated during training goes back to training mode
-    policy.model.eval()
-    try:
-        for start in range(0, len(items), batch_size):
-            batch_items = items[start : start + batch_size]
-            batch, frames = encode_prompts(policy.processor, task, [it.example for it in batch_items],
-                                           asking.min_pixels, asking.max_pixels,
-                                           asking.max_prompt_length or no_limit, policy.device)
-            out = policy.model.generate(**batch, generation_config=config)  # [b, P + t]
-            texts = policy.processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            yield batch_items, texts, frames
-    finally:
-        policy.model.train(was_training)
+    for start in range(0, len(items), batch_size):
+        batch_items = items[start : start + batch_size]
+        batch, frames = encode_prompts(sampler.processor, task, [it.example for it in batch_items],
+                                       asking.min_pixels, asking.max_pixels, asking.max_prompt_length or no_limit,
+                                       sampler.device)
+        yield batch_items, sampler.greedy(batch, settings), frames
 
 
-def predict(policy, task: Task, items: list[EvalItem], cfg: Config, asking: Asking | None = None
+def predict(sampler: Sampler, task: Task, items: list[EvalItem], cfg: Config, asking: Asking | None = None
             ) -> Iterator[list[dict]]:
     """The predictions lines of `items`, a list per batch: first a `skipped` line for each prompt over
     data.max_prompt_length (refused instead under data.on_bad_row=error; no limit under the paper protocol), then
-    the greedy answers, with their rewards for a task scored by them (generic). What `eval` writes, and what the
-    evaluation during training (train.eval_steps) scores."""
+    the greedy answers of the sampler (inside its `synced()`), with their rewards for a task scored by them
+    (generic). What `eval` writes, and what the evaluation during training (train.eval_steps) scores."""
     if not items:
         return
     asking = asking or resolve_asking(cfg, task.name)
     rewards = reward_set(cfg.rewards, task) if records_rewards(task) else None
-    todo, too_long = fitting_prompts(policy.processor, task, items, cfg, asking)
+    todo, too_long = fitting_prompts(sampler.processor, task, items, cfg, asking)
     if too_long:  # the scorer reports these lines as skipped
         yield [{**item.record, "skipped": reason} for item, reason in too_long]
-    for batch_items, texts, frames in generate(policy, task, todo, asking, cfg.eval.batch_size):
+    for batch_items, texts, frames in answer_batches(sampler, task, todo, asking, cfg.eval.batch_size):
         yield [{**item.record, "completion": text, **frame_record(frame),
                 **(reward_record(rewards, item, text, frame) if rewards is not None else {})}
                for item, text, frame in zip(batch_items, texts, frames)]
@@ -341,7 +335,8 @@ def eval_settings(cfg: Config, task: Task, asking: Asking) -> dict:
                 "data": cfg.data.eval or cfg.data.train, "split": cfg.data.eval_split,
                 "image_root": cfg.data.image_root, "min_pixels": asking.min_pixels, "max_pixels": asking.max_pixels,
                 "max_prompt_length": asking.max_prompt_length, "max_new_tokens": asking.max_new_tokens,
-                "repetition_penalty": asking.repetition_penalty}
+                "repetition_penalty": asking.repetition_penalty, "decode": cfg.eval.decode,
+                "sampling_weights": cfg.eval.sampling_weights}
     if records_rewards(task):
         settings["rewards"] = {"weights": cfg.rewards.weights, "plugin_sha256": cfg.rewards.plugin_sha256}
     return settings
@@ -399,11 +394,13 @@ def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
     todo = [it for it in items if it.key not in done]
     if todo:
         policy = load_for_inference(cfg.model, cfg.eval.adapter or None)
+        sampler = make_sampler(cfg.eval, policy, repetition_penalty=asking.repetition_penalty)
+        console.print(sampler.summary())
         progress = Progress(TextColumn(f"[bold]eval {label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TimeRemainingColumn(), console=console)
-        with progress, predictions.open("a") as f:
+        with progress, predictions.open("a") as f, sampler.synced():
             bar = progress.add_task("eval", total=len(items), completed=len(items) - len(todo))
-            for lines in predict(policy, task, todo, cfg, asking):
+            for lines in predict(sampler, task, todo, cfg, asking):
                 f.write("".join(json.dumps(line) + "\n" for line in lines))
                 f.flush()
                 progress.advance(bar, len(lines))

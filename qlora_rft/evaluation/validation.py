@@ -1,7 +1,7 @@
 """Evaluation during training (train.eval_steps): every N steps and at the end, the task's evaluation of the current
-policy (greedy, eval.limit prompts of data.eval) through the functions `qlora-rft eval` runs (`runner.predict`,
-`runner.score_predictions`). Predictions and metrics.json go to train.output_dir/evals/step-STEP/, the metrics into that
-step's metrics.jsonl line as eval/<metric>.
+policy (greedy, eval.limit prompts of data.eval, decoded by a sampler of eval.decode and eval.sampling_weights)
+through the functions `qlora-rft eval` runs (`runner.predict`, `runner.score_predictions`). Predictions and
+metrics.json go to train.output_dir/evals/step-STEP/, the metrics into that step's metrics.jsonl line as eval/<metric>.
 
 Training is untouched: the policy goes back to its training mode and every RNG to its state, so a run trains
 bit-exactly as one without evaluation. Under a launch (DDP, ZeRO-3) every process answers its share of the prompts,
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,7 @@ from qlora_rft import checkpoint
 from qlora_rft.errors import DataError
 from qlora_rft.evaluation.runner import (METRICS, PREDICTIONS, EvalItem, eval_items, fitting_prompts, predict,
                                          record_key, resolve_asking, score_predictions)
+from qlora_rft.sampling import Sampler, make_sampler
 
 if TYPE_CHECKING:
     from qlora_rft.run import Run
@@ -35,6 +36,7 @@ class Validation:
     every: int
     last_step: int
     items: list[EvalItem]
+    sampler: Sampler | None = None  # eval.decode and eval.sampling_weights on the run's policy
 
     @classmethod
     def of(cls, run: Run) -> "Validation":
@@ -45,14 +47,16 @@ class Validation:
             return cls(0, run.steps, [])
         with run.accelerator.main_process_first():  # data built once, by the main process
             items = eval_items(cfg, run.task)
-        fitting, _ = fitting_prompts(run.policy.processor, run.task, items, cfg, resolve_asking(cfg, run.task.name))
+        asking = resolve_asking(cfg, run.task.name)
+        fitting, _ = fitting_prompts(run.policy.processor, run.task, items, cfg, asking)
         if not fitting:
             raise DataError(f"train.eval_steps: none of the {len(items)} evaluation prompts of "
                             f"{cfg.data.eval or cfg.eval.annotations} fits data.max_prompt_length="
                             f"{cfg.data.max_prompt_length}: raise it, or choose other data.eval")
         if run.accelerator.is_main_process:
             drop_later(run.out / FOLDER, run.start_step)
-        return cls(cfg.train.eval_steps, run.steps, items)
+        sampler = make_sampler(cfg.eval, run.policy, run.accelerator, run.model, asking.repetition_penalty)
+        return cls(cfg.train.eval_steps, run.steps, items, sampler)
 
     def due(self, step: int) -> bool:
         return self.every > 0 and (step % self.every == 0 or step == self.last_step)
@@ -63,7 +67,7 @@ class Validation:
         if not self.due(step):
             return {}
         started = time.perf_counter()
-        lines = answer(run, self.items)
+        lines = answer(run, self.sampler, self.items)
         if not run.accelerator.is_main_process:
             return {}
         folder = run.out / FOLDER / f"step-{step}"
@@ -78,17 +82,14 @@ class Validation:
         return {**values, "eval/seconds": time.perf_counter() - started}
 
 
-def answer(run: Run, items: list[EvalItem]) -> list[dict]:
+def answer(run: Run, sampler: Sampler, items: list[EvalItem]) -> list[dict]:
     """The predictions lines of `items` in their order: this process answers every world_size-th one from its rank,
     and the main process gets them all (the others: []). RNG states and the training mode are left as they were."""
-    from qlora_rft.distributed import sampling_model
-
     rank, world = run.launch.rank, run.launch.world_size
     state = checkpoint.rng_state()
     try:
-        with sampling_model(run.accelerator, run.model) as scorer:  # under ZeRO-3: the weights gathered whole
-            policy = replace(run.policy, model=scorer.policy)
-            lines = [line for batch in predict(policy, run.task, items[rank::world], run.cfg) for line in batch]
+        with sampler.synced():  # under ZeRO-3: the weights gathered whole; merged/int8/fp8: the copy made
+            lines = [line for batch in predict(sampler, run.task, items[rank::world], run.cfg) for line in batch]
     finally:
         checkpoint.set_rng_state(state)
     if world > 1:

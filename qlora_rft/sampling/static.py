@@ -1,13 +1,14 @@
-"""Rollout decoding on a static KV cache: the prompt rows prefilled once (`rollout.prefill`), their cache copied
-into a preallocated [rows, kv_heads, cache_length, head_dim] cache, then one token per step for every row, with
-the sampling rule applied on the device (no host sync per token; all-finished is checked every few tokens).
+"""The `static` backend: decoding on a static KV cache. The prompt rows are prefilled once (`backend.prefill`), their
+cache copied into a preallocated [rows, kv_heads, cache_length, head_dim] cache, then one token per step for every
+row, with the sampling rule applied on the device (no host sync per token; all-finished is checked every few
+tokens) and the log-prob of each drawn token kept (temperature applied, before top-k/top-p).
 
-`Decoder` keeps the caches and the one-token step across a run. Cache lengths are bucketed (the prompt width
+`StaticBackend` keeps the caches and the one-token step across a run. Cache lengths are bucketed (the prompt width
 rounded up, plus max_new_tokens) and only grow, so a new prompt reuses the step built for the last one. With
 `compile` (CUDA only by default; unmeasured there in this version) the step is torch.compile'd once per shape,
 mode reduce-overhead (CUDA graphs), and `compiles` counts every graph the compiler builds.
-The sampling rule is `Sampling`'s, with the semantics transformers' generate gives it (processor order and
-tie rules of its MinNewTokens, SuppressTokens, Temperature, TopK and TopP processors).
+The sampling rule is `Settings`'s, with the semantics transformers' generate gives it (processor order and
+tie rules of its MinNewTokens, SuppressTokens, Temperature, TopK and TopP processors); no repetition penalty.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from qlora_rft.model import SpecialTokens, base_model
+from qlora_rft.sampling.backend import Decoded, FiniteLogits, Prefix, Settings, prefill
 
 CHECK_EVERY = 8  # tokens between the host's looks at "has every row finished?"
 
@@ -74,30 +78,6 @@ def banned_ids(vocab: int, suppress: list[int], eos: list[int], device) -> tuple
 # ----------------------------------------------------------------------------- the decoder
 
 
-@dataclass(frozen=True)
-class Decoding:
-    """grpo.decode resolved for a run: the decoder (None: transformers' generate), and why."""
-
-    name: str  # generate | static | static, compiled
-    reason: str
-    decoder: "Decoder | None"
-
-
-def choose_decoding(setting: str, device: torch.device, weights_mode: str) -> Decoding:
-    """auto: static on the CPU (tested equal to generate's tokens), generate on CUDA (the compiled decoder is
-    unmeasured there). static compiles its step on CUDA only over plain-torch weights (merged, int8, fp8): the
-    4-bit kernels gained nothing from compiling in our probes."""
-    if setting == "generate" or (setting == "auto" and device.type != "cpu"):
-        why = "set by grpo.decode" if setting == "generate" else "auto on CUDA: the static decoder is not yet measured"
-        return Decoding("generate", why, None)
-    if device.type == "cuda" and weights_mode != "adapters":
-        return Decoding("static, compiled", "grpo.decode=static on CUDA over plain-torch weights",
-                        Decoder(compile=True, bucket=256))
-    why = "auto on the CPU" if setting == "auto" else "set by grpo.decode (eager: " + (
-        "4-bit weights)" if device.type == "cuda" else "the CPU)")
-    return Decoding("static", why, Decoder(compile=False, bucket=64))
-
-
 def bucket_length(width: int, max_new_tokens: int, bucket: int) -> int:
     """Cache length for a prompt `width` tokens wide: the width rounded up to `bucket`, plus the completion.
 
@@ -117,60 +97,77 @@ class Slot:
     step: object  # (token [B, 1], position [3, B, 1], mask) -> logits [B, V]
 
 
-class Decoder:
+class StaticBackend:
     """Static-cache decoding for a run: one Slot per batch size, rebuilt only for a longer bucket.
 
     builds: how many times a step was built for a new shape (batch size, or a longer cache bucket);
     compiles: how many graphs torch.compile built (0 when eager); both only grow when shapes are new.
+    `compiler`: torch.compile's backend when compiling (inductor; "eager" for dynamo's tracing alone, in tests).
     """
 
-    def __init__(self, compile: bool = False, bucket: int = 256, backend: str = "inductor"):
-        self.compile, self.bucket, self.backend = compile, bucket, backend
+    def __init__(self, compile: bool = False, bucket: int = 256, compiler: str = "inductor", reason: str = ""):
+        self.compile, self.bucket, self.compiler, self.reason = compile, bucket, compiler, reason
         self.builds = 0
         self.compiles = 0
         self._slots: dict[int, Slot] = {}
+
+    @property
+    def name(self) -> str:
+        return "static, compiled" if self.compile else "static"
+
+    @property
+    def keeps_weights(self) -> bool:
+        return self.compile  # CUDA graphs read the sampling copy where it was when they were captured
 
     def counters(self) -> dict:
         return {"decode_builds": self.builds, "decode_compiles": self.compiles}
 
     @torch.no_grad()
-    def generate(self, model, prefix, mask: torch.Tensor, last: torch.Tensor, repeat: int, sampling,
-                 tokens, generator: torch.Generator | None = None, finite=None) -> torch.Tensor:
-        """Completions continuing a prefill: `prefix` (rollout.Prefix, k rows, the prompt but its last token),
-        `mask` [k, W] the rows' attention masks, `last` [k] their last prompt tokens; each row `repeat` times.
-        `finite` (rollout.FiniteLogits): a row whose logits are NaN or +inf ends with EOS, and it records that.
-        -> [k * repeat, t] token ids, t <= max_new_tokens (pad after a row's EOS; trimmed after the last EOS)."""
-        from qlora_rft.rollout import base_model
-
+    def decode(self, model, batch: dict, repeat: int, settings: Settings, tokens: SpecialTokens,
+               finite: FiniteLogits | None, generator: torch.Generator | None = None,
+               prefix: Prefix | None = None) -> Decoded:
+        """Completions of the k rows of `batch`, each `repeat` times, continuing one prefill of the rows (all
+        their tokens but the last; `prefix` when given, only read). `finite`: a row whose logits are NaN or +inf
+        ends with EOS, and it records that. -> [k * repeat, t] ids, t <= max_new_tokens (pad after a row's EOS;
+        trimmed after the last EOS), and with sampling each drawn token's log-prob (0 after a row's end)."""
+        if settings.repetition_penalty != 1.0:
+            raise ValueError("the static decoder has no repetition penalty: decode with generate")
         base = base_model(model)
+        prefix = prefix if prefix is not None else prefill(model, batch)
+        mask = batch["attention_mask"]  # [k, W]
         device = mask.device
         rows, width = mask.shape[0] * repeat, mask.shape[1]
-        slot = self._slot(base, rows, bucket_length(width, sampling.max_new_tokens, self.bucket), prefix)
+        slot = self._slot(base, rows, bucket_length(width, settings.max_new_tokens, self.bucket), prefix)
         _load_prefix(slot, prefix, mask, repeat)
         position = (mask.sum(-1, keepdim=True) - 1 + prefix.rope_deltas.to(device)).repeat_interleave(repeat, 0)
-        token = last.repeat_interleave(repeat).view(rows, 1)  # [B, 1]
+        token = batch["input_ids"][:, -1].repeat_interleave(repeat).view(rows, 1)  # [B, 1]: the last prompt tokens
         vocab = base.lm_head.weight.shape[0]
         never, early = banned_ids(vocab, tokens.vision, tokens.eos, device)
         eos = torch.tensor(tokens.eos, device=device)
-        out = torch.full((rows, sampling.max_new_tokens), tokens.pad, dtype=torch.long, device=device)
+        out = torch.full((rows, settings.max_new_tokens), tokens.pad, dtype=torch.long, device=device)
+        logp = torch.zeros(rows, settings.max_new_tokens, device=device) if settings.do_sample else None
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         compiled = self.compile and device.type == "cuda"
-        for t in range(sampling.max_new_tokens):
+        for t in range(settings.max_new_tokens):
             if compiled:
                 torch.compiler.cudagraph_mark_step_begin()
             logits = slot.step(token, position.view(1, rows, 1).expand(3, rows, 1), slot.mask)  # [B, V]
-            scores = filter_logits(logits, early if t < sampling.min_new_tokens else never, sampling.temperature,
-                                   sampling.top_k, sampling.top_p, sampling.do_sample)
+            scores = filter_logits(logits, early if t < settings.min_new_tokens else never, settings.temperature,
+                                   settings.top_k, settings.top_p, settings.do_sample)
             if finite is not None:
                 scores = finite(None, scores)
-            noise = (torch.empty_like(scores).exponential_(generator=generator) if sampling.do_sample else None)
+            noise = (torch.empty_like(scores).exponential_(generator=generator) if settings.do_sample else None)
             new = torch.where(finished, tokens.pad, draw(scores, noise))  # [B]
             out[:, t] = new
+            if logp is not None:  # under the full tempered softmax, as grpo.token_logprobs scores it
+                drawn = torch.log_softmax(logits / settings.temperature, -1).gather(-1, new[:, None])[:, 0]  # [B]
+                logp[:, t] = torch.where(finished, 0.0, drawn)
             finished |= torch.isin(new, eos)
             token, position = new.view(rows, 1), position + 1
             if (t + 1) % CHECK_EVERY == 0 and bool(finished.all()):  # the only host sync, every few tokens
                 break
-        return out[:, : _used_columns(out, eos)]
+        used = _used_columns(out, eos)
+        return Decoded(out[:, :used], logp[:, :used] if logp is not None else None)
 
     def _slot(self, base, rows: int, length: int, prefix) -> Slot:
         slot = self._slots.get(rows)
@@ -201,10 +198,10 @@ class Decoder:
     def _counting_backend(self):
         """The compiler backend, counting each graph it is asked to build (a recompile is one more). inductor is
         what torch.compile(mode="reduce-overhead") runs: generated kernels replayed as CUDA graphs."""
-        if self.backend == "inductor":
+        if self.compiler == "inductor":
             inner = torch._TorchCompileInductorWrapper("reduce-overhead", None, False)
         else:  # e.g. "eager": dynamo's tracing and guards alone (the CPU tests)
-            inner = torch._dynamo.lookup_backend(self.backend)
+            inner = torch._dynamo.lookup_backend(self.compiler)
 
         def backend(gm, inputs):
             self.compiles += 1
