@@ -32,15 +32,19 @@ class Quant:
     tolerance: float  # relative: max |difference| <= tolerance * max(1, max |reference|) (see gguf_check.py)
 
 
-# Tolerances, relative to the reference's largest value (at least 1), for every check of `gguf_check.py`. Measured
-# on the tiny presets of the three families with non-zero adapters merged (README, Export to GGUF): f16 and bf16
-# round each weight once (11 and 8 significant bits), q8_0 rounds blocks of 32 to 8 bits, q4_k_m 4-6 bits. The
-# mmproj file is f16 for every quant. The bounds are ~4x the largest difference measured over the families.
+# Tolerances, relative to the reference's largest value (at least 1), for every comparison of `gguf_check.py`.
+# Measured on the tiny presets of the three families and cpu-small, adapters with lora_B ~ N(0, 0.1) on the language
+# model and the vision tower merged (README, Export to GGUF), the largest difference over them: f16 8.9e-3, bf16
+# 1.1e-2, q8_0 2.2e-2, q4_k_m 0.17 (rows of 64-128 take no K-quant: llama.cpp falls back to q5_0/q8_0). Floor:
+# llama.cpp's qwen2vl architecture (Qwen2-VL and Qwen2.5-VL) reads no RMS-norm epsilon and uses 0; with the tiny
+# presets' 1e-5 and their small activations that alone gives 8.9e-3 (float32 weights), against 2e-4 for Qwen3-VL.
+# The bounds are ~3-4x those figures; a lost adapter moves these logits by ~0.86, beyond every bound. The mmproj
+# file is f16 for every quant. Not measured on trained full-size checkpoints (logits of ~10-40).
 QUANTS: dict[str, Quant] = {
-    "f16": Quant("f16", "F16", "MOSTLY_F16", None, 1e-2),
+    "f16": Quant("f16", "F16", "MOSTLY_F16", None, 3e-2),
     "bf16": Quant("bf16", "BF16", "MOSTLY_BF16", None, 5e-2),
-    "q8_0": Quant("q8_0", "Q8_0", "MOSTLY_Q8_0", None, 5e-2),
-    "q4_k_m": Quant("q4_k_m", "F16", "MOSTLY_F16", "LLAMA_FTYPE_MOSTLY_Q4_K_M", 0.3),
+    "q8_0": Quant("q8_0", "Q8_0", "MOSTLY_Q8_0", None, 8e-2),
+    "q4_k_m": Quant("q4_k_m", "F16", "MOSTLY_F16", "LLAMA_FTYPE_MOSTLY_Q4_K_M", 0.5),
 }
 
 VISION_NORM_EPS = 1e-6  # the vision towers' norms (fixed in transformers' code of all three families)
