@@ -130,6 +130,11 @@ def cmd_export(args) -> None:
         print(f"  {c.name:<24} max |difference| {c.max_abs_diff:.3g}  (tolerance {c.tolerance:.3g}, "
               f"largest reference value {c.scale:.3g})")
     print(f"  tokenizer                {'same token ids' if check.tokenizer_agrees else 'DIFFERENT token ids'}")
+    eps = check.norm_epsilon
+    if eps.differs:
+        print(f"  llama.cpp computes the RMS norms with epsilon {eps.llama_cpp:g} (the model: {eps.model:g}; it reads "
+              f"none from this architecture's file): compared above with the model at that epsilon; the gap alone "
+              f"moves these logits by up to {eps.effect:.3g}")
     answers = check.answers
     print(f"  greedy answer, llama.cpp:    {answers.llama_cpp!r}")
     print(f"  greedy answer, transformers: {answers.transformers!r} (first {answers.same_leading_tokens} of "

@@ -5,13 +5,18 @@ Four checks: next-token logits on fixed token ids (fed directly, so a tokenizer 
 error), the image embedding of a fixed image from the mmproj file (deepstack levels included) against the vision
 tower's output, the logits that follow that image in a chat prompt, and the tokenizer (llama.cpp's ids of the
 prompt's text against transformers'). A short greedy answer to the image prompt is recorded from both sides.
+Where llama.cpp computes the RMS norms with another epsilon than the model's (0.3.36 reads none for Qwen2-VL and
+Qwen2.5-VL and uses 0), the logits are compared with the model run at llama.cpp's epsilon, and what that gap alone
+changes is reported beside them: a fault of the reader, not of the files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-from dataclasses import dataclass, field
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +54,26 @@ class Answers:
 
 
 @dataclass
+class NormEpsilon:
+    """The language model's RMS-norm epsilon as the model has it and as llama.cpp computes with it (read from its
+    load log), and the largest logit difference that gap alone makes on the check prompts (transformers both ways)."""
+
+    model: float
+    llama_cpp: float
+    effect: float = 0.0
+
+    @property
+    def differs(self) -> bool:
+        return not math.isclose(self.model, self.llama_cpp, rel_tol=0.05)  # llama.cpp logs 2 significant digits
+
+
+@dataclass
 class GgufCheck:
     comparisons: list[Comparison]
     tokenizer_agrees: bool  # llama.cpp's token ids of the image prompt's text == transformers'
     answers: Answers
     image_tokens: int
-    log_tail: list[str] = field(default_factory=list)  # llama.cpp's last log lines (diagnostics of a failure)
+    norm_epsilon: NormEpsilon
 
     @property
     def ok(self) -> bool:
@@ -74,15 +93,22 @@ def check_gguf(model_file: Path, mmproj_file: Path, model, processor, family, re
     """Load `model_file` and `mmproj_file` in llama.cpp and compare its outputs with `model` (the merged model,
     float32, eval mode) on the fixed inputs; `relative_tolerance` scales with each reference's largest value."""
     prompt = Prompt.build(processor, family)
-    with torch.no_grad():
-        reference = Reference.of(model, processor, family, prompt)
+    eog = {processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     with LlamaCpp(model_file, mmproj_file) as llama:
         text_logits = llama.logits(prompt.text_ids)
         image_embedding = llama.image_embedding(prompt.image)
         image_logits = llama.image_prompt_logits(prompt)
-        answer = llama.greedy_answer(prompt, reference.eog)
+        answer = llama.greedy_answer(prompt, eog)
         llama_text_ids = llama.tokenize(prompt.text)
-        log_tail = llama.log[-5:]
+        model_eps, read_eps = model.config.get_text_config().rms_norm_eps, llama.norm_epsilon()
+        eps = NormEpsilon(model_eps, model_eps if read_eps is None else read_eps)
+    with torch.no_grad():
+        reference = as_read = Reference.of(model, family, prompt, eog)
+        if eps.differs:
+            with text_norm_epsilon(model, eps.llama_cpp):
+                as_read = Reference.of(model, family, prompt, eog, answer=False)
+            eps.effect = max(float((as_read.text_logits - reference.text_logits).abs().max()),
+                             float((as_read.image_logits - reference.image_logits).abs().max()))
 
     def compare(name: str, ours: np.ndarray, theirs: torch.Tensor) -> Comparison:
         theirs = theirs.float().numpy()
@@ -95,13 +121,13 @@ def check_gguf(model_file: Path, mmproj_file: Path, model, processor, family, re
         same += 1
     tokenizer = processor.tokenizer
     return GgufCheck(
-        comparisons=[compare("text logits", text_logits, reference.text_logits),
-                     compare("image embedding", image_embedding, reference.image_embedding),
-                     compare("logits after the image", image_logits, reference.image_logits)],
+        comparisons=[compare("text logits", text_logits, as_read.text_logits),
+                     compare("image embedding", image_embedding, as_read.image_embedding),
+                     compare("logits after the image", image_logits, as_read.image_logits)],
         tokenizer_agrees=llama_text_ids == prompt.text_ids,
         answers=Answers(tokenizer.decode(answer), tokenizer.decode(reference.answer), len(answer), same),
         image_tokens=prompt.image_tokens,
-        log_tail=log_tail,
+        norm_epsilon=eps,
     )
 
 
@@ -144,22 +170,35 @@ class Reference:
     text_logits: torch.Tensor  # [T, V]
     image_embedding: torch.Tensor  # [image tokens, hidden * (1 + deepstack levels)]
     image_logits: torch.Tensor  # [len(after_image), V]
-    answer: list[int]  # greedy token ids, end-of-generation token excluded
-    eog: set[int]  # ids that end an answer
+    answer: list[int]  # greedy token ids, end-of-generation token excluded (empty when not asked for)
 
     @classmethod
-    def of(cls, model, processor, family, prompt: Prompt) -> "Reference":
+    def of(cls, model, family, prompt: Prompt, eog: set[int], answer: bool = True) -> "Reference":
         text_logits = model(input_ids=torch.tensor([prompt.text_ids]), use_cache=False).logits[0]
         inputs = prompt.processed
         levels = family.encode_images(model, inputs["pixel_values"], inputs["image_grid_thw"])[0]
         image_logits = model(**inputs, use_cache=False).logits[0, -len(prompt.after_image):]
-        tokenizer = processor.tokenizer
-        eog = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
-        generated = model.generate(**inputs, do_sample=False, max_new_tokens=ANSWER_TOKENS, temperature=None,
-                                   top_p=None, top_k=None, eos_token_id=sorted(eog),
-                                   pad_token_id=tokenizer.pad_token_id)[0, inputs["input_ids"].shape[1]:].tolist()
+        generated = []
+        if answer:
+            generated = model.generate(**inputs, do_sample=False, max_new_tokens=ANSWER_TOKENS, temperature=None,
+                                       top_p=None, top_k=None, eos_token_id=sorted(eog), pad_token_id=min(eog),
+                                       )[0, inputs["input_ids"].shape[1]:].tolist()
         end = next((i for i, token in enumerate(generated) if token in eog), len(generated))
-        return cls(text_logits, torch.cat(levels, dim=-1), image_logits, generated[:end], eog)
+        return cls(text_logits, torch.cat(levels, dim=-1), image_logits, generated[:end])
+
+
+@contextlib.contextmanager
+def text_norm_epsilon(model, eps: float):
+    """The language model's RMS norms computed with `eps` inside the block (the model is left as it was)."""
+    norms = [m for m in model.model.language_model.modules() if hasattr(m, "variance_epsilon")]
+    kept = [m.variance_epsilon for m in norms]
+    for m in norms:
+        m.variance_epsilon = eps
+    try:
+        yield
+    finally:
+        for m, value in zip(norms, kept):
+            m.variance_epsilon = value
 
 
 # ----------------------------------------------------------------------------- llama.cpp
@@ -204,6 +243,14 @@ class LlamaCpp:
     def _last_error(self, error: Exception | None = None) -> str:
         lines = [line.strip() for line in self.log if line.strip()]
         return lines[-1] if lines else str(error or "no message")
+
+    def norm_epsilon(self) -> float | None:
+        """The RMS-norm epsilon llama.cpp computes with, as its load log states it (None if it does not)."""
+        for line in self.log:
+            found = re.search(r"f_norm_rms_eps\s*=\s*([-+.0-9eE]+)", line)
+            if found:
+                return float(found.group(1))
+        return None
 
     def tokenize(self, text: str) -> list[int]:
         return self.llama.tokenize(text.encode(), add_bos=False, special=True)

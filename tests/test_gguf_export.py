@@ -131,6 +131,8 @@ def test_qwen2_5_and_qwen3_vl_export_and_llama_cpp_agrees(adapters, tmp_path, pr
     assert result.check.tokenizer_agrees and result.check.answers.tokens > 0
     model_file, mmproj = tmp_path / "gguf" / f"model-{quant}.gguf", tmp_path / "gguf" / "mmproj-f16.gguf"
     assert tensor_types(model_file) == {quant.upper(): 16, "F32": 11 if preset == "qwen2.5-vl-tiny" else 9}
+    eps = result.check.norm_epsilon  # llama.cpp's qwen2vl reads no RMS-norm epsilon and uses 0; qwen3vl reads it
+    assert (eps.model, eps.llama_cpp, eps.differs) == ((1e-5, 0.0, True) if arch == "qwen2vl" else (1e-6, 1e-6, False))
     assert _field(model_file, "general.architecture") == arch
     assert _field(mmproj, "clip.projector_type") == projector
     if preset == "qwen3-vl-tiny":  # both vision blocks feed a deepstack merger; the text file expects 2 levels
@@ -140,6 +142,31 @@ def test_qwen2_5_and_qwen3_vl_export_and_llama_cpp_agrees(adapters, tmp_path, pr
     else:  # full attention in block 1 of 2: every 2nd block
         assert _field(mmproj, "clip.vision.n_wa_pattern") == 2
         assert _field(model_file, "qwen2vl.rope.dimension_sections") == [2, 3, 3, 0]
+
+
+def test_logits_are_compared_with_the_model_at_llama_cpps_norm_epsilon(adapters, tmp_path):
+    """llama.cpp 0.3.36 computes Qwen2-VL's RMS norms with epsilon 0 (its load log says so); the tiny model's is
+    1e-5. The check compares with the model run at 0 (the files are exact at f16: < 2e-3) and reports the gap's
+    own effect (7e-3 here) apart; the model is left with its own epsilon."""
+    from qlora_rft.gguf_check import text_norm_epsilon
+
+    base, adapter = adapters["tiny"]
+    check = export_gguf(base, tmp_path / "gguf", quant="f16", adapter=adapter).check
+    eps = check.norm_epsilon
+    assert (eps.model, eps.llama_cpp) == (1e-5, 0.0) and check.ok
+    text = check.comparisons[0]
+    assert text.max_abs_diff < 2e-3 < eps.effect < text.tolerance
+
+    model = family_of(base).transformers_class().from_pretrained(str(base), local_files_only=True, use_kernels=False)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        with text_norm_epsilon(model, 0.0):
+            at_zero = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after) and not torch.equal(before, at_zero)
+    assert {m.variance_epsilon for m in model.model.language_model.modules() if hasattr(m, "variance_epsilon")} == {
+        1e-5}
 
 
 def test_bf16_keeps_8_significant_bits_and_llama_cpp_agrees(adapters, tmp_path):
