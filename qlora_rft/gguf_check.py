@@ -55,16 +55,20 @@ class Answers:
 
 @dataclass
 class NormEpsilon:
-    """The language model's RMS-norm epsilon as the model has it and as llama.cpp computes with it (read from its
-    load log), and the largest logit difference that gap alone makes on the check prompts (transformers both ways)."""
+    """The language model's RMS-norm epsilon: the model's, the file's, and the one llama.cpp computes with (from its
+    load log); and the largest logit difference the reader's gap alone makes on the check prompts (transformers both
+    ways; 0 without a gap)."""
 
     model: float
+    file: float
     llama_cpp: float
     effect: float = 0.0
 
     @property
     def differs(self) -> bool:
-        return not math.isclose(self.model, self.llama_cpp, rel_tol=0.05)  # llama.cpp logs 2 significant digits
+        """llama.cpp computes with another epsilon than the file states, which states the model's."""
+        return (math.isclose(self.file, self.model, rel_tol=1e-6)
+                and not math.isclose(self.model, self.llama_cpp, rel_tol=0.05))  # llama.cpp logs 2 digits
 
 
 @dataclass
@@ -101,7 +105,7 @@ def check_gguf(model_file: Path, mmproj_file: Path, model, processor, family, re
         answer = llama.greedy_answer(prompt, eog)
         llama_text_ids = llama.tokenize(prompt.text)
         model_eps, read_eps = model.config.get_text_config().rms_norm_eps, llama.norm_epsilon()
-        eps = NormEpsilon(model_eps, model_eps if read_eps is None else read_eps)
+        eps = NormEpsilon(model_eps, file_norm_epsilon(model_file), model_eps if read_eps is None else read_eps)
     with torch.no_grad():
         reference = as_read = Reference.of(model, family, prompt, eog)
         if eps.differs:
@@ -185,6 +189,14 @@ class Reference:
                                        )[0, inputs["input_ids"].shape[1]:].tolist()
         end = next((i for i, token in enumerate(generated) if token in eog), len(generated))
         return cls(text_logits, torch.cat(levels, dim=-1), image_logits, generated[:end])
+
+
+def file_norm_epsilon(model_file: Path) -> float:
+    """The RMS-norm epsilon a language model file states ({arch}.attention.layer_norm_rms_epsilon)."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(model_file)).fields
+    return float(next(f.contents() for key, f in fields.items() if key.endswith(".attention.layer_norm_rms_epsilon")))
 
 
 @contextlib.contextmanager

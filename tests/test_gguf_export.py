@@ -133,6 +133,7 @@ def test_qwen2_5_and_qwen3_vl_export_and_llama_cpp_agrees(adapters, tmp_path, pr
     assert tensor_types(model_file) == {quant.upper(): 16, "F32": 11 if preset == "qwen2.5-vl-tiny" else 9}
     eps = result.check.norm_epsilon  # llama.cpp's qwen2vl reads no RMS-norm epsilon and uses 0; qwen3vl reads it
     assert (eps.model, eps.llama_cpp, eps.differs) == ((1e-5, 0.0, True) if arch == "qwen2vl" else (1e-6, 1e-6, False))
+    assert eps.file == pytest.approx(eps.model)
     assert _field(model_file, "general.architecture") == arch
     assert _field(mmproj, "clip.projector_type") == projector
     if preset == "qwen3-vl-tiny":  # both vision blocks feed a deepstack merger; the text file expects 2 levels
@@ -153,7 +154,7 @@ def test_logits_are_compared_with_the_model_at_llama_cpps_norm_epsilon(adapters,
     base, adapter = adapters["tiny"]
     check = export_gguf(base, tmp_path / "gguf", quant="f16", adapter=adapter).check
     eps = check.norm_epsilon
-    assert (eps.model, eps.llama_cpp) == (1e-5, 0.0) and check.ok
+    assert (eps.model, eps.file, eps.llama_cpp) == (1e-5, pytest.approx(1e-5), 0.0) and check.ok
     text = check.comparisons[0]
     assert text.max_abs_diff < 2e-3 < eps.effect < text.tolerance
 
@@ -167,6 +168,26 @@ def test_logits_are_compared_with_the_model_at_llama_cpps_norm_epsilon(adapters,
     assert torch.equal(before, after) and not torch.equal(before, at_zero)
     assert {m.variance_epsilon for m in model.model.language_model.modules() if hasattr(m, "variance_epsilon")} == {
         1e-5}
+
+
+def test_a_wrong_epsilon_in_the_file_is_an_export_error_not_excused(adapters, tmp_path, monkeypatch):
+    """Qwen3-VL's reader reads the epsilon: a file stating 1e-2 (not the model's 1e-6) is compared with the model
+    as it is, and fails."""
+    from qlora_rft import gguf_export
+
+    base, adapter = adapters["qwen3-vl-tiny"]
+    original = gguf_export.text_writer
+
+    def wrong_epsilon(config, *args):
+        config.text_config.rms_norm_eps = 1e-2
+        try:
+            return original(config, *args)
+        finally:
+            config.text_config.rms_norm_eps = 1e-6
+
+    monkeypatch.setattr(gguf_export, "text_writer", wrong_epsilon)
+    with pytest.raises(UserError, match="beyond the f16 tolerance"):
+        export_gguf(base, tmp_path / "gguf", quant="f16", adapter=adapter)
 
 
 def test_bf16_keeps_8_significant_bits_and_llama_cpp_agrees(adapters, tmp_path):
