@@ -228,27 +228,32 @@ class LlamaCpp:
 
         self._silenced = llama_cpp_silenced(self.log)
         self._silenced.__enter__()
+        self.llama = self.mtmd = None
         threads = torch.get_num_threads()
         try:
-            self.llama = Llama(str(self.model_file), n_ctx=CONTEXT, n_batch=CONTEXT, n_threads=threads,
-                               logits_all=True, verbose=False)
-        except ValueError as e:
-            raise RuntimeError(f"llama.cpp cannot load {self.model_file}: {self._last_error(e)}") from None
-        params = mtmd_cpp.mtmd_context_params_default()
-        params.use_gpu = False
-        params.n_threads = threads
-        params.warmup = False
-        self.mtmd = mtmd_cpp.mtmd_init_from_file(str(self.mmproj_file).encode(), self.llama.model, params)
-        if not self.mtmd:
-            raise RuntimeError(f"llama.cpp cannot load {self.mmproj_file}: {self._last_error()}")
+            try:
+                self.llama = Llama(str(self.model_file), n_ctx=CONTEXT, n_batch=CONTEXT, n_threads=threads,
+                                   logits_all=True, verbose=False)
+            except ValueError as e:
+                raise RuntimeError(f"llama.cpp cannot load {self.model_file}: {self._last_error(e)}") from None
+            params = mtmd_cpp.mtmd_context_params_default()
+            params.use_gpu = False
+            params.n_threads = threads
+            params.warmup = False
+            self.mtmd = mtmd_cpp.mtmd_init_from_file(str(self.mmproj_file).encode(), self.llama.model, params)
+            if not self.mtmd:
+                raise RuntimeError(f"llama.cpp cannot load {self.mmproj_file}: {self._last_error()}")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         from llama_cpp import mtmd_cpp
 
-        if getattr(self, "mtmd", None):
+        if self.mtmd:
             mtmd_cpp.mtmd_free(self.mtmd)
-        if getattr(self, "llama", None) is not None:
+        if self.llama is not None:
             self.llama.close()
         self._silenced.__exit__(*exc)
 

@@ -166,7 +166,10 @@ def _merged(base: Path, adapter: Path | None):
     if adapter is None:
         return load_base(base, ModelConfig(name_or_path=str(base), mode="full"), cpu, torch.float32).eval()
     model, _ = load_with_adapter(base, adapter, torch.float32, cpu)
-    return model.merge_and_unload(safe_merge=True).eval()
+    try:
+        return model.merge_and_unload(safe_merge=True).eval()
+    except ValueError as e:  # safe_merge found NaNs
+        raise UserError(f"merging {adapter} gives non-finite weights ({e})") from e
 
 
 def check_vision_config(config) -> None:
@@ -267,7 +270,9 @@ def add_tokenizer(writer, folder: Path, processor, text) -> None:
     if tokenizer.pad_token_id is not None:
         writer.add_pad_token_id(tokenizer.pad_token_id)
     writer.add_add_bos_token(False)
-    writer.add_chat_template(processor.chat_template)
+    template = processor.chat_template or tokenizer.chat_template
+    if template:
+        writer.add_chat_template(template)
 
 
 def llama_pre_tokenizer(spec: dict) -> str:
