@@ -1,13 +1,6 @@
-"""A GGUF export checked by the real reader: llama.cpp (through llama-cpp-python) loads both files, and its outputs are
-compared with the merged transformers model in float32 on the same inputs.
-
-Four checks: next-token logits on fixed token ids (fed directly, so a tokenizer difference cannot hide a weight
-error), the image embedding of a fixed image from the mmproj file (deepstack levels included) against the vision
-tower's output, the logits that follow that image in a chat prompt, and the tokenizer (llama.cpp's ids of the
-prompt's text against transformers'). A short greedy answer to the image prompt is recorded from both sides.
-Where llama.cpp computes the RMS norms with another epsilon than the model's (0.3.36 reads none for Qwen2-VL and
-Qwen2.5-VL and uses 0), the logits are compared with the model run at llama.cpp's epsilon, and what that gap alone
-changes is reported beside them: a fault of the reader, not of the files.
+"""A GGUF export checked by the real reader: llama.cpp (llama-cpp-python) loads both files and its logits, image
+embedding, token ids and greedy answer are compared with the merged transformers model in float32 on the same inputs.
+A gap that is llama.cpp's own (an RMS-norm epsilon it does not read) is measured and reported apart.
 """
 
 from __future__ import annotations
@@ -73,8 +66,10 @@ class NormEpsilon:
 
 @dataclass
 class GgufCheck:
+    """What `check_gguf` found: it passes when every comparison is within its tolerance and the token ids agree."""
+
     comparisons: list[Comparison]
-    tokenizer_agrees: bool  # llama.cpp's token ids of the image prompt's text == transformers'
+    tokenizer_agrees: bool  # llama.cpp's token ids of the check conversation's text == transformers'
     answers: Answers
     image_tokens: int
     norm_epsilon: NormEpsilon
@@ -84,7 +79,7 @@ class GgufCheck:
         return self.tokenizer_agrees and all(c.ok for c in self.comparisons)
 
     def failures(self) -> str:
-        """One line naming what failed: 'text logits 0.41 > 0.3; tokenizer differs'."""
+        """One line naming what failed, e.g. "text logits 0.41 > 0.3; llama.cpp's token ids differ"."""
         failed = [f"{c.name} {c.max_abs_diff:.3g} > {c.tolerance:.3g}" for c in self.comparisons if not c.ok]
         return "; ".join(failed + ([] if self.tokenizer_agrees else ["llama.cpp's token ids differ"]))
 
@@ -92,10 +87,19 @@ class GgufCheck:
 # ----------------------------------------------------------------------------- the check
 
 
-def check_gguf(model_file: Path, mmproj_file: Path, model, processor, family, relative_tolerance: float,
-               ) -> GgufCheck:
+def check_gguf(model_file: Path, mmproj_file: Path, model, processor, family,
+               relative_tolerance: float) -> GgufCheck:
     """Load `model_file` and `mmproj_file` in llama.cpp and compare its outputs with `model` (the merged model,
-    float32, eval mode) on the fixed inputs; `relative_tolerance` scales with each reference's largest value."""
+    float32, eval mode); `relative_tolerance` scales with each reference's largest value.
+
+    Compared: next-token logits on fixed token ids (fed directly, so a tokenizer difference cannot hide a weight
+    error), the mmproj's embedding of a fixed image (deepstack levels included) against the vision tower's output,
+    the logits after each token that follows that image in a chat prompt, and llama.cpp's token ids of the prompt's
+    text. A greedy answer to the image prompt is recorded from both sides. Where llama.cpp computes the RMS norms
+    with another epsilon than the model's while the file states the model's (0.3.36 reads none for the qwen2vl
+    architecture and uses 0), the logits are compared with the model run at llama.cpp's epsilon, and what that gap
+    alone changes is reported beside them: the reader's fault, not the files'.
+    """
     prompt = Prompt.build(processor, family)
     eog = {processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     with LlamaCpp(model_file, mmproj_file) as llama:

@@ -1,9 +1,6 @@
-"""Export a fine-tuned model as GGUF for llama.cpp, LM Studio and Ollama: the language model file and the vision
-projector (mmproj) file, written with the gguf package from the merged float32 weights (K-quants by llama.cpp's own
-quantizer), beside an Ollama Modelfile and `export_info.json`.
-
-The files are checked by llama.cpp itself (`gguf_check.py`) before the folder appears (atomically): a difference
-beyond the quant's tolerance leaves no folder. What differs per family is its module's `GgufFormat`.
+"""Export a fine-tuned model as GGUF for llama.cpp, LM Studio and Ollama: a language model file and a vision projector
+(mmproj) file written with the gguf package from the merged float32 weights (K-quants by llama.cpp's quantizer), an
+Ollama Modelfile and export_info.json; checked by llama.cpp (`gguf_check.py`) before the folder appears, atomically.
 """
 
 from __future__ import annotations
@@ -12,6 +9,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +17,9 @@ from qlora_rft.errors import UserError
 from qlora_rft.export import check_adapter, check_base, check_out, load_with_adapter, quiet
 from qlora_rft.files import atomic_folder
 from qlora_rft.models import Family, family_of
+
+if TYPE_CHECKING:
+    from qlora_rft.gguf_check import GgufCheck
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class GgufExport:
     out: Path
     quant: str
     files: dict[str, int]  # file name -> bytes
-    check: object  # gguf_check.GgufCheck
+    check: GgufCheck
 
 
 def canonical_quant(name: str) -> Quant:
