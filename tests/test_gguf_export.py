@@ -198,6 +198,17 @@ def test_bf16_keeps_8_significant_bits_and_llama_cpp_agrees(adapters, tmp_path):
     assert _field(tmp_path / "gguf" / "model-bf16.gguf", "general.file_type") == 32  # LlamaFileType.MOSTLY_BF16
 
 
+def test_a_tied_output_matrix_is_left_to_llama_cpp(private_cache, tmp_path):
+    """As Qwen2-VL-2B ships: lm_head is embed_tokens. The file holds it once; llama.cpp uses it for both."""
+    from qlora_rft.model import resolve_model_path
+
+    result = export_gguf(resolve_model_path("tiny:tiny-tied"), tmp_path / "gguf", quant="f16")
+    assert result.check.ok, result.check.failures()
+    names = [t.name for t in gguf.GGUFReader(str(tmp_path / "gguf" / "model-f16.gguf")).tensors]
+    assert "token_embd.weight" in names and "output.weight" not in names
+    assert tensor_types(tmp_path / "gguf" / "model-f16.gguf") == {"F16": 15, "F32": 11}
+
+
 def _k_quant_model(folder: Path) -> Path:
     """A Qwen2-VL folder whose rows are 256 wide (K-quants' block): hidden 256, MLP 512, random weights."""
     from transformers import GenerationConfig
