@@ -8,3 +8,7 @@ rewards), model.py (4-bit base + LoRA, or the full model), models/ (one module p
 """
 
 __version__ = "0.1.0"
+
+from qlora_rft.pretrained import keep_bitsandbytes_local  # noqa: E402
+
+keep_bitsandbytes_local()

@@ -82,6 +82,49 @@ def run_bench(
     compare: str = "trl",
     steps: int = 3,
     out: str | Path | None = None,
+    timeout: float | None = None,
+    **options,
+) -> dict:
+    """Run each side in its own subprocess on identical settings (`bench_settings(preset, steps, **options)`);
+    return and write the comparison JSON (default benchmarks/results/PRESET-DEVICE.json)."""
+    if compare != "trl":
+        raise UserError(f"bench --compare {compare!r}: only 'trl' (TRL's GRPOTrainer) is supported")
+    settings = bench_settings(preset, steps, **options)
+    cuda = settings.device == "cuda"
+    out = Path(out) if out is not None else Path("benchmarks/results") / f"{preset}-{settings.device}.json"
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="qlora-rft-bench-") as tmp:
+        for side in SIDES:
+            results[side] = side_process(side, settings, Path(tmp), timeout)
+
+    command = (f"qlora-rft bench --preset {preset} --compare {compare} --steps {steps} "
+               f"--num-generations {settings.num_generations} "
+               f"--max-completion-length {settings.max_completion_length} "
+               f"--sampling-weights {settings.sampling_weights} --decode {settings.decode} "
+               f"--out {shlex.quote(str(out))}")
+    bandwidth = memory_bandwidth(device_name(cuda)) if cuda else None
+    for side in SIDES:
+        results[side]["bandwidth_fraction"] = bandwidth_fraction(results[side], bandwidth)
+    report = {
+        "ours": results["ours"],
+        "trl": results["trl"],
+        "ratio": results["ours"]["step_seconds"] / results["trl"]["step_seconds"],
+        "device": device_name(cuda),
+        "memory_bandwidth_bytes_per_second": bandwidth,
+        "versions": versions(),
+        "settings": asdict(settings),
+        "command": command,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2)
+    out.write_text(text + "\n")
+    return json.loads(text)  # exactly what the file holds (tuples as lists)
+
+
+def bench_settings(
+    preset: str,
+    steps: int = 3,
     num_generations: int = 8,
     max_completion_length: int = 32,
     beta: float = 0.04,
@@ -89,18 +132,18 @@ def run_bench(
     learning_rate: float = 1e-5,
     gradient_checkpointing: bool | None = None,
     max_pixels: int | None = None,
-    timeout: float | None = None,
     sampling_weights: str = "auto",
     decode: str = "auto",
-) -> dict:
-    """Run each side in its own subprocess on identical settings; return and write the comparison JSON.
+    model_path: str | Path | None = None,
+    device: str | None = None,
+) -> BenchSettings:
+    """The settings both sides share, checked; the synthetic data generated once, here.
 
-    `gradient_checkpointing` None: off for the tiny presets, on otherwise. Images: at most 84x84 for the tiny
-    presets (`max_pixels` None: 7056); for the real-size ones resized up to 23 x 23 visual tokens (529 a prompt:
-    644x644 pixels for Qwen2/2.5-VL, 736x736 for Qwen3-VL).
+    `model_path` None: the preset's cached random model (built here once, so neither side pays for it). `device`
+    None: cuda when available. `gradient_checkpointing` None: off for the tiny presets, on otherwise. Images: at most
+    84x84 for the tiny presets (`max_pixels` None: 7056); for the real-size ones resized up to 23 x 23 visual tokens
+    (529 a prompt: 644x644 pixels for Qwen2/2.5-VL, 736x736 for Qwen3-VL).
     """
-    import torch
-
     from qlora_rft import tiny
     from qlora_rft.config import GRPOConfig, LoraSettings
     from qlora_rft.data import load_split
@@ -108,8 +151,6 @@ def run_bench(
     from qlora_rft.models import family_of
     from qlora_rft.tasks import get_task
 
-    if compare != "trl":
-        raise UserError(f"bench --compare {compare!r}: only 'trl' (TRL's GRPOTrainer) is supported")
     if steps < 1:
         raise UserError("bench --steps must be >= 1")
     if num_generations < 2:
@@ -122,10 +163,13 @@ def run_bench(
         if value not in choices[name]:
             raise UserError(f"bench {flag} {value!r}: choose one of {', '.join(choices[name])}")
     small = preset in tiny.SMALL_PRESETS
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
+    if device is None:
+        import torch
 
-    model_path = tiny.cached_model(preset)  # built here once, so neither side pays for it
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = device == "cuda"
+
+    model_path = Path(model_path) if model_path is not None else tiny.cached_model(preset)
     factor = family_of(model_path).factor  # pixels per visual token side: 28 (Qwen2/2.5-VL) or 32 (Qwen3-VL)
     real_pixels = (REAL_IMAGE_TOKENS_SIDE * factor) ** 2
     settings = BenchSettings(
@@ -148,41 +192,13 @@ def run_bench(
         sampling_weights=sampling_weights,
         decode=decode,
     )
-    # generate the data once, here
     load_split(settings.data, settings.split, get_task(settings.task), min_pixels=settings.min_pixels,
-               max_pixels=settings.max_pixels, factor=family_of(model_path).factor)
+               max_pixels=settings.max_pixels, factor=factor)
     settings.visual_tokens_per_prompt = visual_tokens(settings)
-
-    out = Path(out) if out is not None else Path("benchmarks/results") / f"{preset}-{device}.json"
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="qlora-rft-bench-") as tmp:
-        for side in SIDES:
-            results[side] = _run_side(side, settings, Path(tmp), timeout)
-
-    command = (f"qlora-rft bench --preset {preset} --compare {compare} --steps {steps} "
-               f"--num-generations {num_generations} --max-completion-length {max_completion_length} "
-               f"--sampling-weights {sampling_weights} --decode {decode} --out {shlex.quote(str(out))}")
-    bandwidth = memory_bandwidth(device_name(cuda)) if cuda else None
-    for side in SIDES:
-        results[side]["bandwidth_fraction"] = bandwidth_fraction(results[side], bandwidth)
-    report = {
-        "ours": results["ours"],
-        "trl": results["trl"],
-        "ratio": results["ours"]["step_seconds"] / results["trl"]["step_seconds"],
-        "device": device_name(cuda),
-        "memory_bandwidth_bytes_per_second": bandwidth,
-        "versions": versions(),
-        "settings": asdict(settings),
-        "command": command,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=2)
-    out.write_text(text + "\n")
-    return json.loads(text)  # exactly what the file holds (tuples as lists)
+    return settings
 
 
-def _run_side(side: str, settings: BenchSettings, tmp: Path, timeout: float | None) -> dict:
+def side_process(side: str, settings: BenchSettings, tmp: Path, timeout: float | None) -> dict:
     """One side in a fresh interpreter: `python -m qlora_rft.bench --side SIDE`; its result JSON back."""
     settings_file, result_file = tmp / f"{side}-settings.json", tmp / f"{side}-result.json"
     settings_file.write_text(json.dumps(asdict(settings)))
@@ -328,13 +344,14 @@ def side_trl(s: BenchSettings, workdir: Path) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoProcessor, TrainerCallback
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from qlora_rft.config import ModelConfig
     from qlora_rft.data import open_image, resize_image
     from qlora_rft.model import decode_weight_bytes, keep_training_layout, load_base
     from qlora_rft.models import family_of
+    from qlora_rft.pretrained import load_processor
     from qlora_rft.rewards import classification_reward, format_reward
     from qlora_rft.tasks import get_task
 
@@ -343,8 +360,7 @@ def side_trl(s: BenchSettings, workdir: Path) -> dict:
     # The model as a TRL user would load it: from_pretrained with the same BitsAndBytesConfig (NF4, double quant).
     model = load_base(Path(s.model_path), ModelConfig(name_or_path=s.model_path, mode="qlora"), device, dtype)
     keep_training_layout(model)  # on the CPU, bitsandbytes would otherwise repack weights in eval mode
-    processor = AutoProcessor.from_pretrained(s.model_path)
-    processor.tokenizer.padding_side = "left"
+    processor = load_processor(s.model_path, padding_side="left")
 
     rows = measured_rows(s)
     dataset = Dataset.from_dict({
@@ -408,6 +424,9 @@ def side_trl(s: BenchSettings, workdir: Path) -> dict:
             self.last = now
 
     timer = StepTimer()
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True  # TRL's trainer would report its use to the hub
     trainer = GRPOTrainer(model=model, reward_funcs=[format_reward, classification_reward], args=args,
                           train_dataset=dataset, processing_class=processor, peft_config=peft_config,
                           callbacks=[timer])

@@ -24,6 +24,7 @@ import torch
 
 from qlora_rft.errors import UserError
 from qlora_rft.files import atomic_folder, reporting_full_disk
+from qlora_rft.pretrained import save_adapter
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -59,7 +60,7 @@ def save(output_dir: Path, step: int, model, optimizer, scheduler, extra: dict |
     final = output_dir / f"checkpoint-{step}"
     with reporting_full_disk(str(final), _kept(output_dir)), atomic_folder(final) as tmp:
         if hasattr(model, "peft_config"):
-            model.save_pretrained(tmp / "adapter")
+            save_adapter(model, tmp / "adapter")
         else:
             _torch_save(model.state_dict(), tmp / "model.pt")
         _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")

@@ -142,9 +142,18 @@ def cmd_export(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.suite:
+        from qlora_rft.bench_suite import run_suite
+
+        if not args.out or args.deadline is None:
+            raise UserError("bench --suite needs --deadline SECONDS and --out DIR")
+        rows = run_suite(args.suite, args.deadline, args.out, presets=args.presets, steps=args.steps)
+        done = sum(r.status == "ok" for r in rows)
+        print(f"{done} of {len(rows)} cases measured; table in {Path(args.out) / 'results.md'}")
+        return
     from qlora_rft.bench import run_bench
 
-    result = run_bench(args.preset, compare=args.compare, steps=args.steps, out=args.out,
+    result = run_bench(args.preset, compare=args.compare, steps=args.steps or 3, out=args.out,
                        num_generations=args.num_generations, max_completion_length=args.max_completion_length,
                        sampling_weights=args.sampling_weights, decode=args.decode)
     ours, theirs = result["ours"], result["trl"]
@@ -157,6 +166,16 @@ def cmd_tiny_model(args) -> None:
 
     path = write_model(args.out, preset=args.preset, seed=args.seed)
     print(f"wrote a random {args.preset} ({family_of(path).name}) to {path}")
+
+
+def cmd_env(args) -> None:
+    from qlora_rft.environment import report
+
+    text, same = report()
+    if not (args.quiet and same):
+        print(text)
+    if not same:
+        raise SystemExit(1)
 
 
 def cmd_config(args) -> None:
@@ -266,13 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time our GRPO step against TRL's GRPOTrainer on identical settings")
     p.add_argument("--preset", default="cpu-small", help=f"one of: {', '.join(preset_names())}")
     p.add_argument("--compare", default="trl")
-    p.add_argument("--steps", type=int, default=3, help="measured steps per side (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per side, after one warm-up step "
+                   "(default 3; a suite's own: 1)")
+    p.add_argument("--suite", choices=("gpu", "cpu"), default=None,
+                   help="every sampling setting against TRL in one go, within --deadline: gpu (real shapes, "
+                   "qwen2-vl-7b first) or cpu (the tiny presets); results.jsonl and results.md in --out DIR")
+    p.add_argument("--deadline", type=float, default=None, help="--suite: seconds the whole suite may take")
+    p.add_argument("--presets", nargs="+", default=None, help="--suite: only these of its presets")
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--max-completion-length", type=int, default=32)
     p.add_argument("--sampling-weights", default="auto", help="ours: grpo.sampling_weights "
                    "(auto | adapters | merged | int8 | fp8)")
     p.add_argument("--decode", default="auto", help="ours: grpo.decode (auto | generate | static)")
-    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/PRESET-DEVICE.json)")
+    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/PRESET-DEVICE.json); with "
+                   "--suite a new folder")
     p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("tiny-model", help="write a locally built random from_pretrained folder of a preset")
@@ -280,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(preset_names())}")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_tiny_model)
+
+    p = sub.add_parser("env", help="which installed packages differ from the versions the tests passed with (exit 1 "
+                       "if any does)")
+    p.add_argument("--quiet", action="store_true", help="print nothing when none differs")
+    p.set_defaults(run=cmd_env)
 
     p = sub.add_parser("config", help="print every config field with its default and meaning, or a resolved config")
     p.add_argument("config", nargs="?", default=None)

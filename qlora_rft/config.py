@@ -66,6 +66,12 @@ class ModelConfig:
     )
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward (peft-compatible).")
     device: str = _f("auto", "auto: CUDA when available, else the CPU.", ("auto", "cpu", "cuda"))
+    hub_kernels: bool = _f(
+        False,
+        "Let transformers replace layers with kernels from the model hub (its `kernels` integration, on by default "
+        "in transformers 5.25): at every model load it DOWNLOADS AND RUNS code from the hub, and needs the network. "
+        "Off: every load uses transformers' own code, and no load reaches the network.",
+    )
 
 
 @dataclass
@@ -686,9 +692,10 @@ def validate(cfg: Config) -> None:
     if cfg.model.attn_implementation == "flash_attention_2":
         import importlib.util
 
-        need(importlib.util.find_spec("flash_attn") is not None,
+        need(importlib.util.find_spec("flash_attn") is not None or cfg.model.hub_kernels,
              "model.attn_implementation=flash_attention_2 needs flash-attn: `pip install -e .[flash]` "
-             "on a CUDA machine, or use model.attn_implementation=sdpa")
+             "on a CUDA machine, or use model.attn_implementation=sdpa (or model.hub_kernels=true to let "
+             "transformers download a flash-attention kernel from the hub)")
 
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -91,6 +91,7 @@ def resolve_source(source: str) -> str:
 def _load_table(source: str, split: str):
     import datasets
 
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False  # else every load, local files too, pings the hub to count it
     path = Path(source).expanduser()
     try:
         if path.is_file():

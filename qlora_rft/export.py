@@ -139,7 +139,9 @@ def merge_adapter(
     temporary sibling of `out`, reloaded with plain transformers, and only then renamed to `out`; a failure leaves
     `out` untouched. A non-empty `out` is refused unless `overwrite`. Prints nothing; see `MergeReport.ok`.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+    from transformers import AutoModelForImageTextToText
+
+    from qlora_rft import pretrained
 
     short = canonical_dtype(dtype)
     torch_dtype = DTYPES[short]
@@ -153,8 +155,8 @@ def merge_adapter(
     with quiet():
         model, lora_modules = load_with_adapter(base_path, adapter_path, torch_dtype, dev)
         if (base_path / "generation_config.json").is_file():  # the merged folder ships the base's own settings
-            model.generation_config = GenerationConfig.from_pretrained(str(base_path))
-        processor = AutoProcessor.from_pretrained(str(base_path))
+            model.generation_config = pretrained.load_generation_config(base_path)
+        processor = pretrained.load_processor(base_path)
 
         reference = verification_logits(model, processor)
         with model.disable_adapter():
@@ -171,9 +173,8 @@ def merge_adapter(
             processor.save_pretrained(tmp)
             del model
             _free(dev)
-            reloaded = AutoModelForImageTextToText.from_pretrained(
-                str(tmp), dtype=torch_dtype, device_map={"": str(dev)}
-            )
+            reloaded = pretrained.load_model(AutoModelForImageTextToText, tmp, dtype=torch_dtype,
+                                             device_map={"": str(dev)})
             diff_reloaded = _max_abs_diff(verification_logits(reloaded, processor), reference)
             del reloaded
             _free(dev)
@@ -193,11 +194,11 @@ def merge_adapter(
 def load_with_adapter(base: Path, adapter: Path, dtype: torch.dtype, device: torch.device):
     """(the full-precision base at `dtype` with the adapter applied by peft, unmerged; its number of LoRA layers),
     a UserError when the adapter does not fit the base or adds nothing."""
-    from peft import PeftModel
+    from qlora_rft import pretrained
 
     model = load_base(base, ModelConfig(name_or_path=str(base), mode="full"), device, dtype)
     try:
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        model = pretrained.load_adapter(model, adapter, trainable=False)
     except torch.OutOfMemoryError:
         raise
     except (ValueError, RuntimeError, KeyError) as e:

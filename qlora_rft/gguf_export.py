@@ -120,8 +120,7 @@ def export_gguf(base: str | Path, out: str | Path, quant: str = "q8_0", adapter:
     (`gguf_check.check_gguf`), and the folder is renamed to `out` only if every difference is within the quant's
     tolerance; otherwise a UserError gives the figures and nothing is left. Prints nothing.
     """
-    from transformers import AutoConfig, AutoProcessor
-
+    from qlora_rft import pretrained
     from qlora_rft.gguf_check import check_gguf
     from qlora_rft.model import resolve_model_path
 
@@ -135,8 +134,7 @@ def export_gguf(base: str | Path, out: str | Path, quant: str = "q8_0", adapter:
     adapter_path = check_adapter(Path(adapter).expanduser()) if adapter is not None else None
     out = Path(out).expanduser()
     check_out(out, overwrite, base_path, adapter_path or base_path)
-    config = AutoConfig.from_pretrained(str(base_path), local_files_only=True, trust_remote_code=False)
-    processor = AutoProcessor.from_pretrained(str(base_path), local_files_only=True, trust_remote_code=False)
+    config, processor = pretrained.load_config(base_path), pretrained.load_processor(base_path)
     check_vision_config(config)
     text = text_writer(config, family, processor, base_path, spec)  # metadata first: refusals come before loading
     vision = vision_writer(config, family, processor, base_path)

@@ -21,7 +21,9 @@ import torch
 
 from qlora_rft.config import LoraSettings, ModelConfig
 from qlora_rft.errors import UserError
+from qlora_rft import pretrained
 from qlora_rft.models import Family, family_of, supported
+from qlora_rft.pretrained import load_model, load_processor
 from qlora_rft.rollout import SpecialTokens, base_model
 
 
@@ -126,7 +128,7 @@ def load_base(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.d
             bnb_4bit_quant_storage=torch.uint8,
             llm_int8_skip_modules=list(cfg.quantize_skip_modules),
         )
-    model = family_of(path).transformers_class().from_pretrained(str(path), **kwargs)
+    model = load_model(family_of(path).transformers_class(), path, hub_kernels=cfg.hub_kernels, **kwargs)
     if mode == "qlora":
         keep_training_layout(model)
     # Keep only the token ids from the shipped generation config; sampling settings are always passed explicitly.
@@ -182,8 +184,6 @@ def attach_lora(model, lora: LoraSettings, gradient_checkpointing: bool):
 def load_policy(model_cfg: ModelConfig, lora: LoraSettings, adapter: str | Path | None = None) -> Policy:
     """Base + fresh LoRA adapters (or the adapters saved in `adapter`, trainable); in full mode the base itself,
     every weight trainable but the vision tower's (unless lora.train_vision)."""
-    from transformers import AutoProcessor
-
     path = resolve_model_path(model_cfg.name_or_path)
     device = pick_device(model_cfg.device)
     dtype = compute_dtype(model_cfg.dtype, device)
@@ -203,8 +203,7 @@ def load_policy(model_cfg: ModelConfig, lora: LoraSettings, adapter: str | Path 
     else:
         model = attach_lora(base, lora, model_cfg.gradient_checkpointing)
     model.train()  # from_pretrained leaves every module in eval mode, where gradient checkpointing is inactive
-    processor = AutoProcessor.from_pretrained(str(path))
-    processor.tokenizer.padding_side = "left"
+    processor = load_processor(path, padding_side="left")
     tokens = SpecialTokens.of(base, processor.tokenizer)
     return Policy(model=model, processor=processor, device=device, dtype=dtype, tokens=tokens, family=family_of(base))
 
@@ -218,8 +217,6 @@ def load_reference(model_cfg: ModelConfig, device: torch.device, dtype: torch.dt
 
 def load_for_inference(model_cfg: ModelConfig, adapter: str | Path | None = None) -> Policy:
     """The base (4-bit in qlora mode) in eval mode, with a saved peft adapter applied when given (not merged)."""
-    from transformers import AutoProcessor
-
     path = resolve_model_path(model_cfg.name_or_path)
     device = pick_device(model_cfg.device)
     dtype = compute_dtype(model_cfg.dtype, device)
@@ -227,8 +224,7 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | Path | None = None
     if adapter:
         model = load_adapter(model, adapter, trainable=False)
     model.eval()
-    processor = AutoProcessor.from_pretrained(str(path))
-    processor.tokenizer.padding_side = "left"
+    processor = load_processor(path, padding_side="left")
     return Policy(model=model, processor=processor, device=device, dtype=dtype,
                   tokens=SpecialTokens.of(base_model(model), processor.tokenizer), family=family_of(path))
 
@@ -253,10 +249,8 @@ def read_adapter_config(adapter: str | Path) -> dict:
 
 def load_adapter(model, adapter: str | Path, trainable: bool):
     """The peft adapter saved in `adapter` applied to `model` (not merged), after `read_adapter_config`'s checks."""
-    from peft import PeftModel
-
     read_adapter_config(adapter)
-    return PeftModel.from_pretrained(model, str(Path(adapter).expanduser()), is_trainable=trainable)
+    return pretrained.load_adapter(model, Path(adapter).expanduser(), trainable)
 
 
 def check_weight_files(folder: Path, what: str) -> None:

@@ -47,6 +47,7 @@ from qlora_rft.model import (
     resolve_model_path,
 )
 from qlora_rft.order import PromptOrder, epochs_done, training_steps
+from qlora_rft.pretrained import save_adapter
 from qlora_rft.rollout import CompletionScorer, Rollout
 from qlora_rft.runlog import NullLogger, RunLogger
 from qlora_rft.tasks import get_task
@@ -182,12 +183,12 @@ class Run:
                 with atomic_folder(folder) as tmp:
                     # Full mode writes the current names ("model.language_model.*"): a model loaded sharded under
                     # ZeRO-3 cannot be mapped back to the names it was loaded from.
-                    extra = {"save_original_format": False} if full else {}
                     if state is not None:  # gathered from the shards; the scorer's keys start with "policy."
                         state = {k.removeprefix("policy."): v for k, v in state.items()}
-                        self.unwrapped.save_pretrained(tmp, state_dict=state, **extra)
+                    if full:
+                        self.unwrapped.save_pretrained(tmp, state_dict=state, save_original_format=False)
                     else:
-                        self.unwrapped.save_pretrained(tmp, **extra)
+                        save_adapter(self.unwrapped, tmp, state)
                     self.policy.processor.save_pretrained(tmp)
             unlock_folder(self.out)
         self.accelerator.wait_for_everyone()

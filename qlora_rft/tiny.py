@@ -129,10 +129,12 @@ def build_model(preset_name: str, seed: int = 0, dtype: torch.dtype = torch.floa
     return model, build_processor(preset_name, tokenizer)
 
 
-def write_model(out: str | Path, preset: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a from_pretrained folder (config, safetensors, tokenizer, processor, chat template) atomically."""
+def write_model(out: str | Path, preset: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
+                device: str = "cpu") -> Path:
+    """Write a from_pretrained folder (config, safetensors, tokenizer, processor, chat template) atomically. The
+    weights are made on `device` (a real shape in bf16 on a GPU: seconds, where fp32 on the CPU takes minutes)."""
     out = Path(out)
-    model, processor = build_model(preset, seed=seed, dtype=dtype)
+    model, processor = build_model(preset, seed=seed, dtype=dtype, device=device)
     with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

@@ -22,6 +22,7 @@ from qlora_rft.distributed import NonFiniteStep, OneProcess, Updates
 from qlora_rft.errors import TrainingError
 from qlora_rft.files import atomic_folder
 from qlora_rft.model import load_for_inference, model_family
+from qlora_rft.pretrained import save_adapter
 from qlora_rft.supervised import supervised_step
 from qlora_rft.tasks import get_task
 
@@ -82,6 +83,6 @@ def run_warmup(cfg: Config, out: Path, console=None) -> Path:
                                         f"warm-up stopped and nothing was cached. Lower warmup.learning_rate="
                                         f"{cfg.warmup.learning_rate:g}") from None
                 log.log({"step": step, "loss": done.loss, "grad_norm": done.grad_norm})
-        policy.model.save_pretrained(tmp)
+        save_adapter(policy.model, tmp)
         policy.processor.save_pretrained(tmp)
     return out

@@ -1,22 +1,20 @@
 """The benchmark harness: both sides (ours, TRL's GRPOTrainer) run one tiny step each and the JSON is complete, for
-every model family."""
+every model family; the suite measures every sampling setting within a deadline and keeps what it measured."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from qlora_rft.bench import run_bench
-
-
-def test_run_bench_tiny_writes_both_sides(tmp_path):
-    out = tmp_path / "b.json"
-    report = run_bench("tiny", steps=1, out=out, num_generations=4, max_completion_length=8, sampling_weights="int8")
-    assert json.loads(out.read_text()) == report
-    _check_report(report, "tiny", visual_tokens=9)  # at most 84x84 pixels: 3 x 3 merged 28x28 patches
-    assert {"torch", "transformers", "trl", "peft", "bitsandbytes", "qlora_rft"} <= set(report["versions"])
-    assert report["device"] and report["date"]
+from qlora_rft.bench_suite import read_rows, run_suite
 
 
 # Qwen3-VL: 32-pixel image tokens, so 84x84 pixels at most leave a 64x64 image, 2 x 2 merged patches.
@@ -55,6 +53,8 @@ def _check_report(report: dict, preset: str, visual_tokens: int) -> None:
     assert settings["beta"] == 0.04 and settings["lora_r"] == 16 and settings["lora_alpha"] == 32
     assert settings["visual_tokens_per_prompt"] == visual_tokens
     assert "--sampling-weights int8" in report["command"]
+    assert {"torch", "transformers", "trl", "peft", "bitsandbytes", "qlora_rft"} <= set(report["versions"])
+    assert report["device"] and report["date"]
     assert report["command"].startswith(f"qlora-rft bench --preset {preset} --compare trl --steps 1")
 
 
@@ -74,3 +74,82 @@ def test_bandwidth_figures_by_device_name():
     side = {"decode_weight_bytes": 15e9, "generation_tokens_per_second": 287.0, "rows_per_decode_step": 8}
     assert bandwidth_fraction(side, 3.35e12) == pytest.approx(15e9 * 287 / 8 / 3.35e12)  # ~0.16
     assert bandwidth_fraction(side, None) is None
+
+
+CPU_CASES = ["smoke", "trl", "ours merged+static", "ours adapters+generate", "ours int8+static"]
+
+
+@pytest.mark.slow
+def test_the_cpu_suite_measures_every_setting_and_fetches_nothing(tmp_path):
+    """`qlora-rft bench --suite cpu` on the tiny preset, every process under the load spy of test_offline.py."""
+    from test_offline import assert_nothing_fetched, spied
+
+    out = tmp_path / "suite"
+    records = spied(tmp_path / "spy.jsonl",
+                    ["bench", "--suite", "cpu", "--deadline", "600", "--out", str(out), "--presets", "tiny"])
+    assert_nothing_fetched(records, processes=5)  # the smoke pass, TRL's side, ours in three settings
+    rows = read_rows(out)
+    assert [r.case for r in rows] == CPU_CASES and all(r.status == "ok" for r in rows), rows
+    checks = [c["name"] for c in rows[0].result["checks"]]  # no fp8 on the CPU
+    assert checks == [f"ours {w}+{d}" for w in ("adapters", "merged", "int8") for d in ("generate", "static")]
+    trl = rows[1].result
+    assert trl["completion_length"] == 8 and len(trl["step_seconds_all"]) == 2  # warm-up + 1 measured step
+    table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| tiny |")]
+    assert len(table) == len(rows)
+    for row, line in zip(rows[2:], table[2:]):
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        ours = row.result
+        assert ours["sampling"]["weights"] == row.sampling_weights and ours["completion_length"] == 8
+        assert cells[3] == f"{ours['step_seconds'] / trl['step_seconds']:.3f}"  # ratio to TRL
+        assert cells[5] == f"{ours['peak_memory_bytes'] / 2**30:.2f}"
+        assert cells[8] == f"{ours['step_seconds_all'][0] - ours['step_seconds']:.1f}"  # the first step's extra
+    header = json.loads((out / "suite.json").read_text())
+    assert header["command"] == f"qlora-rft bench --suite cpu --deadline 600 --out {out} --presets tiny"
+
+
+@pytest.mark.slow
+def test_the_deadline_times_out_the_running_case_and_skips_the_rest(tmp_path, capsys):
+    from qlora_rft.bench import bench_settings
+
+    bench_settings("tiny", num_generations=2, max_completion_length=4, device="cpu")  # the model and data built
+    rows = run_suite("cpu", deadline=16, out=tmp_path / "suite", presets=["tiny"])  # ~11 s for the first case
+    assert [r.case for r in rows] == CPU_CASES
+    assert rows[0].status in ("timeout", "ok") and rows[0].seconds < 14
+    assert all(r.status == "skipped" and r.error.startswith("deadline") for r in rows[1:])
+    assert read_rows(tmp_path / "suite") == rows
+    assert "skipped (deadline" in (tmp_path / "suite" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_suite_killed_halfway_keeps_its_finished_rows(tmp_path):
+    out = tmp_path / "suite"
+    suite = subprocess.Popen([sys.executable, "-m", "qlora_rft", "bench", "--suite", "cpu", "--deadline", "600",
+                              "--out", str(out), "--presets", "tiny"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results, give_up = out / "results.jsonl", time.monotonic() + 300
+    while not (results.exists() and results.read_text().endswith("\n")):
+        assert suite.poll() is None and time.monotonic() < give_up, "the smoke pass did not finish"
+        time.sleep(0.2)
+    os.kill(suite.pid, signal.SIGKILL)  # during TRL's side
+    suite.wait()
+    rows = read_rows(out)
+    assert [r.case for r in rows] == ["smoke"] and rows[0].status == "ok"
+    assert [json.loads(line)["case"] for line in results.read_text().splitlines()] == ["smoke"]
+    assert "| tiny | smoke | ok: 6/6 checks |" in (out / "results.md").read_text()
+    assert _running_cases("qlora-rft-tiny-trl-", within=10) == [], "the running case outlived the suite"
+
+
+def _running_cases(marker: str, within: float) -> list[int]:
+    """Pids of processes whose command line holds `marker`, after waiting up to `within` seconds for none."""
+    give_up = time.monotonic() + within
+    while True:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and marker in (proc / "cmdline").read_text():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        if not found or time.monotonic() > give_up:
+            return found
+        time.sleep(0.5)

@@ -18,6 +18,7 @@ from qlora_rft.errors import UserError  # noqa: E402
 from qlora_rft.gguf_export import (QUANTS, export_gguf, llama_pre_tokenizer, modelfile, rename,  # noqa: E402
                                    tensor_types, text_tensors, vision_tensors)
 from qlora_rft.models import families, family_of  # noqa: E402
+from qlora_rft.pretrained import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA_B_STD = 0.1  # as test_export.py: a strong but realistic update (the base's weights have std 0.02)
@@ -29,8 +30,7 @@ def adapter_for(base: Path, folder: Path, train_vision: bool = False) -> Path:
     from qlora_rft.model import attach_lora
 
     torch.manual_seed(0)
-    model = family_of(base).transformers_class().from_pretrained(str(base), dtype=torch.float32,
-                                                                 local_files_only=True, use_kernels=False)
+    model = load_model(family_of(base).transformers_class(), base, dtype=torch.float32)
     model = attach_lora(model, LoraSettings(dropout=0.0, train_vision=train_vision), gradient_checkpointing=False)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -158,7 +158,7 @@ def test_logits_are_compared_with_the_model_at_llama_cpps_norm_epsilon(adapters,
     text = check.comparisons[0]
     assert text.max_abs_diff < 2e-3 < eps.effect < text.tolerance
 
-    model = family_of(base).transformers_class().from_pretrained(str(base), local_files_only=True, use_kernels=False)
+    model = load_model(family_of(base).transformers_class(), base)
     ids = torch.tensor([[1, 5, 9, 2]])
     with torch.no_grad():
         before = model(input_ids=ids).logits

@@ -90,11 +90,10 @@ def resolve_asking(cfg: Config, task_name: str) -> Asking:
 def processor_pixels(path: Path) -> tuple[int, int]:
     """The image area bounds of a model folder's own image processor (min_pixels, max_pixels); its family's
     released bounds when the processor does not say."""
-    from transformers import AutoImageProcessor
-
     from qlora_rft.models import family_of
+    from qlora_rft.pretrained import load_image_processor
 
-    processor = AutoImageProcessor.from_pretrained(str(path))
+    processor = load_image_processor(path)
     size = getattr(processor, "size", None)
     low = getattr(processor, "min_pixels", None) or (size.get("shortest_edge") if hasattr(size, "get") else None)
     high = getattr(processor, "max_pixels", None) or (size.get("longest_edge") if hasattr(size, "get") else None)
@@ -104,10 +103,10 @@ def processor_pixels(path: Path) -> tuple[int, int]:
 
 def shipped_repetition_penalty(path: Path) -> float:
     """The repetition_penalty of a model folder's generation_config.json; 1.0 (none) when it sets none."""
-    from transformers import GenerationConfig
+    from qlora_rft.pretrained import load_generation_config
 
     try:
-        config = GenerationConfig.from_pretrained(str(path))
+        config = load_generation_config(path)
     except OSError:  # no generation_config.json
         return 1.0
     return float(config.repetition_penalty or 1.0)
