@@ -231,7 +231,10 @@ def vision_writer(config, family: Family, processor, folder: Path):
     writer.add_vision_spatial_merge_size(vision.spatial_merge_size)
     writer.add_vision_image_mean(list(processor.image_processor.image_mean))
     writer.add_vision_image_std(list(processor.image_processor.image_std))
-    family.gguf.vision_keys(writer, config)
+    try:
+        family.gguf.vision_keys(writer, config)
+    except UserError as e:  # a vision layout the family's llama.cpp reader cannot run
+        raise UserError(f"{e} ({llama_cpp_version()})") from None
     return writer
 
 
