@@ -339,6 +339,26 @@ def test_a_qwen2_5_vl_with_irregular_full_attention_blocks_is_refused():
             gguf_vision_keys(gguf.GGUFWriter(None, "clip"), bad)
 
 
+def test_a_checkpoint_llama_cpp_cannot_run_is_refused_before_it_loads(private_cache, tmp_path, monkeypatch):
+    import shutil
+
+    import llama_cpp
+
+    from qlora_rft import gguf_export
+    from qlora_rft.model import resolve_model_path
+
+    folder = tmp_path / "base"
+    shutil.copytree(resolve_model_path("tiny:qwen2.5-vl-tiny"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"]["fullatt_block_indexes"] = [0]  # of 2 blocks: block 1 windowed, not "every n-th"
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(gguf_export, "_merged", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError, match=f"full attention in blocks \\[0\\] of 2 .* \\(llama.cpp of "
+                                        f"llama-cpp-python {llama_cpp.__version__}\\)$"):
+        export_gguf(folder, tmp_path / "g")
+    assert not (tmp_path / "g").exists()
+
+
 def test_bad_arguments_are_user_errors_and_write_nothing(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
