@@ -128,7 +128,9 @@ def run_suite(suite: str, deadline: float, out: str | Path, presets: list[str] |
     out.mkdir(parents=True, exist_ok=True)
     (out / LOGS).mkdir()
     device = "cuda" if cuda else "cpu"
-    header = {"suite": suite, "command": _command(suite, deadline, out, presets, steps), "device": device_name(cuda),
+    # the GPU's name comes from the cases (asking it here would hold a CUDA context in this process all along)
+    header = {"suite": suite, "command": _command(suite, deadline, out, presets, steps),
+              "device": "a CUDA GPU" if cuda else device_name(False),
               "versions": versions(), "spec": asdict(spec), "started": _now()}
     (out / HEADER).write_text(json.dumps(header, indent=2) + "\n")
 
@@ -149,13 +151,13 @@ def _run_cases(runner: _Runner, spec: Suite, device: str, models: Path) -> None:
     fp8 = bool(smoke.result and smoke.result.get("fp8"))
     for preset in spec.presets:
         folder = models / preset
-        model = None
+        model, built = None, True  # None: the preset's cached model (the CPU sizes)
         if spec.build_on_device:
-            built = runner.run(Case("build", preset), lambda: {"preset": preset, "folder": str(folder)})
-            model = folder if built.status == "ok" else "failed"
+            model = folder
+            built = runner.run(Case("build", preset), lambda: {"preset": preset, "folder": str(folder)}).status == "ok"
         for case in [Case("trl", preset), *(Case("ours", preset, w, d) for w, d in OURS if w != "fp8" or fp8),
                      *(Case("eval", preset, decode=d, eval_batch=spec.eval_batch) for d in EVAL_DECODERS)]:
-            if model == "failed":
+            if not built:
                 runner.record(case, "skipped", 0.0, error="the model could not be built (see the build row)")
                 continue
             runner.run(case, lambda c=case: asdict(bench_settings(

@@ -160,3 +160,39 @@ def _running_cases(marker: str, within: float) -> list[int]:
         if not found or time.monotonic() > give_up:
             return found
         time.sleep(0.5)
+
+
+def test_the_gpu_suite_builds_each_preset_and_skips_a_preset_whose_build_failed(tmp_path, monkeypatch):
+    """The gpu suite's order, with each case's process replaced: the smoke pass (which finds fp8), then per preset
+    the build, TRL, ours in four settings and two evaluations; a failed build skips its preset's cases."""
+    import torch
+
+    from qlora_rft import bench_suite
+
+    calls = []
+
+    def fake_process(case, settings, out, timeout):
+        calls.append((case.preset, case.name, settings.get("model_path") or settings.get("folder")))
+        if case.kind == "smoke":
+            return "ok", {"checks": [], "fp8": True, "device": "NVIDIA H200"}, ""
+        if case.kind == "build":
+            return ("failed", None, "exit 1\nout of memory") if case.preset == "qwen2-vl-2b" else ("ok", {}, "")
+        return "ok", {"step_seconds": 2.0 if case.kind == "trl" else 1.0, "step_seconds_all": [3.0, 2.0],
+                      "peak_memory_bytes": 2**30, "generation_tokens_per_second": 100.0, "prompts_per_second": 4.0,
+                      "peak_memory_kind": "cuda_max_allocated"}, ""
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_suite, "run_case_process", fake_process)
+    monkeypatch.setattr(bench_suite, "bench_settings", lambda preset, *a, model_path=None, **k:
+                        bench_suite.BenchSettings(preset, str(model_path), "cuda", "bfloat16", steps=1))
+    rows = run_suite("gpu", deadline=600, out=tmp_path / "suite", presets=["qwen2-vl-7b", "qwen2-vl-2b"])
+    per_preset = ["trl", "ours merged+static", "ours adapters+generate", "ours int8+static", "ours fp8+static",
+                  "eval generate", "eval static"]
+    assert [(r.preset, r.case) for r in rows] == [("tiny", "smoke"), ("qwen2-vl-7b", "build")] + \
+        [("qwen2-vl-7b", c) for c in per_preset] + [("qwen2-vl-2b", "build")] + [("qwen2-vl-2b", c) for c in per_preset]
+    assert all(r.status == "skipped" and "could not be built" in r.error for r in rows[10:])
+    folder = calls[1][2]
+    assert calls[1][:2] == ("qwen2-vl-7b", "build") and all(path == folder for _, _, path in calls[2:9])
+    assert not Path(folder).exists() and not Path(folder).parent.exists()  # built outside --out, then removed
+    table = (tmp_path / "suite" / "results.md").read_text()
+    assert "on NVIDIA H200" in table and "| qwen2-vl-7b | ours fp8+static | ok | 0.500 | 1.00 | 1.00 | 100 |" in table
