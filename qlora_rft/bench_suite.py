@@ -361,7 +361,7 @@ def _figures(r: Row, trl_seconds: float | None) -> list[str]:
         f"{x['peak_memory_bytes'] / 2**30:.2f}",
         f"{x['generation_tokens_per_second']:.0f}",
         f"{x['bandwidth_fraction']:.2f}" if x.get("bandwidth_fraction") is not None else "",
-        f"{x['step_seconds_all'][0] - step:.1f}",
+        f"{round(x['step_seconds_all'][0] - step, 1) + 0.0:.1f}",  # + 0.0: never "-0.0"
         f"{counters['decode_builds']} / {counters['decode_compiles']}" if counters else "",
         f"{x['prompts_per_second']:.2f}" if r.kind == "eval" else "",
     ]
