@@ -76,7 +76,7 @@ def cmd_score(args) -> None:
         raise UserError(f"score {args.task} needs --annotations: the COCO- or LVIS-format JSON of the images")
     protocol = args.protocol or recorded_protocol(args.predictions)
     metrics = score_file(args.task, args.predictions, args.annotations, args.classes, protocol)
-    out = write_metrics(metrics, args.out)
+    out = write_metrics(metrics, args.out, inputs=(args.predictions, *([args.annotations] if args.annotations else [])))
     Console().print(metrics_table(metrics, Path(args.predictions).name))
     print(f"metrics written to {out}")
 
@@ -132,7 +132,7 @@ def cmd_bench(args) -> None:
 def cmd_tiny_model(args) -> None:
     from qlora_rft.tiny import write_model
 
-    path = write_model(args.out, preset=args.preset, seed=args.seed)
+    path = write_model(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote a random {args.preset} ({family_of(path).name}) to {path}")
 
 
@@ -245,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(preset_names())}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     p.set_defaults(run=cmd_tiny_model)
 
     p = sub.add_parser("config", help="print every config field with its default and meaning, or a resolved config")

@@ -726,6 +726,14 @@ def describe() -> str:
     return "\n".join(lines)
 
 
+RUN_CONFIG_HEADER = "# qlora-rft: the resolved config of the run in this folder (loadable as a config)\n"
+
+
 def dump(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """A run's resolved config, marked as such by its first line (RUN_CONFIG_HEADER), written whole: a link in its
+    place is replaced, never followed."""
+    from qlora_rft.files import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(RUN_CONFIG_HEADER + yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from qlora_rft import checkpoint
-from qlora_rft.config import Config, dump
+from qlora_rft.config import RUN_CONFIG_HEADER, Config, dump
 from qlora_rft.data import load_split, without_long_prompts
 from qlora_rft.distributed import (
     Launch,
@@ -255,13 +255,14 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
         start_step = checkpoint.load(found, policy.model, optimizer, scheduler, launch.rank, launch.world_size)["step"]
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        dump(cfg, out / "config.yaml")
+        dump(cfg, out / CONFIG_FILE)
     return Run(cfg, launch, out, task, data, base_path, policy, accelerator, model, policy.model, optimizer,
                scheduler, updates, reference_model, start_step,
                PromptOrder(len(data.examples), cfg.train.seed, per_step),
                PromptOrder(len(data.examples), cfg.train.seed, stream=1), steps)
 
 
+CONFIG_FILE = "config.yaml"  # the run's resolved config, rewritten at every start
 # What a run writes into train.output_dir; any of them (or a checkpoint) means the folder holds a run.
 RUN_FILES = ("adapter", "model", "train_summary.json", "metrics.jsonl", "completions.jsonl", "evals", "tensorboard",
              "wandb")
@@ -281,6 +282,7 @@ def claim_output_dir(out: Path, resume: bool, launch: Launch) -> Path | None:
     if launch.rank == 0:
         lock_folder(out, "train.output_dir")
     try:
+        check_config_file(out)
         found, earlier = checkpoint.latest(out), run_files(out)
         if resume and found is None:
             fresh = "start afresh with --overwrite" if earlier else "run without --resume to start afresh"
@@ -303,10 +305,30 @@ def check_inputs(cfg: Config, launch: Launch) -> None:
         check_model_folder(Path(cfg.model.name_or_path).expanduser())
 
 
+def check_config_file(out: Path) -> None:
+    """Refuse a train.output_dir whose config.yaml no run wrote (the user's own config, say), which starting,
+    resuming or --overwrite would write over or delete: a run's is marked by its first line, or (written by an
+    older version) lies beside the run's files; a link is never a run's."""
+    file = out / CONFIG_FILE
+    if not (file.exists() or file.is_symlink()):
+        return
+    if not file.is_symlink() and file.is_file():
+        with file.open(encoding="utf-8", errors="replace") as f:
+            if f.readline() == RUN_CONFIG_HEADER or run_files(out):
+                return
+    raise OutputError(f"train.output_dir={out} holds a {CONFIG_FILE} that no run wrote (a config of yours?), where a "
+                      f"run writes its resolved config: move it, or choose another train.output_dir")
+
+
 def start_afresh(out: Path) -> None:
     """Lock train.output_dir and remove an earlier run's files from it (other files are left alone)."""
     lock_folder(out, "train.output_dir")
-    for path in [*run_files(out), out / "config.yaml"]:
+    try:
+        check_config_file(out)
+    except UserError:
+        unlock_folder(out)
+        raise
+    for path in [*run_files(out), out / CONFIG_FILE]:
         if path.is_dir():
             shutil.rmtree(path)
         else:
