@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,6 +333,8 @@ def check_image(cell: dict, min_pixels: int, max_pixels: int, factor: int) -> Ch
             with _open(cell) as image:
                 image.load()
                 rgb = to_rgb(image)
+    except Unusable:
+        raise
     except Image.DecompressionBombError as e:
         raise Unusable(f"image is a possible decompression bomb, refused by PIL ({e})") from None
     except Exception as e:  # any decoder error means the same thing to the user: this image is unusable
@@ -366,10 +369,16 @@ def report_large(sizes: list[tuple[int, int]], where: str, console: Console | No
 
 
 def _open(cell: dict) -> Image.Image:
+    """The cell's image, from its bytes or its file. Only a regular file (after links are resolved) is read: a FIFO,
+    a device or a folder would block or never end, so it is Unusable."""
     if cell.get("bytes"):
         return Image.open(io.BytesIO(cell["bytes"]))
     if cell.get("path"):
-        return Image.open(cell["path"])
+        path = cell["path"]
+        if not os.path.isfile(path):
+            what = "does not exist" if not os.path.lexists(path) else "is not a regular file"
+            raise Unusable(f"image {path} {what}")
+        return Image.open(path)
     raise ValueError("no image bytes or path")
 
 

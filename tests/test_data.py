@@ -250,3 +250,44 @@ def test_detection_images_are_checked_before_the_model_loads(tmp_path, capsys):
     with pytest.raises(DataError, match="no usable images"):
         detection_items(load_config(None, overrides))
 
+
+
+def test_only_regular_files_are_images_so_a_fifo_never_blocks(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "good.png").write_bytes(_png())
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "link.png").symlink_to(tmp_path / "pipe.png")
+    (tmp_path / "folder.png").mkdir()
+    rows = [{"image": name, "problem": "What colour?", "solution": "<answer>red</answer>"}
+            for name in ("good.png", "pipe.png", "link.png", "folder.png")]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def hung(*_):
+        raise TimeoutError("loading blocked on a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        data = load_split(str(tmp_path / "train.jsonl"), "train", TASK)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [ex.index for ex in data.examples] == [0]
+    assert [(b.index, b.reason) for b in data.skipped] == [
+        (1, f"image {tmp_path / 'pipe.png'} is not a regular file"),
+        (2, f"image {tmp_path / 'link.png'} is not a regular file"),
+        (3, f"image {tmp_path / 'folder.png'} is not a regular file")]
+
+    root = Path(__file__).parents[1]  # the process: one line, exit 2, before any model loads
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
+    proc = subprocess.run([sys.executable, "-m", "qlora_rft", "eval", "configs/tiny_demo.yaml",
+                           f"data.eval={tmp_path / 'train.jsonl'}", "data.eval_split=train", "data.on_bad_row=error",
+                           f"eval.output_dir={tmp_path / 'eval'}"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"row 1: image {tmp_path / 'pipe.png'} is not a regular file" in proc.stderr
