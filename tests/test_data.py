@@ -107,7 +107,7 @@ def test_lisa_json_file_with_an_image_root(tmp_path):
     data = load_split(str(path), "val", get_task("grounding"), image_root=str(images))
     assert [e.index for e in data.examples] == [0]
     assert data.examples[0].solution == "<answer>(10,20),(300,400)</answer>"
-    assert [b.index for b in data.skipped] == [1] and "image does not decode" in data.skipped[0].reason
+    assert [(b.index, b.reason) for b in data.skipped] == [(1, f"image {images / 'missing.png'} does not exist")]
 
 
 # ----------------------------------------------------------------------------- images checked at load

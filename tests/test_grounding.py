@@ -296,7 +296,7 @@ def test_the_originals_box_annotation_json_gives_one_row_per_instruction(tmp_pat
     assert [e.problem for e in data.examples] == [grounding.problem("What holds the soup?"),
                                                   grounding.problem("Something to eat the soup with.")]
     assert {e.solution for e in data.examples} == {"<answer>(102,100),(500,502)</answer>"}
-    assert [b.index for b in data.skipped] == [2] and "image does not decode" in data.skipped[0].reason
+    assert [(b.index, b.reason) for b in data.skipped] == [(2, f"image {tmp_path / 'gone.jpg'} does not exist")]
     with pytest.raises(DataError, match=r"record 0: field 'instruction' must be a list"):
         grounding.load_lisa_json(_dump(tmp_path, [{**records[0], "instruction": []}]))
     with pytest.raises(DataError, match=r"record 0: field 'boxes' must be a list of pixel boxes"):
