@@ -136,6 +136,11 @@ class RewardConfig:
         "Set when the config is loaded: each rewards.plugins file's sha256, so a run's config.yaml records the version "
         "it ran with; a value given (a run's config.yaml) must match the file.",
     )
+    plugin_timeout: float = _f(
+        60.0,
+        "Seconds a rewards.plugins file's import, or one call of one of its functions (one row's completions), may "
+        "take; past it the run stops naming the function and the row. 0: no limit.",
+    )
 
 
 @dataclass
@@ -670,7 +675,9 @@ def validate(cfg: Config) -> None:
 
     from qlora_rft.rewards import builtin_rewards, default_weights, plugin_rewards  # local: rewards import no config
 
-    known = {**builtin_rewards(), **plugin_rewards(cfg.rewards.plugins)}  # a bad plugin: a one-line ConfigError
+    need(cfg.rewards.plugin_timeout >= 0, "rewards.plugin_timeout must be >= 0 (seconds; 0: no limit)")
+    timeout = max(cfg.rewards.plugin_timeout, 0.0)
+    known = {**builtin_rewards(), **plugin_rewards(cfg.rewards.plugins, timeout)}  # a bad plugin: a one-line error
     for name, weight in cfg.rewards.weights.items():
         need(name in known, f"rewards.weights names unknown reward {name!r}{_suggest(name, known)}")
         need(_finite_number(weight),

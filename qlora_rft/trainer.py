@@ -198,7 +198,7 @@ def sample_scored(run: Run, sampler, sampling: Sampling, decoder, rewarder: Rewa
     groups = []
     for example, rollout in zip(examples, rollouts):
         rewards = rewarder.score(rollout.texts, example.reward_columns(), rollout.prompt.frame, example.index)
-        total = torch.tensor(rewarder.weighted(rewards))
+        total = torch.tensor(rewarder.weighted(rewards, example.index))
         loss_mask = rollout.mask  # [G, T]
         if cfg.grpo.mask_truncated_completions:  # no EOS within max_completion_length: out of the loss
             loss_mask = loss_mask * ~grpo.truncated(rollout.completion_ids, policy.tokens.eos)[:, None]

@@ -324,7 +324,8 @@ def record_key(record: dict, detection_task: bool) -> str:
 def reward_record(rewards: RewardSet, item: EvalItem, completion: str, frame: Frame) -> dict:
     """A line's rewards, for a task scored by them: each one (`rewards`) and their weighted sum (`reward`)."""
     values = rewards.score([completion], item.example.reward_columns(), frame, item.example.index)
-    return {"reward": rewards.weighted(values)[0], "rewards": {name: v[0] for name, v in values.items()}}
+    return {"reward": rewards.weighted(values, item.example.index)[0],
+            "rewards": {name: v[0] for name, v in values.items()}}
 
 
 def records_rewards(task: Task) -> bool:
