@@ -6,8 +6,8 @@ folder holding `SPLIT.json`; image paths relative to it), LISA's raw ReasonSeg f
 beside its JSON), or `synthetic:NAME`. A row may hold several images (`images`, a list, instead of `image`) for a
 task without boxes; a task without solutions (generic) needs no `solution` column. Every other column is kept for
 the rewards.
-Bad rows (an image that does not decode in full or that the resize rule refuses, a solution that does not parse)
-are found at load time and skipped and counted, or refused; so is a prompt over data.max_prompt_length, once the
+Bad rows (an image that does not decode in full or that the resize rule refuses, a solution that does not parse, a
+prompt or solution holding a vision placeholder token) are found at load time and skipped and counted, or refused; so is a prompt over data.max_prompt_length, once the
 processor is known (`without_long_prompts`, before the first step). Images are resized with qwen-vl-utils' rule,
 the config's pixel bounds and the model family's token side (`factor`), the same in training and evaluation;
 high-bit-depth images are scaled to 8 bits by their depth; an image far larger than needed is resized once at load
@@ -302,8 +302,14 @@ def _png(image: Image.Image) -> bytes:
 
 
 def _check_text(row: dict, task: Task) -> None:
+    from qlora_rft.models import vision_token_in
+
     if not isinstance(row.get("problem"), str) or not row["problem"].strip():
         raise Unusable("empty problem")
+    for column in ("problem", "solution"):  # the text the model reads, or is taught to write (sft, warm-up)
+        token = vision_token_in(row[column]) if isinstance(row.get(column), str) else None
+        if token is not None:
+            raise Unusable(f"{column} holds the vision token {token} (the processor would take it for an image slot)")
     if task.parse_solution is None:  # a task without solutions: any other column is the rewards' business
         return
     if not isinstance(row.get("solution"), str) or task.parse_solution(row["solution"]) is None:

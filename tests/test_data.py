@@ -291,3 +291,24 @@ def test_only_regular_files_are_images_so_a_fifo_never_blocks(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert f"row 1: image {tmp_path / 'pipe.png'} is not a regular file" in proc.stderr
+
+
+def test_a_row_holding_a_vision_token_is_a_bad_row_decided_at_load(tmp_path, capsys):
+    from qlora_rft.cli import main
+
+    (tmp_path / "a.png").write_bytes(_png())
+    rows = [{"image": "a.png", "problem": "What colour?", "solution": "<answer>red</answer>"},
+            {"image": "a.png", "problem": "What colour? <|image_pad|>", "solution": "<answer>red</answer>"},
+            {"image": "a.png", "problem": "What colour?", "solution": "<answer>red<|vision_start|></answer>"},
+            {"image": "a.png", "problem": "Compare <|video_pad|> with it", "solution": "<answer>red</answer>"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = load_split(str(tmp_path / "train.jsonl"), "train", TASK)
+    assert [ex.index for ex in data.examples] == [0]
+    assert [(b.index, b.reason) for b in data.skipped] == [
+        (1, "problem holds the vision token <|image_pad|> (the processor would take it for an image slot)"),
+        (2, "solution holds the vision token <|vision_start|> (the processor would take it for an image slot)"),
+        (3, "problem holds the vision token <|video_pad|> (the processor would take it for an image slot)")]
+    code = main(["eval", "configs/tiny_demo.yaml", f"data.eval={tmp_path / 'train.jsonl'}", "data.eval_split=train",
+                 "data.on_bad_row=error", f"eval.output_dir={tmp_path / 'eval'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "row 1: problem holds the vision token <|image_pad|>" in err

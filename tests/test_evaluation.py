@@ -136,6 +136,15 @@ def test_eval_and_score_refuse_the_same_annotation_files(tmp_path):
                           get_task("detection"))
 
 
+def test_a_class_name_holding_a_vision_token_is_refused_before_any_model_loads(tmp_path):
+    data = json.loads(open(runner.resolve_source("synthetic:shapes-detection/test_coco.json")).read())
+    data["categories"][0]["name"] = "cat<|image_pad|>"
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"category 'cat<\|image_pad\|>' holds the vision token <\|image_pad\|>"):
+        runner.eval_items(load_config(None, [*DETECTION, f"eval.annotations={path}"]), get_task("detection"))
+
+
 def test_eval_resumed_with_settings_that_change_the_answers_is_refused(tmp_path):
     overrides = ["model.name_or_path=tiny:tiny", "data.max_pixels=3136", "eval.limit=2", "eval.max_new_tokens=4",
                  f"eval.output_dir={tmp_path}"]

@@ -30,6 +30,7 @@ from qlora_rft.config import Config
 from qlora_rft.data import (Example, encode_prompts, load_images, load_split, prompt_lengths, resolve_source,
                              too_long)
 from qlora_rft.errors import DataError, UserError
+from qlora_rft.models import vision_token_in
 from qlora_rft.rewards import RewardSet, reward_set
 from qlora_rft.rollout import Sampling
 from qlora_rft.tasks import Task, detection, get_task
@@ -135,6 +136,11 @@ def detection_items(cfg: Config, asking: Asking | None = None) -> list[EvalItem]
                             "'coco_url' (eval reads the image)")
     names = {c["id"]: c["name"] for c in coco.get("categories", [])}
     classes = resolve_classes(cfg.eval.classes, list(names.values()))
+    for name in classes:  # a class name is asked in the prompt
+        token = vision_token_in(name)
+        if token is not None:
+            raise DataError(f"annotation file {path}: category {name!r} holds the vision token {token}, which the "
+                            "processor would take for an image slot: rename it, or leave it out of eval.classes")
     root = Path(resolve_source(cfg.eval.images)) if cfg.eval.images else path.parent
     truth: dict[tuple[int, str], list] = {}
     for ann in coco.get("annotations", []):
