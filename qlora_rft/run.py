@@ -205,7 +205,7 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
     launch = Launch.from_env()
     check_inputs(cfg, launch)  # before anything loads
     out = Path(cfg.train.output_dir)
-    found = claim_output_dir(out, resume, launch)
+    found = claim_output_dir(out, resume, launch, console)
     accelerator = make_accelerator(cfg, launch, pick_device(cfg.model.device))
     task = get_task(cfg.data.task)
     # Data, tiny models and warm-ups are built once by the main process, then read from the cache by the others.
@@ -275,15 +275,16 @@ def run_files(out: Path) -> list[Path]:
     return sorted(p for p in out.iterdir() if p.name in RUN_FILES or re.fullmatch(r"checkpoint-\d+", p.name))
 
 
-def claim_output_dir(out: Path, resume: bool, launch: Launch) -> Path | None:
+def claim_output_dir(out: Path, resume: bool, launch: Launch, console=None) -> Path | None:
     """Before anything loads: the main process locks train.output_dir (refused while another run holds it, or
     when it cannot be written) and refuses to write over an earlier run unless resuming. Returns the checkpoint to
-    resume from."""
+    resume from: the newest that reads whole, the newer damaged ones named."""
     if launch.rank == 0:
         lock_folder(out, "train.output_dir")
     try:
         check_config_file(out)
-        found, earlier = checkpoint.latest(out), run_files(out)
+        earlier = run_files(out)
+        found = checkpoint.resumable(out, sharded=launch.deepspeed) if resume else None
         if resume and found is None:
             fresh = "start afresh with --overwrite" if earlier else "run without --resume to start afresh"
             raise UserError(f"--resume: no complete checkpoint in {out}; {fresh}")
@@ -294,7 +295,15 @@ def claim_output_dir(out: Path, resume: bool, launch: Launch) -> Path | None:
     except UserError:
         unlock_folder(out)
         raise
-    return found
+    if found is not None and found.damaged and launch.rank == 0:
+        from rich.console import Console
+        from rich.markup import escape
+
+        console = console or Console(stderr=True)
+        for message in found.damaged:
+            console.print(f"[yellow]passed over a damaged checkpoint[/yellow]: {escape(message)}")
+        console.print(f"resuming from {found.path.name}, the newest checkpoint that reads whole")
+    return found.path if found is not None else None
 
 
 def check_inputs(cfg: Config, launch: Launch) -> None:
