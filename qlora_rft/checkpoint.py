@@ -120,9 +120,20 @@ def load(path: Path, model, optimizer, scheduler, rank: int = 0, world_size: int
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
+        from qlora_rft.model import check_adapter_shapes
+
+        weights = path / "adapter" / "adapter_model.safetensors"
+        check_adapter_shapes(model, weights, f"{path.name}'s adapter")
+        set_peft_model_state_dict(model, load_file(str(weights)))
     else:
-        model.load_state_dict(load_plain(path / "model.pt"))
+        weights = load_plain(path / "model.pt")
+        own = model.state_dict()
+        differ = [k for k, v in weights.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if differ or own.keys() != weights.keys():
+            first = differ[0] if differ else sorted(own.keys() ^ weights.keys())[0]
+            raise UserError(f"{path / 'model.pt'} holds the weights of another model ({first} differs from this "
+                            "run's): resume with the model it was trained from (model.name_or_path)")
+        model.load_state_dict(weights)
     optimizer.load_state_dict(load_plain(path / "optimizer.pt"))
     scheduler.load_state_dict(load_plain(path / "scheduler.pt"))
     set_rng_state(load_plain(path / _rng_file(rank)))

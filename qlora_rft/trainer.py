@@ -114,7 +114,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     logger = run.logger(console, log)
     validation = Validation.of(run)  # train.eval_steps
     metrics = []
-    started = time.perf_counter()
+    started = time.perf_counter() - run.seconds_before  # the run's clock, across resumed sessions
     with logger:
         for step in range(run.start_step + 1, run.steps + 1):
             step_start = time.perf_counter()
@@ -176,7 +176,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
             logger.log(line, write=step % cfg.train.logging_steps == 0 or step == run.steps or validation.due(step))
             if cfg.train.log_completions and step % cfg.train.log_completions == 0:
                 logger.samples(step, completion_samples(groups[0], weights))
-            run.checkpoint(step)
+            run.checkpoint(step, time.perf_counter() - started)
 
     return run.finish(metrics, time.perf_counter() - started)
 
