@@ -275,9 +275,22 @@ def expected_failure(e: BaseException) -> str | None:
         return f"a safetensors weights file is corrupt or truncated ({_first_line(e)}): copy or download it again"
     if isinstance(e, UnicodeDecodeError):
         return f"a file that should be text is not UTF-8 ({_first_line(e)})"
+    if _out_of_memory(e):
+        return (f"out of memory ({_first_line(e)[:200]}): lower what one step holds at once (grpo.generation_chunk, "
+                "grpo.backward_chunk, grpo.num_generations, grpo.max_completion_length, data.max_pixels, "
+                "data.max_prompt_length, eval.batch_size, lora.r) or use a larger device")
     if isinstance(e, json.JSONDecodeError):
         return f"a JSON file is not valid JSON ({_first_line(e)})"
     return None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation the device could not serve: torch's OutOfMemoryError (CUDA), the CPU allocator's failure, or
+    Python's MemoryError."""
+    import torch
+
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
 
 
 def _first_line(e: BaseException) -> str:

@@ -6,9 +6,10 @@ folder holding `SPLIT.json`; image paths relative to it), LISA's raw ReasonSeg f
 beside its JSON), or `synthetic:NAME`. A row may hold several images (`images`, a list, instead of `image`) for a
 task without boxes; a task without solutions (generic) needs no `solution` column. Every other column is kept for
 the rewards.
-Bad rows (an image that does not decode in full or that the resize rule refuses, a solution that does not parse, a
-prompt or solution holding a vision placeholder token) are found at load time and skipped and counted, or refused; so is a prompt over data.max_prompt_length, once the
-processor is known (`without_long_prompts`, before the first step). Images are resized with qwen-vl-utils' rule,
+Bad rows (an image that does not decode in full, is not a regular file or that the resize rule refuses, a solution
+that does not parse, a prompt or solution holding a vision placeholder token) are found at load time and skipped
+and counted, or refused; so is a prompt over data.max_prompt_length, once the processor is known
+(`without_long_prompts`, before the first step). Images are resized with qwen-vl-utils' rule,
 the config's pixel bounds and the model family's token side (`factor`), the same in training and evaluation;
 high-bit-depth images are scaled to 8 bits by their depth; an image far larger than needed is resized once at load
 and kept small (PNG), with one line saying so.

@@ -46,6 +46,7 @@ from qlora_rft.model import (
     reference_mode,
     resolve_model_path,
 )
+from qlora_rft.memory import check_training_fits
 from qlora_rft.order import PromptOrder, epochs_done, training_steps
 from qlora_rft.rollout import CompletionScorer, Rollout
 from qlora_rft.runlog import NullLogger, RunLogger
@@ -210,6 +211,7 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
     check_inputs(cfg, launch)  # before anything loads
     out = Path(cfg.train.output_dir)
     found = claim_output_dir(cfg, resume, launch, console)
+    check_training_fits(cfg, resolve_model_path(cfg.model.name_or_path), pick_device(cfg.model.device))
     accelerator = make_accelerator(cfg, launch, pick_device(cfg.model.device))
     task = get_task(cfg.data.task)
     # Data, tiny models and warm-ups are built once by the main process, then read from the cache by the others.

@@ -389,11 +389,14 @@ def check_resumable(out: Path, info: dict) -> None:
 def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
     """Evaluate `model.name_or_path` (+ `eval.adapter`) and write predictions.jsonl, metrics.json, eval_info.json."""
     from qlora_rft.evaluation.scoring import write_metrics
-    from qlora_rft.model import load_for_inference
+    from qlora_rft.memory import check_evaluation_fits
+    from qlora_rft.model import load_for_inference, pick_device, resolve_model_path
 
     console = console or Console()
     task = get_task(cfg.data.task, cfg.eval.protocol)
     asking = resolve_asking(cfg, task.name)
+    check_evaluation_fits(cfg, resolve_model_path(cfg.model.name_or_path), pick_device(cfg.model.device),
+                          asking.max_new_tokens, asking.max_prompt_length)
     out = Path(cfg.eval.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     label = cfg.eval.label or ("adapter" if cfg.eval.adapter else "base")
