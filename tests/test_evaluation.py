@@ -117,6 +117,10 @@ def test_eval_and_score_refuse_the_same_annotation_files(tmp_path):
         "bad_box.json": lambda d: d["annotations"][0].update(bbox=[1, 2, "3", 4]),
         "not_coco.json": lambda d: d.pop("categories"),
         "unknown_category.json": lambda d: d["annotations"][0].update(category_id=999),
+        "shared_annotation_id.json": lambda d: d["annotations"][1].update(id=d["annotations"][0]["id"]),
+        "shared_image_id.json": lambda d: d["images"].append({**d["images"][0], "width": 7, "height": 9}),
+        "shared_category_id.json": lambda d: d["categories"].append({"id": d["categories"][0]["id"], "name": "new"}),
+        "listed_image_id.json": lambda d: d["images"][0].update(id=[1]),
     }
     predictions = tmp_path / "p.jsonl"
     predictions.write_text('{"image_id": 1, "category": "circle", "completion": "No Objects"}\n')
@@ -130,6 +134,10 @@ def test_eval_and_score_refuse_the_same_annotation_files(tmp_path):
         with pytest.raises(DataError) as by_eval:
             runner.eval_items(load_config(None, [*DETECTION, f"eval.annotations={path}"]), get_task("detection"))
         assert str(by_eval.value) == str(by_score.value) and str(path) in str(by_eval.value)
+        if name.startswith("shared"):
+            what = name.split("_")[1]
+            assert f"{what} ids {data[what + 's' if what != 'category' else 'categories'][0]['id']!r} appear more " \
+                   "than once" in str(by_eval.value)
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(DataError, match="cannot read annotation file .* as JSON"):
         runner.eval_items(load_config(None, [*DETECTION, f"eval.annotations={tmp_path / 'binary.json'}"]),
