@@ -100,7 +100,8 @@ class DataConfig:
     train: str = _f(
         "synthetic:shapes",
         "Training data: a parquet file or folder, a JSON-lines file (or a folder of SPLIT.jsonl; image paths "
-        "relative to it), a `datasets.load_dataset` path, a LISA JSON (ours, or the "
+        "relative to it), a local folder `datasets.load_dataset` reads, a hub dataset named hub:ORG/NAME (only "
+        "such a name is ever fetched), a LISA JSON (ours, or the "
         "original Visual-RFT's box annotations), LISA's ReasonSeg folder (train/, val/, test/: each image beside "
         "its JSON), or `synthetic:NAME` (generated on demand into the cache).",
     )
@@ -652,6 +653,8 @@ def validate(cfg: Config) -> None:
     need(bool(cfg.lora.target_modules), "lora.target_modules must name at least one linear layer")
 
     d = cfg.data
+    need(bool(d.train.strip()), "data.train is empty: name the training data (a file or folder, hub:ORG/NAME, or "
+         "synthetic:NAME)")
     need(d.min_pixels >= 28 * 28, "data.min_pixels must be >= 784 (one image token of the smallest side, 28x28)")
     need(d.max_pixels <= _max_pixels(), f"data.max_pixels={d.max_pixels} is over {_max_pixels()}, the largest image "
          "area any supported model's processor takes: lower it (401408 = 512 visual tokens is the default)")

@@ -1,7 +1,8 @@
 """Datasets in the released ViRFT schema (image, problem, solution) and turning a row into model inputs.
 
 Sources: a parquet file or folder, a JSON-lines file (`.jsonl`, or a folder holding `SPLIT.jsonl`; image paths
-relative to it), any `datasets.load_dataset` path (never `load_from_disk`), a LISA-style JSON (a `.json` file, or a
+relative to it), a local folder `datasets.load_dataset` reads (never `load_from_disk`), a hub dataset only when
+named `hub:ORG/NAME` (a local path that does not exist is an error at once, never a hub lookup), a LISA-style JSON (a `.json` file, or a
 folder holding `SPLIT.json`; image paths relative to it), LISA's raw ReasonSeg folder (`SPLIT/` holding each image
 beside its JSON), or `synthetic:NAME`. A row may hold several images (`images`, a list, instead of `image`) for a
 task without boxes; a task without solutions (generic) needs no `solution` column. Every other column is kept for
@@ -35,6 +36,7 @@ from qlora_rft.tasks import Task
 from qlora_rft.tasks.boxes import RELATIVE, Frame
 
 REQUIRED_COLUMNS = ("image", "problem", "solution")
+HUB = "hub:"  # the prefix of a dataset named on the Hugging Face hub (anything else is a local path)
 IMAGE_COLUMNS = ("image", "images")  # one image, or a list of them
 LARGE_FACTOR = 16  # an image over this many times data.max_pixels is resized once at load, not at every step
 
@@ -104,8 +106,13 @@ def _load_table(source: str, split: str):
             table = datasets.load_dataset("parquet", data_files={split: [str(f) for f in files]}, split=split)
         elif path.is_dir():
             table = datasets.load_dataset(str(path), split=split)
+        elif source.startswith(HUB):  # named as a hub dataset: the only source ever fetched
+            table = datasets.load_dataset(source[len(HUB):], split=split)
+        elif path.exists():
+            raise DataError(f"{source} is neither a regular file nor a folder: name a data file or folder")
         else:
-            table = datasets.load_dataset(source, split=split)
+            raise DataError(f"{source} does not exist (no such file or folder, relative to {Path.cwd()}): name a "
+                            f"local file or folder, or a dataset of the Hugging Face hub as {HUB}ORG/NAME")
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
         raise DataError(f"cannot load split {split!r} of {source}: {e}") from None
     except datasets.exceptions.DatasetGenerationError as e:

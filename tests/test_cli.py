@@ -18,7 +18,9 @@ from qlora_rft.cli import main
         (["train", "configs/tiny_demo.yaml", "grpo.beta=lots"], "grpo.beta must be a float"),
         (["train", "no/such/config.yaml"], "config file no/such/config.yaml not found"),
         (["train", "configs/tiny_demo.yaml", "model.name_or_path=/no/such/model"], "has no config.json"),
-        (["train", "configs/tiny_demo.yaml", "data.train=/no/such/data"], "cannot load split"),
+        (["train", "configs/tiny_demo.yaml", "data.train=/no/such/data"], "/no/such/data does not exist"),
+        (["train", "configs/tiny_demo.yaml", "data.train=data/x"], "data/x does not exist (no such file or folder"),
+        (["train", "configs/tiny_demo.yaml", "data.train="], "data.train is empty"),
         (["tiny-model", "--out", "x", "--preset", "huge"], "unknown preset 'huge'"),
     ],
 )

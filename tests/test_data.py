@@ -80,6 +80,41 @@ def test_missing_source_is_a_data_error(tmp_path):
         load_split(str(tmp_path / "nothing-here"), "train", TASK)
 
 
+def test_only_a_source_named_as_a_hub_dataset_is_ever_fetched(tmp_path, monkeypatch):
+    import os
+
+    import datasets
+
+    fetched = []
+
+    def load_dataset(name, *args, **kwargs):
+        fetched.append(name)
+        raise datasets.exceptions.DatasetNotFoundError(f"no {name} here")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(tmp_path)
+    for missing in ("data/x", "x", "data/ViRFT_COCO_8_cate_4_shot", "./x", "~/nowhere/x"):
+        with pytest.raises(DataError, match=f"{missing} does not exist .no such file or folder, relative to "
+                                            f"{tmp_path}.: name a local file or folder, or a dataset of the Hugging "
+                                            "Face hub as hub:ORG/NAME"):
+            load_split(missing, "train", TASK)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(DataError, match="pipe is neither a regular file nor a folder"):
+        load_split("pipe", "train", TASK)
+    assert fetched == []
+    with pytest.raises(DataError, match="cannot load split 'train' of hub:org/name: no org/name here"):
+        load_split("hub:org/name", "train", TASK)
+    assert fetched == ["org/name"]
+
+
+def test_an_empty_data_source_is_refused_at_load():
+    from qlora_rft.config import load_config
+    from qlora_rft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.train is empty: name the training data"):
+        load_config(None, ["data.train="])
+
+
 def test_resize_follows_qwen_rule():
     image = Image.new("RGB", (1000, 500))
     resized = resize_image(image, **PIXELS)
