@@ -158,13 +158,14 @@ def check_output_folder(out: Path, name: str, overwrite: bool | None = False, in
         raise OutputError(f"{name} {out} is not empty (it holds {shown}): choose a new or an empty folder{how}")
 
 
-def lock_folder(folder: Path, name: str) -> None:
+def lock_folder(folder: Path, name: str) -> bool:
     """Lock `folder` (created if missing) for this process until `unlock_folder` or the process's end. Refused,
     naming the holder, while another process holds it; a lock file left by a dead process is simply taken over.
-    Locking again a folder this process holds does nothing. `name` is the setting the folder came from."""
+    Locking again a folder this process holds does nothing (returns False; True when this call took the lock).
+    `name` is the setting the folder came from."""
     folder = Path(folder).resolve()
     if folder in _held:
-        return
+        return False
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()  # the lock file may be writable in a folder that is not
@@ -185,6 +186,7 @@ def lock_folder(folder: Path, name: str) -> None:
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
     _held[folder] = handle
+    return True
 
 
 def _open_lock_file(path: Path, name: str) -> IO:
@@ -227,6 +229,13 @@ def out_of_space(error: BaseException | None) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def append_lines(path: Path, lines: list[str], kept: str) -> None:
+    """Append text lines to a log file (metrics.jsonl, predictions.jsonl...); a write that runs out of space is an
+    OutputError naming the file and `kept` (what survives and how to go on)."""
+    with reporting_full_disk(str(path), kept), open(path, "a", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
 
 
 @contextmanager

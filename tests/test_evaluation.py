@@ -286,3 +286,41 @@ def test_prompt_lengths_are_the_encoded_lengths(preset):
     for example, length in zip(examples[:6], lengths):
         batch, _ = encode_prompts(processor, task, [example], 3136, 12544, 10_000, "cpu")
         assert batch["input_ids"].shape[1] == length
+
+
+def test_two_evaluations_into_one_folder_never_run_at_once(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "qlora_rft", "eval", "configs/tiny_demo.yaml", "model.name_or_path=tiny:tiny",
+           "eval.limit=6", "eval.max_new_tokens=4", f"eval.output_dir={out}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
+    first = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while "pid" not in ((out / ".lock").read_text() if (out / ".lock").exists() else ""):
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)  # holds the folder, whatever the machine's speed
+        second = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert f"eval.output_dir={out} is in use by pid {first.pid} on " in second.stderr
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=600) == 0, first.stderr.read()
+    assert len((out / runner.PREDICTIONS).read_text().splitlines()) == 6
+
+
+def test_a_predictions_file_no_evaluation_wrote_is_left_alone(tmp_path):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / runner.PREDICTIONS).write_text('{"id": 0, "completion": "mine"}\n')
+    cfg = load_config(None, ["model.name_or_path=tiny:tiny", "eval.limit=1", f"eval.output_dir={out}"])
+    with pytest.raises(UserError, match="holds a predictions.jsonl that no evaluation wrote"):
+        runner.run_eval(cfg)
+    assert (out / runner.PREDICTIONS).read_text() == '{"id": 0, "completion": "mine"}\n'

@@ -245,3 +245,21 @@ def test_a_long_legal_output_name_is_written(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert '"mAP": 0.0' in out.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["p.jsonl", "a.json", out.name])
+
+
+def test_a_full_disk_while_appending_a_log_names_the_file(tmp_path):
+    from qlora_rft.files import append_lines
+    from qlora_rft.runlog import RunLogger
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full, a device every write to fails with ENOSPC")
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.symlink_to("/dev/full")
+    with pytest.raises(OutputError, match=rf"no space left on the device \(disk full or quota exceeded\) while "
+                                          rf"writing {predictions}; kept as it is"):
+        append_lines(predictions, ['{"id": 1}'], "kept as it is")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.symlink_to("/dev/full")
+    with pytest.raises(OutputError, match=rf"while writing {metrics}; the checkpoints written so far are kept"):
+        with RunLogger(metrics, total_steps=2) as log:
+            log.log({"step": 1, "loss": 0.5})

@@ -30,6 +30,7 @@ from qlora_rft.config import Config
 from qlora_rft.data import (Example, encode_prompts, load_images, load_split, prompt_lengths, resolve_source,
                              too_long)
 from qlora_rft.errors import DataError, UserError
+from qlora_rft.files import append_lines, lock_folder, unlock_folder
 from qlora_rft.models import vision_token_in
 from qlora_rft.rewards import RewardSet, reward_set
 from qlora_rft.rollout import Sampling
@@ -367,9 +368,13 @@ def recorded_protocol(predictions: str | Path) -> str:
 
 def check_resumable(out: Path, info: dict) -> None:
     """Refuse to append to predictions that an evaluation with other settings wrote (one file, one setting). A
-    setting the earlier eval_info.json does not record (older versions recorded fewer) is taken as unchanged."""
-    if not (out / PREDICTIONS).exists() or not (out / INFO).exists():
+    setting the earlier eval_info.json does not record (older versions recorded fewer) is taken as unchanged. A
+    predictions.jsonl without an eval_info.json, which an evaluation writes first, is no evaluation's: refused."""
+    if not (out / PREDICTIONS).exists():
         return
+    if not (out / INFO).exists():
+        raise UserError(f"{out} holds a {PREDICTIONS} that no evaluation wrote (no {INFO} beside it): choose another "
+                        "eval.output_dir, or move the file")
     try:
         before = json.loads((out / INFO).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
@@ -390,7 +395,7 @@ def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
     """Evaluate `model.name_or_path` (+ `eval.adapter`) and write predictions.jsonl, metrics.json, eval_info.json."""
     from qlora_rft.evaluation.scoring import write_metrics
     from qlora_rft.memory import check_evaluation_fits
-    from qlora_rft.model import load_for_inference, pick_device, resolve_model_path
+    from qlora_rft.model import pick_device, resolve_model_path
 
     console = console or Console()
     task = get_task(cfg.data.task, cfg.eval.protocol)
@@ -398,12 +403,26 @@ def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
     check_evaluation_fits(cfg, resolve_model_path(cfg.model.name_or_path), pick_device(cfg.model.device),
                           asking.max_new_tokens, asking.max_prompt_length)
     out = Path(cfg.eval.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    label = cfg.eval.label or ("adapter" if cfg.eval.adapter else "base")
+    locked = lock_folder(out, "eval.output_dir")  # one evaluation at a time writes it
+    try:
+        label = cfg.eval.label or ("adapter" if cfg.eval.adapter else "base")
+        predictions = write_predictions(cfg, task, asking, out, label, console)
+        metrics = score_predictions(cfg, task, predictions)
+        write_metrics(metrics, out / METRICS)
+    finally:
+        if locked:
+            unlock_folder(out)
+    console.print(metrics_table(metrics, label))
+    return EvalRun(out, predictions, metrics, label)
+
+
+def write_predictions(cfg: Config, task: Task, asking: Asking, out: Path, label: str, console: Console) -> Path:
+    """eval_info.json, then the predictions of the prompts predictions.jsonl does not hold yet, a batch at a time."""
+    from qlora_rft.model import load_for_inference
+
     info = {"label": label, **eval_settings(cfg, task, asking)}
     check_resumable(out, info)
     (out / INFO).write_text(json.dumps(info, indent=2))
-
     items = eval_items(cfg, task, asking)
     predictions = out / PREDICTIONS
     done = done_keys(predictions, task.name == "detection")
@@ -412,17 +431,13 @@ def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
         policy = load_for_inference(cfg.model, cfg.eval.adapter or None)
         progress = Progress(TextColumn(f"[bold]eval {label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TimeRemainingColumn(), console=console)
-        with progress, predictions.open("a") as f:
+        kept = "the predictions written so far are kept: free some space and run the evaluation again to resume it"
+        with progress:
             bar = progress.add_task("eval", total=len(items), completed=len(items) - len(todo))
             for lines in predict(policy, task, todo, cfg, asking):
-                f.write("".join(json.dumps(line) + "\n" for line in lines))
-                f.flush()
+                append_lines(predictions, [json.dumps(line) for line in lines], kept)
                 progress.advance(bar, len(lines))
-
-    metrics = score_predictions(cfg, task, predictions)
-    write_metrics(metrics, out / METRICS)
-    console.print(metrics_table(metrics, label))
-    return EvalRun(out, predictions, metrics, label)
+    return predictions
 
 
 def score_predictions(cfg: Config, task: Task, predictions: Path) -> dict:
