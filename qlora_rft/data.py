@@ -18,6 +18,7 @@ and kept small (PNG), with one line saying so.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -75,6 +76,23 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+
+def content_hash(data: Dataset) -> str:
+    """A sha256 of what a dataset holds, in order: every row's text and columns and its images' bytes (read from
+    their files when stored as paths), so that a file replaced under the same name hashes differently."""
+    digest = hashlib.sha256()
+    for example in data.examples:
+        text = [example.index, example.problem, example.solution, example.columns]
+        digest.update(json.dumps(text, sort_keys=True, default=str).encode())
+        for cell in example.images:
+            if cell.get("bytes"):
+                digest.update(cell["bytes"])
+            else:
+                with open(cell["path"], "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+    return digest.hexdigest()
 
 
 def resolve_source(source: str) -> str:
