@@ -14,6 +14,7 @@ empty, not JSON) is named with that file, and `--resume` takes the newest checkp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import random
@@ -113,7 +114,7 @@ def latest(output_dir: Path) -> Path | None:
 
 def load(path: Path, model, optimizer, scheduler, rank: int = 0, world_size: int = 1) -> dict:
     """Restore the adapter (or full mode's weights), optimizer, scheduler and this process's RNG states; returns the
-    saved trainer state."""
+    saved trainer state. A file whose content does not fit what it restores is named."""
     state = _trainer_state(path, world_size)
     check_plain(path)  # every file, in every process: all refuse alike
     if (path / "adapter").is_dir():
@@ -124,7 +125,8 @@ def load(path: Path, model, optimizer, scheduler, rank: int = 0, world_size: int
 
         weights = path / "adapter" / "adapter_model.safetensors"
         check_adapter_shapes(model, weights, f"{path.name}'s adapter")
-        set_peft_model_state_dict(model, load_file(str(weights)))
+        with _restoring(weights):
+            set_peft_model_state_dict(model, load_file(str(weights)))
     else:
         weights = load_plain(path / "model.pt")
         own = model.state_dict()
@@ -134,10 +136,22 @@ def load(path: Path, model, optimizer, scheduler, rank: int = 0, world_size: int
             raise UserError(f"{path / 'model.pt'} holds the weights of another model ({first} differs from this "
                             "run's): resume with the model it was trained from (model.name_or_path)")
         model.load_state_dict(weights)
-    optimizer.load_state_dict(load_plain(path / "optimizer.pt"))
-    scheduler.load_state_dict(load_plain(path / "scheduler.pt"))
-    set_rng_state(load_plain(path / _rng_file(rank)))
+    for file, restore in ((path / "optimizer.pt", optimizer.load_state_dict),
+                          (path / "scheduler.pt", scheduler.load_state_dict), (path / _rng_file(rank), set_rng_state)):
+        with _restoring(file):
+            restore(load_plain(file))
     return state
+
+
+@contextlib.contextmanager
+def _restoring(file: Path):
+    """Restoring from `file`: content that does not fit what it restores (another optimizer's state, an RNG file
+    of another layout) is a UserError naming it."""
+    try:
+        yield
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+        raise UserError(f"{file} does not hold what this run restores from it ({type(e).__name__}: "
+                        f"{_first_line(e)}): resume from another checkpoint, or start afresh with --overwrite") from None
 
 
 class Damaged(UserError):
@@ -185,14 +199,19 @@ def read_state(path: Path) -> dict:
     return state
 
 
-def check_whole(path: Path, allowed: list | None = None) -> dict:
+def check_whole(path: Path, allowed: list | None = None, sharded: bool = False) -> dict:
     """Read every file of a checkpoint as resuming will, restoring nothing: the state file, each JSON file, each
-    safetensors file's header (it must cover the file), each torch file weights-only (mapped, not read). Returns
-    the state; Damaged naming the first file that does not read whole (a file asking for more than plain values
-    is refused as `load_plain` refuses it)."""
+    safetensors file's header (it must cover the file), each torch file weights-only (mapped, not read); `save`'s
+    files must all be there (`sharded`: DeepSpeed's, whatever they are). Returns the state; Damaged naming the
+    first file missing or not reading whole (a file asking for more than plain values is refused as `load_plain`
+    refuses it)."""
     from safetensors import SafetensorError, safe_open
 
     state = read_state(path)
+    weights = "adapter/adapter_model.safetensors" if (path / "adapter").is_dir() else "model.pt"
+    for name in [] if sharded else [weights, "optimizer.pt", "scheduler.pt", _rng_file(0)]:
+        if not (path / name).is_file():
+            raise Damaged(f"{path / name} is missing")
     for file in sorted(path.rglob("*")):
         if not file.is_file() or file.name == STATE_FILE:
             continue
@@ -229,7 +248,7 @@ def resumable(output_dir: Path, sharded: bool = False) -> Resumable | None:
     damaged = []
     for path in reversed(all_checkpoints(output_dir)):
         try:
-            return Resumable(path, check_whole(path, allowed), damaged)
+            return Resumable(path, check_whole(path, allowed, sharded), damaged)
         except Damaged as e:
             damaged.append(str(e))
     if damaged:

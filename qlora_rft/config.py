@@ -142,7 +142,7 @@ class RewardConfig:
     plugin_timeout: float = _f(
         60.0,
         "Seconds a rewards.plugins file's import, or one call of one of its functions (one row's completions), may "
-        "take; past it the run stops naming the function and the row. 0: no limit.",
+        "take; past it the run stops naming the function and the row. 0 (or over 1e9): no limit.",
     )
 
 

@@ -115,12 +115,13 @@ def atomic_folder(out: Path) -> Iterator[Path]:
 @contextmanager
 def atomic_file(out: Path) -> Iterator[Path]:
     """Yield a temporary path beside `out` to write; when the block succeeds it replaces `out` in one rename, when it
-    fails it is removed and `out` is untouched."""
+    fails it is removed and `out` is untouched (a full disk: an OutputError naming `out`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(out, "new")
     try:
-        yield tmp
-        os.replace(tmp, out)
+        with reporting_full_disk(str(out), "nothing of it was written: free some space and run again"):
+            yield tmp
+            os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
 

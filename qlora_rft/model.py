@@ -263,9 +263,10 @@ def load_adapter(model, adapter: str | Path, trainable: bool):
 
 
 def check_adapter_shapes(model, weights: Path, what: str) -> None:
-    """Refuse LoRA weights trained on a base of other shapes than `model` (another size or architecture), naming
-    the first layer that differs, before they load (peft would stop on a size-mismatch traceback). A LoRA A matrix
-    is [r, the layer's inputs], a B matrix [the layer's outputs, r]. `model`: the base, or it wrapped by peft."""
+    """Refuse LoRA weights trained on a base of other shapes than `model` (another size or architecture), or of
+    another rank than the adapters `model` already has, naming the first layer that differs, before they load (peft
+    would stop on a size-mismatch traceback). A LoRA A matrix is [r, the layer's inputs], a B matrix [the layer's
+    outputs, r]. `model`: the base, or it wrapped by peft."""
     from safetensors import safe_open
 
     if not weights.is_file():
@@ -281,16 +282,20 @@ def check_adapter_shapes(model, weights: Path, what: str) -> None:
             name = key.removesuffix(part)
             short = name.removeprefix("base_model.model.")
             layer = modules[name] if name in modules else modules.get(short)
+            own = getattr(layer, part.split(".")[1], {})  # a layer peft wraps already: its own LoRA matrices
             if layer is None:
                 problems.append(f"its layer {short} is not in this base")
             elif getattr(layer, side, shape[axis]) != shape[axis]:
                 size = "inputs" if side == "in_features" else "outputs"
                 problems.append(f"{short} has {shape[axis]} {size} in the adapter and {getattr(layer, side)} in "
                                 "this base")
+            elif "default" in own and tuple(own["default"].weight.shape) != tuple(shape):
+                problems.append(f"{key.removeprefix('base_model.model.')} is {list(shape)} in the adapter and "
+                                f"{list(own['default'].weight.shape)} here (another lora.r)")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"{what} was trained on another base model: {problems[0]}{more}; use it with the base it "
-                        "was trained on (model.name_or_path)")
+        raise UserError(f"{what} does not fit this model: {problems[0]}{more}; use it with the base model "
+                        "(model.name_or_path) and the lora.r it was trained with")
 
 
 def check_weight_files(folder: Path, what: str) -> None:

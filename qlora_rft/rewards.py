@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 BUILT_IN = "built-in"
 MAX_REWARD = 1e15  # a weighted reward beyond this (a group's squared deviations overflow float32) stops the run
+MAX_TIMEOUT = 1e9  # seconds (31 years): a longer rewards.plugin_timeout is no limit (the OS timer takes no more)
 
 
 def format_reward(completions: list, **kwargs) -> list[float]:
@@ -190,7 +191,7 @@ def run_plugin(call: Callable, where: str, on: str, timeout: float, error: type[
         raise error(f"{where} called sys.exit({e.code!r}){on}: plugin code must return, never exit") from None
     except KeyboardInterrupt:
         raise error(f"{where} was interrupted (KeyboardInterrupt){on}") from None
-    except Exception as e:
+    except BaseException as e:  # an Exception, or any other BaseException a plugin may raise
         raise error(f"{where} raised {type(e).__name__}{on}: {_first_line(e)}") from e
 
 
@@ -198,7 +199,7 @@ def run_plugin(call: Callable, where: str, on: str, timeout: float, error: type[
 def _time_limit(seconds: float) -> Iterator[None]:
     """Raise _TimedOut in this thread once `seconds` have passed (SIGALRM; the main thread only, elsewhere no
     limit). Any timer already set is put back afterwards, less the time spent."""
-    if not seconds or threading.current_thread() is not threading.main_thread():
+    if not 0 < seconds < MAX_TIMEOUT or threading.current_thread() is not threading.main_thread():
         yield
         return
 

@@ -121,6 +121,8 @@ def test_eval_and_score_refuse_the_same_annotation_files(tmp_path):
         "shared_image_id.json": lambda d: d["images"].append({**d["images"][0], "width": 7, "height": 9}),
         "shared_category_id.json": lambda d: d["categories"].append({"id": d["categories"][0]["id"], "name": "new"}),
         "listed_image_id.json": lambda d: d["images"][0].update(id=[1]),
+        "orphan_annotation.json": lambda d: d["annotations"][0].update(image_id=987654),
+        "negative_box.json": lambda d: d["annotations"][0].update(bbox=[1, 2, -3, 4]),
     }
     predictions = tmp_path / "p.jsonl"
     predictions.write_text('{"image_id": 1, "category": "circle", "completion": "No Objects"}\n')

@@ -263,3 +263,15 @@ def test_a_full_disk_while_appending_a_log_names_the_file(tmp_path):
     with pytest.raises(OutputError, match=rf"while writing {metrics}; the checkpoints written so far are kept"):
         with RunLogger(metrics, total_steps=2) as log:
             log.log({"step": 1, "loss": 0.5})
+
+
+def test_a_full_disk_while_writing_a_file_whole_names_it_and_keeps_the_old_one(tmp_path):
+    from qlora_rft.files import atomic_file
+
+    out = tmp_path / "predictions.jsonl"
+    out.write_text("kept\n")
+    with pytest.raises(OutputError, match=rf"while writing {out}; nothing of it was written"):
+        with atomic_file(out) as tmp:
+            tmp.write_text("half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert out.read_text() == "kept\n" and list(tmp_path.iterdir()) == [out]

@@ -169,6 +169,6 @@ def test_an_adapter_of_another_base_is_one_line_naming_the_layer(tmp_path, capsy
                  f"eval.adapter={tmp_path / 'adapter'}", "eval.limit=1", f"eval.output_dir={tmp_path / 'eval'}"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert f"error: adapter {tmp_path / 'adapter'} was trained on another base model: " in err
+    assert f"error: adapter {tmp_path / 'adapter'} does not fit this model: " in err
     assert re.search(r"model\.language_model\.layers\.0\.mlp\.down_proj has 128 inputs in the adapter and \d+ in "
-                     r"this base \(and \d+ more\); use it with the base it was trained on", err)
+                     r"this base \(and \d+ more\); use it with the base model", err)

@@ -271,7 +271,13 @@ def test_an_older_checkpoint_of_another_model_is_refused_by_its_adapter_shapes(t
         state = json.loads((folder / checkpoint.STATE_FILE).read_text())
         del state["config"]
         (folder / checkpoint.STATE_FILE).write_text(json.dumps(state))
-    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("tiny:tiny", "tiny:cpu-small"))
-    with pytest.raises(UserError, match=r"checkpoint-2's adapter was trained on another base model: model\."
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("tiny:tiny", "tiny:cpu-small"))
+    with pytest.raises(UserError, match=r"checkpoint-2's adapter does not fit this model: model\."
                                         r"language_model\.layers\.0\.mlp\.down_proj has 128 inputs in the adapter"):
+        fit(load_config(run / "config.yaml", [f"train.output_dir={run}"]), resume=True, log=False)
+    (run / "config.yaml").write_text(text.replace("  r: 16", "  r: 8"))
+    with pytest.raises(UserError, match=r"checkpoint-2's adapter does not fit this model: model\.language_model\."
+                                        r"layers\.0\.mlp\.down_proj\.lora_A\.weight is \[16, 128\] in the adapter "
+                                        r"and \[8, 128\] here \(another lora.r\)"):
         fit(load_config(run / "config.yaml", [f"train.output_dir={run}"]), resume=True, log=False)

@@ -72,15 +72,21 @@ def load_annotations(path: str | Path) -> dict:
     _unique_ids(data["images"], "image", fail)
     _unique_ids(data["categories"], "category", fail)
     category_ids = {cat["id"] for cat in data["categories"]}
+    image_ids = {image["id"] for image in data["images"]}
     next_id = 1 + max((a["id"] for a in data["annotations"] if isinstance(a, dict) and _number(a.get("id"))), default=0)
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
             raise fail(f"annotation {i} needs 'image_id' and 'category_id'")
         if ann["category_id"] not in category_ids:
             raise fail(f"annotation {i} has category_id {ann['category_id']!r}, which no category has")
+        if not isinstance(ann["image_id"], (int, str)) or ann["image_id"] not in image_ids:
+            raise fail(f"annotation {i} has image_id {ann['image_id']!r}, which no image has (its box would never "
+                       "be counted)")
         bbox = ann.get("bbox")
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_number(v) for v in bbox):
             raise fail(f"annotation {i} needs a 'bbox' of 4 numbers [x, y, w, h]")
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise fail(f"annotation {i} has a 'bbox' of negative width or height ({bbox[2]}, {bbox[3]})")
         ann.setdefault("area", float(bbox[2]) * float(bbox[3]))
         ann.setdefault("iscrowd", 0)
         if "id" not in ann:

@@ -30,7 +30,7 @@ from qlora_rft.config import Config
 from qlora_rft.data import (Example, encode_prompts, load_images, load_split, prompt_lengths, resolve_source,
                              too_long)
 from qlora_rft.errors import DataError, UserError
-from qlora_rft.files import append_lines, lock_folder, unlock_folder
+from qlora_rft.files import append_lines, atomic_file, lock_folder, unlock_folder
 from qlora_rft.models import vision_token_in
 from qlora_rft.rewards import RewardSet, reward_set
 from qlora_rft.rollout import Sampling
@@ -315,7 +315,8 @@ def done_keys(path: Path, detection_task: bool) -> set[str]:
         return set()
     required = ("image_id", "category", "completion") if detection_task else ("id", "completion")
     rows = read_predictions(path, required).rows
-    path.write_text("".join(json.dumps(row.record) + "\n" for row in rows))
+    with atomic_file(path) as tmp:  # a full disk leaves the file as it was
+        tmp.write_text("".join(json.dumps(row.record) + "\n" for row in rows))
     return {record_key(r.record, detection_task) for r in rows}
 
 
@@ -422,7 +423,8 @@ def write_predictions(cfg: Config, task: Task, asking: Asking, out: Path, label:
 
     info = {"label": label, **eval_settings(cfg, task, asking)}
     check_resumable(out, info)
-    (out / INFO).write_text(json.dumps(info, indent=2))
+    with atomic_file(out / INFO) as tmp:
+        tmp.write_text(json.dumps(info, indent=2))
     items = eval_items(cfg, task, asking)
     predictions = out / PREDICTIONS
     done = done_keys(predictions, task.name == "detection")
