@@ -1,11 +1,6 @@
 """What the model and the device can hold, checked before any weights load: prompt + completion within the model's
-context, a LoRA rank no wider than the layers it adapts, and a lower bound of the memory one step holds at once,
-refused with its estimate when the device has less (instead of an out-of-memory traceback mid-run).
-
-The estimate counts only tensors a step cannot do without, at the longest prompt the settings allow
-(data.max_prompt_length): sampling's KV cache, the layer inputs a backward keeps, the log-prob chunk, an
-evaluation batch's KV cache, and the LoRA weights and gradients. Weights, optimizer state and the transient
-activations come on top, so a setting it accepts may still not fit; one it refuses cannot.
+context, a LoRA rank no wider than its layers, and a lower bound of what one step holds at once (KV caches, kept
+layer inputs, a log-prob chunk, the adapters; weights and transients come on top) against the device's memory.
 """
 
 from __future__ import annotations
