@@ -158,7 +158,8 @@ def _value_bytes(cfg: Config, device: torch.device) -> int:
 
 
 def _gib(size: int) -> str:
-    return f"{size / 2**30:.3g} GiB"
+    """A size in GiB, or in MiB below a tenth of one."""
+    return f"{size / 2**30:.3g} GiB" if size >= 2**30 / 10 else f"{size / 2**20:.3g} MiB"
 
 
 def _refuse(problems: list[str], needs: list[Need], always: int, device: torch.device, cfg: Config) -> None:

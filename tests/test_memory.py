@@ -27,19 +27,21 @@ def test_the_tiny_presets_shape_is_read_from_its_config():
 def test_the_estimate_by_hand(monkeypatch):
     # tiny: 2 layers, 64 wide, 2 KV heads of 16, fp32 on the CPU. One sequence: 128 prompt + 32 completion = 160.
     # KV per token 2 x 2 x 2 x 16 x 4 = 512 B; a backward keeps 2 x 64 x 4 = 512 B per token; G = 8 at once:
-    #   sampling 8 x 160 x 512 = 655,360; backward 655,360 + log-probs min(1024, 8 x 32) x vocab x 4.
+    #   sampling 8 x 160 x 512 = 655,360; backward 655,360 + log-probs min(1024, 8 x 32) x vocab 768 x 4 = 786,432:
+    #   1,441,792 B = 1.38 MiB.
     # LoRA r = 16 on q (64+64), k (64+32), v (64+32), o (64+64), gate (64+128), up (64+128), down (128+64) = 1024
-    #   per layer: 16 x 1024 x 2 layers x (weight + gradient) x 4 B = 262,144.
+    #   per layer: 16 x 1024 x 2 layers x (weight + gradient) x 4 B = 262,144 = 0.25 MiB. In all 1.62 MiB.
     cfg = load_config(None, SMALL)
     folder = resolve_model_path("tiny:tiny")
-    total = 262_144 + 655_360 + 256 * memory.Shape.of(folder).vocab * 4
+    assert memory.Shape.of(folder).vocab == 768
+    total = 262_144 + 655_360 + 256 * 768 * 4
     monkeypatch.setattr(memory, "device_memory", lambda device: total)
     memory.check_training_fits(cfg, folder, CPU)
     monkeypatch.setattr(memory, "device_memory", lambda device: total - 1)
-    with pytest.raises(ConfigError, match=r"these settings need at least .* GiB at once \(the layer inputs one "
-                                          r"backward keeps, and a log-prob chunk: .* plus .* of LoRA weights and "
-                                          r"gradients \(lora.r=16\)\) and the cpu has .*: lower grpo.num_generations "
-                                          r"/ grpo.backward_chunk"):
+    with pytest.raises(ConfigError, match=r"these settings need at least 1.62 MiB at once \(the layer inputs one "
+                                          r"backward keeps, and a log-prob chunk: 1.38 MiB plus 0.25 MiB of LoRA "
+                                          r"weights and gradients \(lora.r=16\)\) and the cpu has 1.62 MiB: lower "
+                                          r"grpo.num_generations / grpo.backward_chunk"):
         memory.check_training_fits(cfg, folder, CPU)
 
 
