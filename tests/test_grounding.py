@@ -336,3 +336,8 @@ def test_the_raw_reasonseg_layout_loads_by_split_from_the_target_polygons(tmp_pa
     _reasonseg_item(tmp_path, "test", "3003", (10, 10), ["x"], [("ignore", [[1, 1], [2, 2], [3, 1]])])
     with pytest.raises(DataError, match=r"3003\.json: needs 'shapes' with a polygon labelled 'target'"):
         load_split(str(tmp_path / "ReasonSeg"), "test", get_task("grounding"), **PIXELS)
+    import os
+
+    os.mkfifo(tmp_path / "ReasonSeg" / "val" / "2003.json")  # never read: it would block
+    with pytest.raises(DataError, match=r"ReasonSeg annotation .*2003\.json is not a regular file"):
+        load_split(str(tmp_path / "ReasonSeg"), "val", get_task("grounding"), **PIXELS)
