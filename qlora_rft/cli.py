@@ -76,7 +76,7 @@ def cmd_score(args) -> None:
         raise UserError(f"score {args.task} needs --annotations: the COCO- or LVIS-format JSON of the images")
     protocol = args.protocol or recorded_protocol(args.predictions)
     metrics = score_file(args.task, args.predictions, args.annotations, args.classes, protocol)
-    out = write_metrics(metrics, args.out)
+    out = write_metrics(metrics, args.out, inputs=(args.predictions, *([args.annotations] if args.annotations else [])))
     Console().print(metrics_table(metrics, Path(args.predictions).name))
     print(f"metrics written to {out}")
 
@@ -164,7 +164,7 @@ def cmd_bench(args) -> None:
 def cmd_tiny_model(args) -> None:
     from qlora_rft.tiny import write_model
 
-    path = write_model(args.out, preset=args.preset, seed=args.seed)
+    path = write_model(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote a random {args.preset} ({family_of(path).name}) to {path}")
 
 
@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(preset_names())}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     p.set_defaults(run=cmd_tiny_model)
 
     p = sub.add_parser("env", help="which installed packages differ from the versions the tests passed with (exit 1 "
@@ -339,9 +340,22 @@ def expected_failure(e: BaseException) -> str | None:
         return f"a safetensors weights file is corrupt or truncated ({_first_line(e)}): copy or download it again"
     if isinstance(e, UnicodeDecodeError):
         return f"a file that should be text is not UTF-8 ({_first_line(e)})"
+    if _out_of_memory(e):
+        return (f"out of memory ({_first_line(e)[:200]}): lower what one step holds at once (grpo.generation_chunk, "
+                "grpo.backward_chunk, grpo.num_generations, grpo.max_completion_length, data.max_pixels, "
+                "data.max_prompt_length, eval.batch_size, lora.r) or use a larger device")
     if isinstance(e, json.JSONDecodeError):
         return f"a JSON file is not valid JSON ({_first_line(e)})"
     return None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation the device could not serve: torch's OutOfMemoryError (CUDA), the CPU allocator's failure, or
+    Python's MemoryError."""
+    import torch
+
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
 
 
 def _first_line(e: BaseException) -> str:

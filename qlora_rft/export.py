@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from qlora_rft.errors import UserError
-from qlora_rft.files import atomic_folder
+from qlora_rft.files import atomic_folder, check_output_folder
 from qlora_rft.config import ModelConfig
 from qlora_rft.model import (check_model_folder, check_weight_files, load_base, pick_device, read_adapter_config,
                              resolve_model_path)
@@ -149,7 +149,7 @@ def merge_adapter(
     check_base(base_path)
     adapter_path = check_adapter(Path(adapter).expanduser())
     out = Path(out).expanduser()
-    check_out(out, overwrite, base_path, adapter_path)
+    check_output_folder(out, "--out", overwrite, inputs=[base_path, adapter_path])
     dev = pick_device(device)
 
     with quiet():
@@ -231,17 +231,6 @@ def check_adapter(path: Path) -> Path:
     if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
         raise UserError(f"{path} has no adapter weights (adapter_model.safetensors): the adapter folder is incomplete")
     return path.resolve()
-
-
-def check_out(out: Path, overwrite: bool, base: Path, adapter: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: pass a folder to write the merged model into")
-    target = out.resolve()
-    for source in (base.resolve(), adapter):
-        if target == source or target in source.parents:
-            raise UserError(f"--out {out} would replace the input folder {source}: write the merge elsewhere")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} exists and is not empty: pass overwrite (--overwrite) or another folder")
 
 
 def _check_all_weights_loaded(model, adapter: Path, base: Path) -> None:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from qlora_rft.errors import UserError
-from qlora_rft.export import check_adapter, check_base, check_out, load_with_adapter, quiet
-from qlora_rft.files import atomic_folder
+from qlora_rft.export import check_adapter, check_base, load_with_adapter, quiet
+from qlora_rft.files import atomic_folder, check_output_folder
 from qlora_rft.models import Family, family_of
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ def export_gguf(base: str | Path, out: str | Path, quant: str = "q8_0", adapter:
         raise UserError(f"{family.name} has no GGUF format in {llama_cpp_version()}: it cannot be exported")
     adapter_path = check_adapter(Path(adapter).expanduser()) if adapter is not None else None
     out = Path(out).expanduser()
-    check_out(out, overwrite, base_path, adapter_path or base_path)
+    check_output_folder(out, "--out", overwrite, inputs=[base_path, adapter_path or base_path])
     config, processor = pretrained.load_config(base_path), pretrained.load_processor(base_path)
     check_vision_config(config)
     text = text_writer(config, family, processor, base_path, spec)  # metadata first: refusals come before loading

@@ -62,6 +62,10 @@ class Family:
     # an image slot in the next forward)
     suppressed_tokens: tuple[str, ...] = ("image_token_id", "video_token_id", "vision_start_token_id",
                                           "vision_end_token_id")
+    # the same placeholders as text (and Qwen's vision padding token): a row whose prompt or solution holds one is a
+    # bad row, since the processor would take it for an image slot
+    vision_tokens: tuple[str, ...] = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>",
+                                      "<|vision_pad|>")
 
     @property
     def factor(self) -> int:
