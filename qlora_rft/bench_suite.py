@@ -3,7 +3,8 @@ command that keeps what it measured.
 
 First a smoke pass: one tiny step in each sampling mode and decoder on the tiny preset, on the suite's device, so a
 failure only that device shows comes with its traceback in seconds. Then per preset, in priority order: the model
-(real shapes: random weights built in bf16 on the GPU), TRL's GRPOTrainer once, ours in each sampling setting.
+(real shapes: random weights built in bf16 on the GPU), TRL's GRPOTrainer once, ours in each sampling setting, and
+greedy evaluation throughput with each decoder.
 Each case is a process of its own with a timeout carved from what is left of the deadline, and is appended to
 DIR/results.jsonl the moment it ends; DIR/results.md (the table) is rewritten after every case, so a killed suite
 keeps both. A failed case is recorded with its last lines, and the suite goes on.
@@ -34,6 +35,7 @@ SMOKE_PRESET = "tiny"
 OURS = (("merged", "static"), ("adapters", "generate"), ("int8", "static"), ("fp8", "static"))
 # the smoke pass: every sampling mode with every decoder
 SMOKE = tuple((w, d) for w in ("adapters", "merged", "int8", "fp8") for d in ("generate", "static"))
+EVAL_DECODERS = ("generate", "static")  # greedy evaluation throughput, eval.sampling_weights=auto
 
 
 @dataclass(frozen=True)
@@ -45,15 +47,16 @@ class Suite:
     num_generations: int
     max_completion_length: int
     steps: int  # measured steps per side, after one warm-up step
+    eval_batch: int  # prompts per greedy batch in the evaluation cases (3 batches: the first one a warm-up)
     build_on_device: bool  # real shapes: each preset's random model built on the GPU, deleted after its cases
     min_case_seconds: float  # a case is not started with less time than this left
 
 
 SUITES = {
     "gpu": Suite("gpu", ("qwen2-vl-7b", "qwen2-vl-2b", "qwen2.5-vl-7b", "qwen3-vl-8b"), num_generations=8,
-                 max_completion_length=256, steps=1, build_on_device=True, min_case_seconds=45),
+                 max_completion_length=256, steps=1, eval_batch=16, build_on_device=True, min_case_seconds=45),
     "cpu": Suite("cpu", ("tiny", "qwen2.5-vl-tiny", "qwen3-vl-tiny"), num_generations=4, max_completion_length=8,
-                 steps=1, build_on_device=False, min_case_seconds=10),
+                 steps=1, eval_batch=4, build_on_device=False, min_case_seconds=10),
 }
 
 
@@ -61,14 +64,17 @@ SUITES = {
 class Case:
     """One process of the suite."""
 
-    kind: str  # smoke | build | trl | ours
+    kind: str  # smoke | build | trl | ours | eval
     preset: str
     sampling_weights: str = ""  # ours
-    decode: str = ""  # ours
+    decode: str = ""  # ours, eval
+    eval_batch: int = 0  # eval
 
     @property
     def name(self) -> str:
-        return f"{self.kind} {self.sampling_weights}+{self.decode}" if self.kind == "ours" else self.kind
+        if self.kind == "ours":
+            return f"ours {self.sampling_weights}+{self.decode}"
+        return f"eval {self.decode}" if self.kind == "eval" else self.kind
 
 
 @dataclass
@@ -82,7 +88,8 @@ class Row:
     seconds: float  # wall seconds of the case's process
     sampling_weights: str = ""
     decode: str = ""
-    result: dict | None = None  # the side's figures (bench.run_side), the smoke checks, the build's folder
+    result: dict | None = None  # the side's figures (bench.run_side), the smoke checks, the build's folder, the
+    # evaluation's throughput
     error: str = ""  # a failure's last lines, or why the case was skipped
     date: str = ""
 
@@ -121,7 +128,9 @@ def run_suite(suite: str, deadline: float, out: str | Path, presets: list[str] |
     out.mkdir(parents=True, exist_ok=True)
     (out / LOGS).mkdir()
     device = "cuda" if cuda else "cpu"
-    header = {"suite": suite, "command": _command(suite, deadline, out, presets, steps), "device": device_name(cuda),
+    # the GPU's name comes from the cases (asking it here would hold a CUDA context in this process all along)
+    header = {"suite": suite, "command": _command(suite, deadline, out, presets, steps),
+              "device": "a CUDA GPU" if cuda else device_name(False),
               "versions": versions(), "spec": asdict(spec), "started": _now()}
     (out / HEADER).write_text(json.dumps(header, indent=2) + "\n")
 
@@ -142,12 +151,13 @@ def _run_cases(runner: _Runner, spec: Suite, device: str, models: Path) -> None:
     fp8 = bool(smoke.result and smoke.result.get("fp8"))
     for preset in spec.presets:
         folder = models / preset
-        model = None
+        model, built = None, True  # None: the preset's cached model (the CPU sizes)
         if spec.build_on_device:
-            built = runner.run(Case("build", preset), lambda: {"preset": preset, "folder": str(folder)})
-            model = folder if built.status == "ok" else "failed"
-        for case in [Case("trl", preset), *(Case("ours", preset, w, d) for w, d in OURS if w != "fp8" or fp8)]:
-            if model == "failed":
+            model = folder
+            built = runner.run(Case("build", preset), lambda: {"preset": preset, "folder": str(folder)}).status == "ok"
+        for case in [Case("trl", preset), *(Case("ours", preset, w, d) for w, d in OURS if w != "fp8" or fp8),
+                     *(Case("eval", preset, decode=d, eval_batch=spec.eval_batch) for d in EVAL_DECODERS)]:
+            if not built:
                 runner.record(case, "skipped", 0.0, error="the model could not be built (see the build row)")
                 continue
             runner.run(case, lambda c=case: asdict(bench_settings(
@@ -300,9 +310,12 @@ def write_table(out: Path) -> Path:
         f"tokens (EOS ignored), 1 warm-up + {header['spec']['steps']} measured step(s) per side; peak memory is "
         f"{memory or 'per process'}. Ratio: our step seconds over TRL's GRPOTrainer's on the same preset.",
         "",
+        "Evaluation rows: greedy batches of the evaluation's prompts through the sampler, EOS ignored; step s is a "
+        "batch's, first-step extra the first batch's (compilation), and eval prompts/s excludes it.",
+        "",
         "| preset | case | status | ratio to TRL | step s | peak GiB | gen tok/s | bandwidth fraction "
-        "| first-step extra s | decode builds / compiles | wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| first-step extra s | decode builds / compiles | eval prompts/s | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append("| " + " | ".join([r.preset, r.case, _status(r), *_figures(r, trl.get(r.preset)),
@@ -336,10 +349,10 @@ def _status(r: Row) -> str:
 
 
 def _figures(r: Row, trl_seconds: float | None) -> list[str]:
-    """ratio, step s, peak GiB, gen tok/s, bandwidth fraction, first-step extra s, builds / compiles."""
+    """ratio, step s, peak GiB, gen tok/s, bandwidth fraction, first-step extra s, builds / compiles, prompts/s."""
     x = r.result or {}
-    if r.kind not in ("trl", "ours") or r.status != "ok":
-        return [""] * 7
+    if r.kind not in ("trl", "ours", "eval") or r.status != "ok":
+        return [""] * 8
     step = x["step_seconds"]
     counters = x.get("decode_counters") or {}
     return [
@@ -348,8 +361,9 @@ def _figures(r: Row, trl_seconds: float | None) -> list[str]:
         f"{x['peak_memory_bytes'] / 2**30:.2f}",
         f"{x['generation_tokens_per_second']:.0f}",
         f"{x['bandwidth_fraction']:.2f}" if x.get("bandwidth_fraction") is not None else "",
-        f"{x['step_seconds_all'][0] - step:.1f}",
+        f"{round(x['step_seconds_all'][0] - step, 1) + 0.0:.1f}",  # + 0.0: never "-0.0"
         f"{counters['decode_builds']} / {counters['decode_compiles']}" if counters else "",
+        f"{x['prompts_per_second']:.2f}" if r.kind == "eval" else "",
     ]
 
 
@@ -366,6 +380,9 @@ def run_case(case: Case, settings: dict, workdir: Path) -> dict:
     bench = _bench_settings(settings)
     if case.kind == "smoke":
         result = smoke(bench, workdir)
+    elif case.kind == "eval":
+        result = eval_throughput(bench, case.decode, case.eval_batch, batches=3)
+        result["bandwidth_fraction"] = bandwidth_fraction(result, memory_bandwidth(device_name(cuda)))
     else:
         from qlora_rft.bench import run_side
 
@@ -386,13 +403,15 @@ def smoke(settings: BenchSettings, workdir: Path) -> dict:
     from qlora_rft.sampling.weights import fp8_supported
 
     fp8 = fp8_supported(torch.device(settings.device))
+    runs = [(f"ours {w}+{d}", lambda w=w, d=d: side_ours(replace(settings, sampling_weights=w, decode=d),
+                                                          workdir / f"{w}-{d}"))
+            for w, d in SMOKE if w != "fp8" or fp8]
+    runs += [(f"eval {d}", lambda d=d: eval_throughput(settings, d, batch_size=2, batches=1)) for d in EVAL_DECODERS]
     checks = []
-    for weights, decode in SMOKE:
-        if weights == "fp8" and not fp8:
-            continue
-        name, start = f"ours {weights}+{decode}", time.monotonic()
+    for name, run in runs:
+        start = time.monotonic()
         try:
-            side_ours(replace(settings, sampling_weights=weights, decode=decode), workdir / f"{weights}-{decode}")
+            run()
             checks.append({"name": name, "status": "ok", "seconds": round(time.monotonic() - start, 2), "error": ""})
         except Exception:
             error = "\n".join(traceback.format_exc().splitlines()[-12:])
@@ -400,6 +419,56 @@ def smoke(settings: BenchSettings, workdir: Path) -> dict:
                            "error": error})
             print(f"{name} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
     return {"checks": checks, "fp8": fp8}
+
+
+def eval_throughput(s: BenchSettings, decode: str, batch_size: int, batches: int) -> dict:
+    """Greedy decoding of `batches` batches of the evaluation's prompts (the bench's rows and images) through the
+    sampler `qlora-rft eval` makes (eval.decode, eval.sampling_weights=auto), on the base with fresh adapters, EOS
+    ignored so every answer is `max_completion_length` tokens. The first batch is a warm-up (compilation)."""
+    import torch
+
+    from qlora_rft.bench import peak_memory
+    from qlora_rft.config import load_config
+    from qlora_rft.data import encode_prompts, load_split
+    from qlora_rft.model import load_policy
+    from qlora_rft.models import family_of
+    from qlora_rft.sampling import Settings, make_sampler
+    from qlora_rft.tasks import get_task
+
+    cfg = load_config(None, [f"model.name_or_path={s.model_path}", "model.mode=qlora", f"model.device={s.device}",
+                             "model.gradient_checkpointing=false", f"lora.r={s.lora_r}", f"lora.alpha={s.lora_alpha}",
+                             f"eval.decode={decode}", "eval.sampling_weights=auto"])
+    task = get_task(s.task)
+    rows = load_split(s.data, s.split, task, min_pixels=s.min_pixels, max_pixels=s.max_pixels,
+                      factor=family_of(s.model_path).factor).examples[: batch_size * batches]
+    cuda = s.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    policy = load_policy(cfg.model, cfg.lora)
+    policy.model.eval()
+    sampler = make_sampler(cfg.eval, policy)
+    settings = Settings(max_new_tokens=s.max_completion_length, do_sample=False,
+                        min_new_tokens=s.max_completion_length)
+    seconds = []
+    with sampler.synced():
+        for start in range(0, len(rows), batch_size):
+            batch, _ = encode_prompts(sampler.processor, task, rows[start : start + batch_size], s.min_pixels,
+                                      s.max_pixels, s.max_prompt_length, sampler.device)
+            if cuda:
+                torch.cuda.synchronize()
+            began = time.perf_counter()
+            sampler.greedy(batch, settings)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - began)
+    measured = seconds[1:] or seconds
+    step = sum(measured) / len(measured)
+    memory, kind = peak_memory()
+    return {"step_seconds": step, "step_seconds_all": seconds, "prompts_per_second": batch_size / step,
+            "generation_tokens_per_second": batch_size * s.max_completion_length / step,
+            "rows_per_decode_step": batch_size, "batch_size": batch_size, "sampling": sampler.describe(),
+            "decode_weight_bytes": sampler.describe().get("decode_weight_bytes"),
+            "decode_counters": sampler.counters(), "peak_memory_bytes": memory, "peak_memory_kind": kind}
 
 
 def build(preset: str, folder: Path, cuda: bool) -> dict:

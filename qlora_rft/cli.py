@@ -76,7 +76,7 @@ def cmd_score(args) -> None:
         raise UserError(f"score {args.task} needs --annotations: the COCO- or LVIS-format JSON of the images")
     protocol = args.protocol or recorded_protocol(args.predictions)
     metrics = score_file(args.task, args.predictions, args.annotations, args.classes, protocol)
-    out = write_metrics(metrics, args.out)
+    out = write_metrics(metrics, args.out, inputs=(args.predictions, *([args.annotations] if args.annotations else [])))
     Console().print(metrics_table(metrics, Path(args.predictions).name))
     print(f"metrics written to {out}")
 
@@ -118,6 +118,29 @@ def cmd_merge(args) -> None:
         raise UserError("the merged model's logits are outside the tolerance: do not use it")
 
 
+def cmd_export(args) -> None:
+    from qlora_rft.gguf_export import export_gguf
+
+    result = export_gguf(args.base, args.out, quant=args.quant, adapter=args.adapter, overwrite=args.overwrite)
+    check = result.check
+    sizes = ", ".join(f"{name} ({size / 2**20:.2f} MiB)" for name, size in result.files.items())
+    print(f"GGUF written to {result.out}: {sizes}, Modelfile, export_info.json")
+    print(f"checked in llama.cpp against the merged model in float32 ({check.image_tokens} image tokens):")
+    for c in check.comparisons:
+        print(f"  {c.name:<24} max |difference| {c.max_abs_diff:.3g}  (tolerance {c.tolerance:.3g}, "
+              f"largest reference value {c.scale:.3g})")
+    print(f"  tokenizer                {'same token ids' if check.tokenizer_agrees else 'DIFFERENT token ids'}")
+    eps = check.norm_epsilon
+    if eps.differs:
+        print(f"  llama.cpp computes the RMS norms with epsilon {eps.llama_cpp:g} (the model: {eps.model:g}; it reads "
+              f"none from this architecture's file): compared above with the model at that epsilon; the gap alone "
+              f"moves these logits by up to {eps.effect:.3g}")
+    answers = check.answers
+    print(f"  greedy answer, llama.cpp:    {answers.llama_cpp!r}")
+    print(f"  greedy answer, transformers: {answers.transformers!r} (first {answers.same_leading_tokens} of "
+          f"{answers.tokens} tokens the same)")
+
+
 def cmd_bench(args) -> None:
     if args.suite:
         from qlora_rft.bench_suite import run_suite
@@ -141,7 +164,7 @@ def cmd_bench(args) -> None:
 def cmd_tiny_model(args) -> None:
     from qlora_rft.tiny import write_model
 
-    path = write_model(args.out, preset=args.preset, seed=args.seed)
+    path = write_model(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote a random {args.preset} ({family_of(path).name}) to {path}")
 
 
@@ -248,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.set_defaults(run=cmd_merge)
 
+    p = sub.add_parser("export", help="export base + adapter (or a merged folder) as GGUF for llama.cpp and "
+                                      "Ollama, checked by llama.cpp")
+    p.add_argument("--base", required=True, help="the base model folder (or tiny:PRESET), or an already merged one")
+    p.add_argument("--adapter", default=None, help="a peft adapter folder to merge first (a run's adapter/)")
+    p.add_argument("--format", default="gguf", choices=("gguf",))
+    p.add_argument("--quant", default="q8_0", choices=("f16", "bf16", "q8_0", "q4_k_m"),
+                   help="the language model's weights (the mmproj file is f16)")
+    p.add_argument("--out", required=True, help="the folder to write (model-QUANT.gguf, mmproj-f16.gguf, Modelfile)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.set_defaults(run=cmd_export)
+
     p = sub.add_parser("bench", help="time our GRPO step against TRL's GRPOTrainer on identical settings")
     p.add_argument("--preset", default="cpu-small", help=f"one of: {', '.join(preset_names())}")
     p.add_argument("--compare", default="trl")
@@ -271,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(preset_names())}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     p.set_defaults(run=cmd_tiny_model)
 
     p = sub.add_parser("env", help="which installed packages differ from the versions the tests passed with (exit 1 "
@@ -305,9 +340,22 @@ def expected_failure(e: BaseException) -> str | None:
         return f"a safetensors weights file is corrupt or truncated ({_first_line(e)}): copy or download it again"
     if isinstance(e, UnicodeDecodeError):
         return f"a file that should be text is not UTF-8 ({_first_line(e)})"
+    if _out_of_memory(e):
+        return (f"out of memory ({_first_line(e)[:200]}): lower what one step holds at once (grpo.generation_chunk, "
+                "grpo.backward_chunk, grpo.num_generations, grpo.max_completion_length, data.max_pixels, "
+                "data.max_prompt_length, eval.batch_size, lora.r) or use a larger device")
     if isinstance(e, json.JSONDecodeError):
         return f"a JSON file is not valid JSON ({_first_line(e)})"
     return None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation the device could not serve: torch's OutOfMemoryError (CUDA), the CPU allocator's failure, or
+    Python's MemoryError."""
+    import torch
+
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
 
 
 def _first_line(e: BaseException) -> str:

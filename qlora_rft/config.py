@@ -30,6 +30,7 @@ def _f(default: Any, help: str, choices: tuple | Callable[[], tuple] | None = No
 
 TRACKERS = ("none", "tensorboard", "wandb")  # train.report_to's choices
 FLOAT32_MAX = 3.4028234663852886e38  # an optimizer's learning rate must fit in float32
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 CISPO_CAP = 5.0  # loss_type=cispo's default cap of the importance weight (ScaleRL's recommendation)
 LANGUAGE_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -105,7 +106,8 @@ class DataConfig:
     train: str = _f(
         "synthetic:shapes",
         "Training data: a parquet file or folder, a JSON-lines file (or a folder of SPLIT.jsonl; image paths "
-        "relative to it), a `datasets.load_dataset` path, a LISA JSON (ours, or the "
+        "relative to it), a local folder `datasets.load_dataset` reads, a hub dataset named hub:ORG/NAME (only "
+        "such a name is ever fetched), a LISA JSON (ours, or the "
         "original Visual-RFT's box annotations), LISA's ReasonSeg folder (train/, val/, test/: each image beside "
         "its JSON), or `synthetic:NAME` (generated on demand into the cache).",
     )
@@ -115,7 +117,8 @@ class DataConfig:
     image_root: str = _f("", "Folder that relative image paths of a LISA-style JSON are under; empty: the JSON's.")
     min_pixels: int = _f(3136, "Smallest image area after resizing (qwen-vl-utils rule, sides multiples of the "
                          "family's image token side: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL), in pixels.")
-    max_pixels: int = _f(401408, "Largest image area after resizing; 401408 = 512 visual tokens.")
+    max_pixels: int = _f(401408, "Largest image area after resizing; 401408 = 512 visual tokens (at most 16777216, "
+                         "the largest a supported processor takes).")
     max_prompt_length: int = _f(1024, "Prompts longer than this many tokens are refused (never cut).")
     video_fps: float = _f(
         2.0,
@@ -156,6 +159,11 @@ class RewardConfig:
         {},
         "Set when the config is loaded: each rewards.plugins file's sha256, so a run's config.yaml records the version "
         "it ran with; a value given (a run's config.yaml) must match the file.",
+    )
+    plugin_timeout: float = _f(
+        60.0,
+        "Seconds a rewards.plugins file's import, or one call of one of its functions (one row's completions), may "
+        "take; past it the run stops naming the function and the row. 0 (or over 1e9): no limit.",
     )
 
 
@@ -404,7 +412,7 @@ class TrainConfig:
         "GRPO: every this many steps, the first prompt's completions with their rewards and advantages go to "
         "completions.jsonl and, as text, to the trackers. 0: off.",
     )
-    seed: int = _f(0, "Seed of data order, sampling and adapter initialisation.")
+    seed: int = _f(0, "Seed of data order, sampling and adapter initialisation (0 to 2**32 - 1).")
 
 
 SECTIONS: dict[str, type] = {
@@ -659,6 +667,7 @@ def validate(cfg: Config) -> None:
          "(tis) or drop (mis) tokens on which sampler and policy agree; TRL's default is 3")
 
     t = cfg.train
+    need(0 <= t.seed <= MAX_SEED, f"train.seed={t.seed} must be in [0, {MAX_SEED}] (the seeds numpy takes)")
     need(t.max_steps >= 0, f"train.max_steps={t.max_steps} must be >= 1 (or 0 when train.epochs sets the length)")
     need(t.epochs >= 0, f"train.epochs={t.epochs} must be >= 1 (or 0 when train.max_steps sets the length)")
     need(not (t.max_steps > 0 and t.epochs > 0),
@@ -693,7 +702,11 @@ def validate(cfg: Config) -> None:
     need(bool(cfg.lora.target_modules), "lora.target_modules must name at least one linear layer")
 
     d = cfg.data
+    need(bool(d.train.strip()), "data.train is empty: name the training data (a file or folder, hub:ORG/NAME, or "
+         "synthetic:NAME)")
     need(d.min_pixels >= 28 * 28, "data.min_pixels must be >= 784 (one image token of the smallest side, 28x28)")
+    need(d.max_pixels <= _max_pixels(), f"data.max_pixels={d.max_pixels} is over {_max_pixels()}, the largest image "
+         "area any supported model's processor takes: lower it (401408 = 512 visual tokens is the default)")
     need(d.max_pixels >= d.min_pixels, f"data.max_pixels={d.max_pixels} must be >= data.min_pixels={d.min_pixels}")
     need(d.max_prompt_length >= 16, "data.max_prompt_length must be >= 16")
     need(d.video_fps > 0, f"data.video_fps={d.video_fps:g} must be > 0 (frames sampled per second of a clip)")
@@ -724,7 +737,9 @@ def validate(cfg: Config) -> None:
 
     from qlora_rft.rewards import builtin_rewards, default_weights, plugin_rewards  # local: rewards import no config
 
-    known = {**builtin_rewards(), **plugin_rewards(cfg.rewards.plugins)}  # a bad plugin: a one-line ConfigError
+    need(cfg.rewards.plugin_timeout >= 0, "rewards.plugin_timeout must be >= 0 (seconds; 0: no limit)")
+    timeout = max(cfg.rewards.plugin_timeout, 0.0)
+    known = {**builtin_rewards(), **plugin_rewards(cfg.rewards.plugins, timeout)}  # a bad plugin: a one-line error
     for name, weight in cfg.rewards.weights.items():
         need(name in known, f"rewards.weights names unknown reward {name!r}{_suggest(name, known)}")
         need(_finite_number(weight),
@@ -745,8 +760,37 @@ def validate(cfg: Config) -> None:
              "on a CUDA machine, or use model.attn_implementation=sdpa (or model.hub_kernels=true to let "
              "transformers download a flash-attention kernel from the hub)")
 
+    problems += [f"{key} holds a NUL character, which no path or name can: remove it"
+                 for key, value in _strings(cfg) if "\x00" in value]
+    if len(problems) == 1:
+        raise ConfigError(f"invalid config: {problems[0]}")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _strings(cfg: Config):
+    """(section.key, text) of every string in the config, inside lists and mappings too."""
+    def walk(key, value):
+        if isinstance(value, str):
+            yield key, value
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from walk(key, item)
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                yield from walk(key, name)
+                yield from walk(key, item)
+
+    for section, values in cfg.to_dict().items():
+        for name, value in values.items():
+            yield from walk(f"{section}.{name}", value)
+
+
+def _max_pixels() -> int:
+    """The largest image area a supported family's processor takes (data.max_pixels' bound)."""
+    from qlora_rft.models import families
+
+    return max(family.max_pixels for family in families())
 
 
 def _choices(f: dataclasses.Field) -> tuple | None:
@@ -781,6 +825,14 @@ def describe() -> str:
     return "\n".join(lines)
 
 
+RUN_CONFIG_HEADER = "# qlora-rft: the resolved config of the run in this folder (loadable as a config)\n"
+
+
 def dump(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """A run's resolved config, marked as such by its first line (RUN_CONFIG_HEADER), written whole: a link in its
+    place is replaced, never followed."""
+    from qlora_rft.files import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(RUN_CONFIG_HEADER + yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 

@@ -1,15 +1,17 @@
 """Datasets in the released ViRFT schema (image, problem, solution) and turning a row into model inputs.
 
 Sources: a parquet file or folder, a JSON-lines file (`.jsonl`, or a folder holding `SPLIT.jsonl`; image and video
-paths relative to it), any `datasets.load_dataset` path (never `load_from_disk`), a LISA-style JSON (a `.json` file,
-or a folder holding `SPLIT.json`; image paths relative to it), LISA's raw ReasonSeg folder (`SPLIT/` holding each
-image beside its JSON), or `synthetic:NAME`. A row may hold several images (`images`, a list, instead of `image`)
-and videos (`video`: a file or a list of frame images; `videos`, a list of them) for a task without boxes, placed in
-the order of the row's columns; a task without solutions (generic) needs no `solution` column. Every other column is
-kept for the rewards.
-Bad rows (an image or clip that does not decode in full or that the resize rule refuses, a solution that does not
-parse) are found at load time and skipped and counted, or refused; so is a prompt over data.max_prompt_length, once
-the processor is known (`without_long_prompts`, before the first step). Images are resized with qwen-vl-utils' rule,
+paths relative to it), a local folder `datasets.load_dataset` reads (never `load_from_disk`), a hub dataset only when
+named `hub:ORG/NAME` (a local path that does not exist is an error at once, never a hub lookup), a LISA-style JSON (a
+`.json` file, or a folder holding `SPLIT.json`; image paths relative to it), LISA's raw ReasonSeg folder (`SPLIT/`
+holding each image beside its JSON), or `synthetic:NAME`. A row may hold several images (`images`, a list, instead
+of `image`) and videos (`video`: a file or a list of frame images; `videos`, a list of them) for a task without
+boxes, placed in the order of the row's columns; a task without solutions (generic) needs no `solution` column.
+Every other column is kept for the rewards.
+Bad rows (an image or clip that does not decode in full, is not a regular file or that the resize rule refuses, a
+solution that does not parse, a prompt or solution holding a vision placeholder token) are found at load time and
+skipped and counted, or refused; so is a prompt over data.max_prompt_length, once the processor is known
+(`without_long_prompts`, before the first step). Images are resized with qwen-vl-utils' rule,
 the config's pixel bounds and the model family's token side (`factor`), the same in training and evaluation;
 high-bit-depth images are scaled to 8 bits by their depth; an image far larger than needed is resized once at load
 and kept small (PNG), with one line saying so. A clip's frames and their size are chosen at load (video.py).
@@ -17,8 +19,10 @@ and kept small (PNG), with one line saying so. A clip's frames and their size ar
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +39,7 @@ from qlora_rft.tasks.boxes import RELATIVE, Frame
 from qlora_rft.video import Clip, VideoRule, frame_size, probe, read_frames, resize_frame, sample_indices
 
 REQUIRED_COLUMNS = ("image", "problem", "solution")
+HUB = "hub:"  # the prefix of a dataset named on the Hugging Face hub (anything else is a local path)
 IMAGE_COLUMNS = ("image", "images")  # one image, or a list of them
 VIDEO_COLUMNS = ("video", "videos")  # one clip (a file, or a list of frame images), or a list of clips
 LARGE_FACTOR = 16  # an image over this many times data.max_pixels is resized once at load, not at every step
@@ -83,6 +88,27 @@ class Dataset:
         return len(self.examples)
 
 
+def content_hash(data: Dataset) -> str:
+    """A sha256 of what a dataset holds, in order: every row's text and columns, its images' and clips' bytes (read
+    from their files when stored as paths) and the frames sampled from each clip, so that a file replaced under the
+    same name hashes differently."""
+    digest = hashlib.sha256()
+    for example in data.examples:
+        text = [example.index, example.problem, example.solution, example.columns, example.layout,
+                [[clip.fps, clip.total, clip.indices, clip.size] for clip in example.clips]]
+        digest.update(json.dumps(text, sort_keys=True, default=str).encode())
+        clip_cells = [cell for clip in example.clips for cell in
+                      ((clip.source,) if isinstance(clip.source, dict) else clip.source)]
+        for cell in (*example.images, *clip_cells):
+            if cell.get("bytes"):
+                digest.update(cell["bytes"])
+            else:
+                with open(cell["path"], "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+    return digest.hexdigest()
+
+
 def resolve_source(source: str) -> str:
     """`synthetic:NAME[/PATH]` -> its folder in the cache (written on first use), or PATH inside it; anything
     else unchanged."""
@@ -113,8 +139,13 @@ def _load_table(source: str, split: str):
             table = datasets.load_dataset("parquet", data_files={split: [str(f) for f in files]}, split=split)
         elif path.is_dir():
             table = datasets.load_dataset(str(path), split=split)
+        elif source.startswith(HUB):  # named as a hub dataset: the only source ever fetched
+            table = datasets.load_dataset(source[len(HUB):], split=split)
+        elif path.exists():
+            raise DataError(f"{source} is neither a regular file nor a folder: name a data file or folder")
         else:
-            table = datasets.load_dataset(source, split=split)
+            raise DataError(f"{source} does not exist (no such file or folder, relative to {Path.cwd()}): name a "
+                            f"local file or folder, or a dataset of the Hugging Face hub as {HUB}ORG/NAME")
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
         raise DataError(f"cannot load split {split!r} of {source}: {e}") from None
     except datasets.exceptions.DatasetGenerationError as e:
@@ -351,8 +382,14 @@ def _png(image: Image.Image) -> bytes:
 
 
 def _check_text(row: dict, task: Task) -> None:
+    from qlora_rft.models import vision_token_in
+
     if not isinstance(row.get("problem"), str) or not row["problem"].strip():
         raise Unusable("empty problem")
+    for column in ("problem", "solution"):  # the text the model reads, or is taught to write (sft, warm-up)
+        token = vision_token_in(row[column]) if isinstance(row.get(column), str) else None
+        if token is not None:
+            raise Unusable(f"{column} holds the vision token {token} (the processor would take it for an image slot)")
     if task.parse_solution is None:  # a task without solutions: any other column is the rewards' business
         return
     if not isinstance(row.get("solution"), str) or task.parse_solution(row["solution"]) is None:
@@ -382,6 +419,8 @@ def check_image(cell: dict, min_pixels: int, max_pixels: int, factor: int) -> Ch
             with _open(cell) as image:
                 image.load()
                 rgb = to_rgb(image)
+    except Unusable:
+        raise
     except Image.DecompressionBombError as e:
         raise Unusable(f"image is a possible decompression bomb, refused by PIL ({e})") from None
     except Exception as e:  # any decoder error means the same thing to the user: this image is unusable
@@ -421,6 +460,10 @@ def check_clip(value, root: Path, rule: VideoRule, min_pixels: int, max_pixels: 
         source, fps, total, (width, height) = cells, rule.fps, len(cells), sizes.pop() if sizes else (0, 0)
     else:
         source = _video_cell(value, root)
+        path = source.get("path")
+        if not source.get("bytes") and path and not os.path.isfile(path):  # a FIFO or device would block
+            what = "does not exist" if not os.path.lexists(path) else "is not a regular file"
+            raise Unusable(f"video {path} {what}")
         try:
             found = probe(source)
         except ValueError as e:
@@ -462,10 +505,16 @@ def report_large(sizes: list[tuple[int, int]], where: str, console: Console | No
 
 
 def _open(cell: dict) -> Image.Image:
+    """The cell's image, from its bytes or its file. Only a regular file (after links are resolved) is read: a FIFO,
+    a device or a folder would block or never end, so it is Unusable."""
     if cell.get("bytes"):
         return Image.open(io.BytesIO(cell["bytes"]))
     if cell.get("path"):
-        return Image.open(cell["path"])
+        path = cell["path"]
+        if not os.path.isfile(path):
+            what = "does not exist" if not os.path.lexists(path) else "is not a regular file"
+            raise Unusable(f"image {path} {what}")
+        return Image.open(path)
     raise ValueError("no image bytes or path")
 
 

@@ -16,8 +16,10 @@ from rich.console import Console
 from rich.table import Table
 
 from qlora_rft.config import Config, load_config
+from qlora_rft.files import check_output_folder
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_demo.yaml"
+OUTPUTS = ("train", "eval_base", "eval_adapter", "summary.json", "report")  # what a demo writes into its --out
 
 
 @dataclass
@@ -54,8 +56,10 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | None = Non
     started = time.perf_counter()
     out = Path(out)
     cfg = load_config(config or DEFAULT_CONFIG, [f"train.output_dir={out / 'train'}", *(overrides or [])])
-    if out.exists():
-        shutil.rmtree(out)  # the demo always starts afresh (use `qlora-rft train` for resumable runs)
+    check_output_folder(out, "--out", overwrite=None, own=OUTPUTS)  # a folder of other files is refused
+    for name in OUTPUTS:  # the demo always starts afresh (use `qlora-rft train` for resumable runs)
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
 
     console.rule("[bold]1. warm-up: the tiny base learns the answer format")
     base = warmed_base(cfg, console)

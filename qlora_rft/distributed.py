@@ -112,6 +112,9 @@ def check_launch(cfg: Config, launch: Launch, rows: int | None = None) -> None:
             f"them; launch at most {max(rows // cfg.train.prompts_per_step, 1)} processes or lower "
             "train.prompts_per_step"
         )
+    if rows is not None and cfg.grpo.dynamic_sampling and cfg.grpo.max_extra_groups > rows:
+        problems.append(f"grpo.max_extra_groups={cfg.grpo.max_extra_groups} fresh prompts per step is more than the "
+                        f"{rows} training rows: set it to {rows} or fewer")
     if problems:
         raise ConfigError("this launch cannot run:\n  - " + "\n  - ".join(problems))
 

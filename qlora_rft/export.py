@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from qlora_rft.errors import UserError
-from qlora_rft.files import atomic_folder
+from qlora_rft.files import atomic_folder, check_output_folder
 from qlora_rft.config import ModelConfig
 from qlora_rft.model import (check_model_folder, check_weight_files, load_base, pick_device, read_adapter_config,
                              resolve_model_path)
@@ -73,17 +73,21 @@ def canonical_dtype(name: str) -> str:
 # ----------------------------------------------------------------------------- verification input
 
 
-def verification_image():
-    """A deterministic 84x84 RGB image (a gradient with a few shapes): 36 patches, 9 visual tokens."""
+def verification_image(width: int = 84, height: int = 84):
+    """A deterministic RGB image (a gradient with a few shapes), 84x84 by default (9 visual tokens of Qwen2-VL);
+    another size draws the same picture stretched to it."""
     from PIL import Image, ImageDraw
 
-    size = 84
-    image = Image.new("RGB", (size, size))
-    image.putdata([(3 * x, 3 * y, 255 - (x + y)) for y in range(size) for x in range(size)])
+    def at(x: float, y: float) -> tuple[int, int]:  # a point of the 84x84 drawing, at this size
+        return int(x * width / 84), int(y * height / 84)
+
+    image = Image.new("RGB", (width, height))
+    image.putdata([(3 * x * 84 // width, 3 * y * 84 // height, 255 - (x * 84 // width + y * 84 // height))
+                   for y in range(height) for x in range(width)])
     draw = ImageDraw.Draw(image)
-    draw.ellipse((8, 10, 40, 42), fill=(220, 30, 30))
-    draw.rectangle((46, 40, 76, 74), fill=(30, 60, 210))
-    draw.polygon([(14, 76), (30, 50), (44, 78)], fill=(240, 220, 40))
+    draw.ellipse((*at(8, 10), *at(40, 42)), fill=(220, 30, 30))
+    draw.rectangle((*at(46, 40), *at(76, 74)), fill=(30, 60, 210))
+    draw.polygon([at(14, 76), at(30, 50), at(44, 78)], fill=(240, 220, 40))
     return image
 
 
@@ -142,30 +146,17 @@ def merge_adapter(
     short = canonical_dtype(dtype)
     torch_dtype = DTYPES[short]
     base_path = resolve_model_path(str(base))
-    _check_base(base_path)
-    adapter_path = _check_adapter(Path(adapter).expanduser())
+    check_base(base_path)
+    adapter_path = check_adapter(Path(adapter).expanduser())
     out = Path(out).expanduser()
-    _check_out(out, overwrite, base_path, adapter_path)
+    check_output_folder(out, "--out", overwrite, inputs=[base_path, adapter_path])
     dev = pick_device(device)
 
-    with _quiet():
-        model = load_base(base_path, ModelConfig(name_or_path=str(base_path), mode="full"), dev, torch_dtype)
+    with quiet():
+        model, lora_modules = load_with_adapter(base_path, adapter_path, torch_dtype, dev)
         if (base_path / "generation_config.json").is_file():  # the merged folder ships the base's own settings
             model.generation_config = pretrained.load_generation_config(base_path)
         processor = pretrained.load_processor(base_path)
-        try:
-            model = pretrained.load_adapter(model, adapter_path, trainable=False)
-        except torch.OutOfMemoryError:
-            raise
-        except (ValueError, RuntimeError, KeyError) as e:
-            raise UserError(
-                f"adapter {adapter_path} does not fit base {base_path} ({_first_line(e)}): merge an adapter into "
-                "the base model it was trained on"
-            ) from e
-        _check_all_weights_loaded(model, adapter_path, base_path)
-        lora_modules = _count_lora_layers(model)
-        if lora_modules == 0:
-            raise UserError(f"adapter {adapter_path} adds no LoRA layer to base {base_path}: nothing to merge")
 
         reference = verification_logits(model, processor)
         with model.disable_adapter():
@@ -200,10 +191,30 @@ def merge_adapter(
     return report
 
 
+def load_with_adapter(base: Path, adapter: Path, dtype: torch.dtype, device: torch.device):
+    """(the full-precision base at `dtype` with the adapter applied by peft, unmerged; its number of LoRA layers),
+    a UserError when the adapter does not fit the base or adds nothing."""
+    from qlora_rft import pretrained
+
+    model = load_base(base, ModelConfig(name_or_path=str(base), mode="full"), device, dtype)
+    try:
+        model = pretrained.load_adapter(model, adapter, trainable=False)
+    except torch.OutOfMemoryError:
+        raise
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"adapter {adapter} does not fit base {base} ({_first_line(e)}): merge an adapter into the "
+                        "base model it was trained on") from e
+    _check_all_weights_loaded(model, adapter, base)
+    lora_modules = _count_lora_layers(model)
+    if lora_modules == 0:
+        raise UserError(f"adapter {adapter} adds no LoRA layer to base {base}: nothing to merge")
+    return model, lora_modules
+
+
 # ----------------------------------------------------------------------------- checks and helpers
 
 
-def _check_base(path: Path) -> None:
+def check_base(path: Path) -> None:
     config = check_model_folder(path)
     if config.get("quantization_config"):
         raise UserError(
@@ -213,24 +224,13 @@ def _check_base(path: Path) -> None:
     check_weight_files(path, "base")
 
 
-def _check_adapter(path: Path) -> Path:
+def check_adapter(path: Path) -> Path:
     config = read_adapter_config(path)
     if config.get("peft_type") != "LORA":
         raise UserError(f"{path} holds a {config.get('peft_type')!r} adapter; only LoRA adapters can be merged")
     if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
         raise UserError(f"{path} has no adapter weights (adapter_model.safetensors): the adapter folder is incomplete")
     return path.resolve()
-
-
-def _check_out(out: Path, overwrite: bool, base: Path, adapter: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: pass a folder to write the merged model into")
-    target = out.resolve()
-    for source in (base.resolve(), adapter):
-        if target == source or target in source.parents:
-            raise UserError(f"--out {out} would replace the input folder {source}: write the merge elsewhere")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} exists and is not empty: pass overwrite (--overwrite) or another folder")
 
 
 def _check_all_weights_loaded(model, adapter: Path, base: Path) -> None:
@@ -288,7 +288,7 @@ def _info(report: MergeReport, base_arg, base: Path, adapter: Path) -> dict:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """No progress bars or info logging from transformers while merging (the library function prints nothing)."""
     from transformers.utils import logging as hf_logging
 

@@ -265,9 +265,48 @@ def read_adapter_config(adapter: str | Path) -> dict:
 
 
 def load_adapter(model, adapter: str | Path, trainable: bool):
-    """The peft adapter saved in `adapter` applied to `model` (not merged), after `read_adapter_config`'s checks."""
-    read_adapter_config(adapter)
-    return pretrained.load_adapter(model, Path(adapter).expanduser(), trainable)
+    """The peft adapter saved in `adapter` applied to `model` (not merged), after `read_adapter_config`'s checks and
+    `check_adapter_shapes`."""
+    path = Path(adapter).expanduser()
+    read_adapter_config(path)
+    check_adapter_shapes(model, path / "adapter_model.safetensors", f"adapter {path}")
+    return pretrained.load_adapter(model, path, trainable)
+
+
+def check_adapter_shapes(model, weights: Path, what: str) -> None:
+    """Refuse LoRA weights trained on a base of other shapes than `model` (another size or architecture), or of
+    another rank than the adapters `model` already has, naming the first layer that differs, before they load (peft
+    would stop on a size-mismatch traceback). A LoRA A matrix is [r, the layer's inputs], a B matrix [the layer's
+    outputs, r]. `model`: the base, or it wrapped by peft."""
+    from safetensors import safe_open
+
+    if not weights.is_file():
+        return  # an adapter saved as .bin: peft's own checks
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    modules = dict(model.named_modules())
+    problems = []
+    for key, shape in sorted(shapes.items()):
+        for part, side, axis in ((".lora_A.weight", "in_features", 1), (".lora_B.weight", "out_features", 0)):
+            if not key.endswith(part) or len(shape) != 2:
+                continue
+            name = key.removesuffix(part)
+            short = name.removeprefix("base_model.model.")
+            layer = modules[name] if name in modules else modules.get(short)
+            own = getattr(layer, part.split(".")[1], {})  # a layer peft wraps already: its own LoRA matrices
+            if layer is None:
+                problems.append(f"its layer {short} is not in this base")
+            elif getattr(layer, side, shape[axis]) != shape[axis]:
+                size = "inputs" if side == "in_features" else "outputs"
+                problems.append(f"{short} has {shape[axis]} {size} in the adapter and {getattr(layer, side)} in "
+                                "this base")
+            elif "default" in own and tuple(own["default"].weight.shape) != tuple(shape):
+                problems.append(f"{key.removeprefix('base_model.model.')} is {list(shape)} in the adapter and "
+                                f"{list(own['default'].weight.shape)} here (another lora.r)")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{what} does not fit this model: {problems[0]}{more}; use it with the base model "
+                        "(model.name_or_path) and the lora.r it was trained with")
 
 
 def check_weight_files(folder: Path, what: str) -> None:

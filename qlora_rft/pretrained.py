@@ -35,6 +35,13 @@ def load_processor(path: str | Path, padding_side: str | None = None):
     return processor
 
 
+def load_config(path: str | Path):
+    """The folder's config.json as transformers reads it (text_config, vision_config)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(path), **NO_CODE)
+
+
 def load_image_processor(path: str | Path):
     from transformers import AutoImageProcessor
 

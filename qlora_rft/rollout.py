@@ -1,8 +1,6 @@
-"""A group's rollout (what the sampler returns: completions, masks, each token's log-prob under the sampling weights)
-and the log-probs of completion tokens under the policy being trained (`CompletionScorer`, what accelerate prepares).
-
-Log-probs come from the last hidden states of completion positions through the LM head in chunks: the full
-[B, L, V] logits are never built. The policy's pass can give each position's entropy from the same chunks.
+"""A group's `Rollout` (what the sampler returns), and the log-probs (and entropies) of completion tokens under the
+policy being trained (`CompletionScorer`, what accelerate prepares): from the last hidden states of completion
+positions through the LM head in chunks, so the full [B, L, V] logits are never built.
 """
 
 from __future__ import annotations

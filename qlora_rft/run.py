@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from qlora_rft import checkpoint
-from qlora_rft.config import Config, dump
+from qlora_rft.config import RUN_CONFIG_HEADER, Config, dump
 from qlora_rft.data import load_split, without_long_prompts
 from qlora_rft.distributed import (
     Launch,
@@ -46,6 +46,7 @@ from qlora_rft.model import (
     reference_mode,
     resolve_model_path,
 )
+from qlora_rft.memory import check_training_fits
 from qlora_rft.order import PromptOrder, epochs_done, training_steps
 from qlora_rft.pretrained import save_adapter
 from qlora_rft.rollout import CompletionScorer, Rollout
@@ -83,6 +84,7 @@ class Run:
     updates: Updates
     reference_model: torch.nn.Module | None  # full mode: the frozen copy's scorer (prepared); else None
     start_step: int  # 0, or the step of the checkpoint resumed from
+    seconds_before: float  # training seconds of the sessions before this one (0, or the checkpoint's)
     order: PromptOrder
     spares: PromptOrder  # dynamic sampling's fresh rows: an order of their own
     steps: int  # the run's optimizer steps: train.max_steps, or from train.epochs and the rows
@@ -143,14 +145,17 @@ class Run:
             raise TrainingError(f"{folder} was not written: some trained weights are NaN or infinite. "
                                 f"{advice(self.cfg)}")
 
-    def checkpoint(self, step: int) -> None:
+    def checkpoint(self, step: int, seconds: float) -> None:
+        """checkpoint-STEP/ every train.save_steps; `seconds`: the run's training time so far, every session's."""
         cfg = self.cfg.train
         if not (cfg.save_steps and step % cfg.save_steps == 0):
             return
         self.require_finite_weights(self.out / f"checkpoint-{step}")
         position = {"prompts_seen": step * cfg.prompts_per_step * self.launch.world_size,
                     "data_rows": len(self.data.examples), "data_skipped": len(self.data.skipped),
-                    "world_size": self.launch.world_size}  # the order itself follows from the step and seed
+                    "world_size": self.launch.world_size,  # the order itself follows from the step and seed
+                    "config": self.cfg.to_dict(),  # what --resume must keep (`check_resume_settings`)
+                    "seconds": seconds}
         if self.updates.engine is not None:  # sharded states: every process writes its own part
             checkpoint.save_sharded(self.accelerator, self.out, step, position, keep=cfg.save_total_limit)
             return
@@ -207,7 +212,8 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
     launch = Launch.from_env()
     check_inputs(cfg, launch)  # before anything loads
     out = Path(cfg.train.output_dir)
-    found = claim_output_dir(out, resume, launch)
+    found = claim_output_dir(cfg, resume, launch, console)
+    check_training_fits(cfg, resolve_model_path(cfg.model.name_or_path), pick_device(cfg.model.device))
     accelerator = make_accelerator(cfg, launch, pick_device(cfg.model.device))
     task = get_task(cfg.data.task)
     # Data, tiny models and warm-ups are built once by the main process, then read from the cache by the others.
@@ -250,20 +256,21 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
         torch.manual_seed(cfg.train.seed + 1000 * launch.rank)  # same initial weights, each its own samples
     updates = Updates(accelerator, model, optimizer, scheduler, cfg.train.max_grad_norm)
 
-    start_step = 0
+    state = {}
     if resume and updates.engine is not None:
-        start_step = checkpoint.load_sharded(accelerator, found, launch.world_size)["step"]
+        state = checkpoint.load_sharded(accelerator, found, launch.world_size)
     elif resume:
-        start_step = checkpoint.load(found, policy.model, optimizer, scheduler, launch.rank, launch.world_size)["step"]
+        state = checkpoint.load(found, policy.model, optimizer, scheduler, launch.rank, launch.world_size)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        dump(cfg, out / "config.yaml")
+        dump(cfg, out / CONFIG_FILE)
     return Run(cfg, launch, out, task, data, base_path, policy, accelerator, model, policy.model, optimizer,
-               scheduler, updates, reference_model, start_step,
+               scheduler, updates, reference_model, state.get("step", 0), float(state.get("seconds", 0.0)),
                PromptOrder(len(data.examples), cfg.train.seed, per_step),
                PromptOrder(len(data.examples), cfg.train.seed, stream=1), steps)
 
 
+CONFIG_FILE = "config.yaml"  # the run's resolved config, rewritten at every start
 # What a run writes into train.output_dir; any of them (or a checkpoint) means the folder holds a run.
 RUN_FILES = ("adapter", "model", "train_summary.json", "metrics.jsonl", "completions.jsonl", "evals", "tensorboard",
              "wandb")
@@ -276,17 +283,22 @@ def run_files(out: Path) -> list[Path]:
     return sorted(p for p in out.iterdir() if p.name in RUN_FILES or re.fullmatch(r"checkpoint-\d+", p.name))
 
 
-def claim_output_dir(out: Path, resume: bool, launch: Launch) -> Path | None:
+def claim_output_dir(cfg: Config, resume: bool, launch: Launch, console=None) -> Path | None:
     """Before anything loads: the main process locks train.output_dir (refused while another run holds it, or
     when it cannot be written) and refuses to write over an earlier run unless resuming. Returns the checkpoint to
-    resume from."""
+    resume from: the newest that reads whole (the newer damaged ones named), trained with the same settings."""
+    out = Path(cfg.train.output_dir)
     if launch.rank == 0:
         lock_folder(out, "train.output_dir")
     try:
-        found, earlier = checkpoint.latest(out), run_files(out)
+        check_config_file(out)
+        earlier = run_files(out)
+        found = checkpoint.resumable(out, sharded=launch.deepspeed) if resume else None
         if resume and found is None:
             fresh = "start afresh with --overwrite" if earlier else "run without --resume to start afresh"
             raise UserError(f"--resume: no complete checkpoint in {out}; {fresh}")
+        if found is not None:
+            check_resume_settings(cfg, found.state.get("config") or _recorded_config(out), found.path)
         if earlier and not resume and launch.rank == 0:  # the others may see the files fit(overwrite) is removing
             names = ", ".join(p.name for p in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
             raise OutputError(f"train.output_dir={out} holds a run ({names}): pass --resume to continue it, "
@@ -294,7 +306,54 @@ def claim_output_dir(out: Path, resume: bool, launch: Launch) -> Path | None:
     except UserError:
         unlock_folder(out)
         raise
-    return found
+    if found is not None and found.damaged and launch.rank == 0:
+        from rich.console import Console
+        from rich.markup import escape
+
+        console = console or Console(stderr=True)
+        for message in found.damaged:
+            console.print(f"[yellow]passed over a damaged checkpoint[/yellow]: {escape(message)}")
+        console.print(f"resuming from {found.path.name}, the newest checkpoint that reads whole")
+    return found.path if found is not None else None
+
+
+# What --resume may change: the length, and the settings that never touch the result (logging, saving, evaluation).
+RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.output_dir", "train.save_steps",
+                     "train.save_total_limit", "train.logging_steps", "train.report_to", "train.log_completions",
+                     "train.eval_steps", "data.eval", "data.eval_split", "rewards.plugin_timeout", "eval.*")
+
+
+def check_resume_settings(cfg: Config, recorded: dict | None, found: Path) -> None:
+    """Refuse to resume with a setting that changes training (naming each) other than RESUMABLE_CHANGES: the run
+    would go on as another run while its config.yaml claimed the new values for the whole of it. `recorded`: the
+    config the checkpoint was trained with (None: unknown, nothing to compare)."""
+    if not isinstance(recorded, dict):
+        return
+    was, now = _flat(recorded), _flat(json.loads(json.dumps(cfg.to_dict())))
+    changed = [key for key in now if key in was and was[key] != now[key]
+               and key not in RESUMABLE_CHANGES and f"{key.split('.')[0]}.*" not in RESUMABLE_CHANGES]
+    if changed:
+        shown = "; ".join(f"{key} {json.dumps(was[key])} -> {json.dumps(now[key])}" for key in changed)
+        raise UserError(f"--resume: {found.name} was trained with other settings ({shown}): settings "
+                        "that change training cannot change mid-run (only the length, train.max_steps or "
+                        "train.epochs, and logging, saving and evaluation settings can): restore them, or start a "
+                        "new run (--overwrite, or another train.output_dir)")
+
+
+def _flat(config: dict) -> dict:
+    return {f"{section}.{key}": value for section, values in config.items() if isinstance(values, dict)
+            for key, value in values.items()}
+
+
+def _recorded_config(out: Path) -> dict | None:
+    """The config.yaml an older version's run left (its checkpoints did not record their config), if readable."""
+    import yaml
+
+    try:
+        recorded = yaml.safe_load((out / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
 
 
 def check_inputs(cfg: Config, launch: Launch) -> None:
@@ -305,10 +364,30 @@ def check_inputs(cfg: Config, launch: Launch) -> None:
         check_model_folder(Path(cfg.model.name_or_path).expanduser())
 
 
+def check_config_file(out: Path) -> None:
+    """Refuse a train.output_dir whose config.yaml no run wrote (the user's own config, say), which starting,
+    resuming or --overwrite would write over or delete: a run's is marked by its first line, or (written by an
+    older version) lies beside the run's files; a link is never a run's."""
+    file = out / CONFIG_FILE
+    if not (file.exists() or file.is_symlink()):
+        return
+    if not file.is_symlink() and file.is_file():
+        with file.open(encoding="utf-8", errors="replace") as f:
+            if f.readline() == RUN_CONFIG_HEADER or run_files(out):
+                return
+    raise OutputError(f"train.output_dir={out} holds a {CONFIG_FILE} that no run wrote (a config of yours?), where a "
+                      f"run writes its resolved config: move it, or choose another train.output_dir")
+
+
 def start_afresh(out: Path) -> None:
     """Lock train.output_dir and remove an earlier run's files from it (other files are left alone)."""
     lock_folder(out, "train.output_dir")
-    for path in [*run_files(out), out / "config.yaml"]:
+    try:
+        check_config_file(out)
+    except UserError:
+        unlock_folder(out)
+        raise
+    for path in [*run_files(out), out / CONFIG_FILE]:
         if path.is_dir():
             shutil.rmtree(path)
         else:

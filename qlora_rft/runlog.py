@@ -13,9 +13,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from qlora_rft.files import append_lines
 from qlora_rft.trackers import Trackers
 
 SAMPLES = "completions.jsonl"  # beside metrics.jsonl
+KEPT = "the checkpoints written so far are kept: free some space and continue with --resume"
 
 
 class RunLogger:
@@ -31,7 +33,7 @@ class RunLogger:
         self._samples = path.parent / SAMPLES
         if self._samples.exists():
             continue_file(self._samples, start_step)
-        self._file = path.open("a")
+        self._path = path
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -50,14 +52,12 @@ class RunLogger:
 
     def __exit__(self, *exc):
         self._progress.stop()
-        self._file.close()
         self._trackers.close()
 
     def log(self, metrics: dict, write: bool = True) -> None:
         if write:
             clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
-            self._file.write(json.dumps(clean) + "\n")
-            self._file.flush()
+            append_lines(self._path, [json.dumps(clean)], KEPT)
             self._trackers.log(clean)
         short = {"completion_length": "len", "tokens_per_second": "tok/s"}
         stats = "  ".join(
@@ -67,8 +67,7 @@ class RunLogger:
 
     def samples(self, step: int, rows: list[dict]) -> None:
         """Completion samples of a step: a completions.jsonl line each, and a text table for the trackers."""
-        with self._samples.open("a") as f:
-            f.write("".join(json.dumps({"step": step, **row}) + "\n" for row in rows))
+        append_lines(self._samples, [json.dumps({"step": step, **row}) for row in rows], KEPT)
         self._trackers.text("completions", rows, step)
 
 

@@ -22,7 +22,7 @@ def train_sft(cfg: Config, resume: bool = False, console=None, log: bool = True)
     logger = run.logger(console, log, shown=("epoch", "loss", "tokens_per_second"))
     validation = Validation.of(run)  # train.eval_steps
     metrics = []
-    started = time.perf_counter()
+    started = time.perf_counter() - run.seconds_before  # the run's clock, across resumed sessions
     with logger:
         for step in range(run.start_step + 1, run.steps + 1):
             step_start = time.perf_counter()
@@ -39,5 +39,5 @@ def train_sft(cfg: Config, resume: bool = False, console=None, log: bool = True)
             line.update(validation.metrics(run, step))  # eval/<metric> at an evaluation step
             metrics.append(line)
             logger.log(line, write=step % cfg.train.logging_steps == 0 or step == run.steps or validation.due(step))
-            run.checkpoint(step)
+            run.checkpoint(step, time.perf_counter() - started)
     return run.finish(metrics, time.perf_counter() - started)

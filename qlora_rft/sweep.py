@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import re
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from rich.table import Table
 from qlora_rft import checkpoint
 from qlora_rft.config import Config, load_config
 from qlora_rft.errors import ConfigError
+from qlora_rft.files import check_output_folder
 
 
 SEED_KEY = "train.seed"  # the grid axis whose runs are summarised together
@@ -128,6 +130,7 @@ def run_sweep(config: str | Path, grid: list[str], out: str | Path | None = None
     out = Path(out or f"runs/sweep-{Path(config).stem}")
     for setting in settings:  # every setting must be a valid config before anything runs
         load_config(config, [*common, *setting.overrides])
+    check_output_folder(out, "--out", overwrite=None, own=sweep_outputs(out))  # a sweep's own, to resume or extend
 
     rows, bases = [], {}
     for setting in settings:
@@ -162,6 +165,17 @@ def run_sweep(config: str | Path, grid: list[str], out: str | Path | None = None
         group = "base" if len(base_groups) == 1 else f"base-{base_groups.index(setting.group)}"
         rows.insert(i, SweepRow(folder.name, metric, value, 0, None, group, cfg.train.seed))
     return _write_results(out, rows, console)
+
+
+RESULTS = ("results.md", "results.csv", "results.png", "report")
+
+
+def sweep_outputs(out: Path) -> list[str]:
+    """What in `out` a sweep wrote: the results, the settings' folders (named section.key=value,...) and the bases'."""
+    if not out.is_dir():
+        return []
+    return [*RESULTS, *(p.name for p in out.iterdir() if p.is_dir() and ("=" in p.name or re.fullmatch(
+        r"base(-\d+)?", p.name)))]
 
 
 def _eval_config(cfg: Config, config, eval_config, common, setting: Setting | None, base: str, adapter: Path | None,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from qlora_rft.errors import UserError
-from qlora_rft.files import atomic_folder, cache_dir
+from qlora_rft.files import atomic_folder, cache_dir, check_output_folder
 from qlora_rft.models import Family, families
 
 SPECIAL_TOKENS = [
@@ -131,10 +131,13 @@ def build_model(preset_name: str, seed: int = 0, dtype: torch.dtype = torch.floa
 
 
 def write_model(out: str | Path, preset: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
-                device: str = "cpu") -> Path:
-    """Write a from_pretrained folder (config, safetensors, tokenizer, processor, chat template) atomically. The
-    weights are made on `device` (a real shape in bf16 on a GPU: seconds, where fp32 on the CPU takes minutes)."""
-    out = Path(out)
+                device: str = "cpu", overwrite: bool = False) -> Path:
+    """Write a from_pretrained folder (config, safetensors, tokenizer, processor, chat template) atomically. A file,
+    or a folder that is not empty, is refused unless `overwrite` (then the folder is replaced whole). The weights
+    are made on `device` (a real shape in bf16 on a GPU: seconds, where fp32 on the CPU takes minutes)."""
+    out = Path(out).expanduser()
+    _preset(preset)
+    check_output_folder(out, "--out", overwrite)
     model, processor = build_model(preset, seed=seed, dtype=dtype, device=device)
     with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
@@ -154,7 +157,7 @@ def cached_model(preset: str, seed: int = 0) -> Path:
     recipe = json.dumps([family.name, shape, _corpus(), CHAT_TEMPLATE, processor]).encode()
     path = cache_dir() / "models" / f"{preset}-seed{seed}-{hashlib.sha256(recipe).hexdigest()[:10]}"
     if not (path / "config.json").exists():
-        write_model(path, preset=preset, seed=seed)
+        write_model(path, preset=preset, seed=seed, overwrite=True)
     return path
 
 

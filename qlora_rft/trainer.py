@@ -111,7 +111,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
     logger = run.logger(console, log)
     validation = Validation.of(run)  # train.eval_steps
     metrics = []
-    started = time.perf_counter()
+    started = time.perf_counter() - run.seconds_before  # the run's clock, across resumed sessions
     with logger:
         for step in range(run.start_step + 1, run.steps + 1):
             step_start = time.perf_counter()
@@ -172,7 +172,7 @@ def train(cfg: Config, resume: bool = False, console=None, log: bool = True) -> 
             logger.log(line, write=step % cfg.train.logging_steps == 0 or step == run.steps or validation.due(step))
             if cfg.train.log_completions and step % cfg.train.log_completions == 0:
                 logger.samples(step, completion_samples(groups[0], weights))
-            run.checkpoint(step)
+            run.checkpoint(step, time.perf_counter() - started)
 
     run.sampling = sampler.describe()  # which weights, decoder and correction ran, and why
     return run.finish(metrics, time.perf_counter() - started)
@@ -195,7 +195,7 @@ def sample_scored(run: Run, sampler: Sampler, settings: Settings, rewarder: Rewa
     groups = []
     for example, rollout in zip(examples, rollouts):
         rewards = rewarder.score(rollout.texts, example.reward_columns(), rollout.prompt.frame, example.index)
-        total = torch.tensor(rewarder.weighted(rewards))
+        total = torch.tensor(rewarder.weighted(rewards, example.index))
         loss_mask = rollout.mask  # [G, T]
         if cfg.grpo.mask_truncated_completions:  # no EOS within max_completion_length: out of the loss
             loss_mask = loss_mask * ~grpo.truncated(rollout.completion_ids, policy.tokens.eos)[:, None]

@@ -2,8 +2,9 @@
 
 The tiny base then plays the part of an Instruct model. Each step is the SFT baseline's (supervised.py), on the
 whole base in full precision, in this process alone (under a launch of several, the main process builds it while the
-others wait). The warmed folder is cached under a hash of everything that decides it (base, data, warm-up settings,
-seed, and WARMUP_RECIPE), so `train` and `demo` build it once and reuse it.
+others wait). The warmed folder is cached under a hash of everything that decides it (base, the data's content,
+warm-up settings, seed, and WARMUP_RECIPE), so `train` and `demo` build it once and reuse it, and a data file replaced
+under the same name warms a new base.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from qlora_rft.config import Config
-from qlora_rft.data import load_split, resolve_source
+from qlora_rft.data import Dataset, content_hash, load_split
 from qlora_rft.distributed import NonFiniteStep, OneProcess, Updates
 from qlora_rft.errors import TrainingError
 from qlora_rft.files import atomic_folder
@@ -33,22 +34,24 @@ from qlora_rft.video import VideoRule
 WARMUP_RECIPE = 3
 
 
-def warmup_key(cfg: Config) -> str:
+def warmup_key(cfg: Config, data: Dataset) -> str:
     decided_by = {
         "model": cfg.model.name_or_path,
         "warmup": vars(cfg.warmup),
-        "data": [cfg.data.task, data_key(cfg.warmup.data or cfg.data.train), cfg.data.train_split,
-                 cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.video_fps, cfg.data.video_max_frames,
-                 cfg.data.video_max_pixels],
+        "data": [cfg.data.task, content_hash(data), cfg.data.min_pixels, cfg.data.max_pixels,
+                 cfg.data.video_fps, cfg.data.video_max_frames, cfg.data.video_max_pixels],
         "seed": cfg.train.seed,
         "recipe": WARMUP_RECIPE,
     }
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def data_key(source: str) -> str:
-    """A source as the key names it: synthetic data by its generated folder, which changes with its recipe."""
-    return resolve_source(source) if source.startswith("synthetic:") else source
+def warmup_data(cfg: Config, console=None) -> Dataset:
+    """The rows the warm-up learns from: warmup.data (empty: data.train) at data.train_split."""
+    return load_split(cfg.warmup.data or cfg.data.train, cfg.data.train_split, get_task(cfg.data.task),
+                      cfg.data.on_bad_row, cfg.data.image_root, min_pixels=cfg.data.min_pixels,
+                      max_pixels=cfg.data.max_pixels, factor=model_family(cfg.model.name_or_path).factor,
+                      video=VideoRule.of(cfg.data), console=console)
 
 
 def warmed_base(cfg: Config, console=None) -> str:
@@ -57,22 +60,18 @@ def warmed_base(cfg: Config, console=None) -> str:
         return cfg.model.name_or_path
     from qlora_rft.files import cache_dir
 
-    folder = cache_dir() / "warm" / warmup_key(cfg)
+    data = warmup_data(cfg, console)
+    folder = cache_dir() / "warm" / warmup_key(cfg, data)
     if not (folder / "config.json").is_file():
-        run_warmup(cfg, folder, console)
+        run_warmup(cfg, data, folder, console)
     return str(folder)
 
 
-def run_warmup(cfg: Config, out: Path, console=None) -> Path:
+def run_warmup(cfg: Config, data: Dataset, out: Path, console=None) -> Path:
     """Full fine-tune of the base (full precision) on the training solutions for warmup.steps steps."""
     from qlora_rft.runlog import RunLogger
 
     task = get_task(cfg.data.task)
-    source = cfg.warmup.data or cfg.data.train
-    data = load_split(source, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root,
-                      min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                      factor=model_family(cfg.model.name_or_path).factor, video=VideoRule.of(cfg.data),
-                      console=console)
     policy = load_for_inference(replace(cfg.model, mode="full"))  # the model loader's checks, full precision
     torch.manual_seed(cfg.train.seed)
     rng = random.Random(cfg.train.seed)

@@ -76,7 +76,8 @@ def test_bandwidth_figures_by_device_name():
     assert bandwidth_fraction(side, None) is None
 
 
-CPU_CASES = ["smoke", "trl", "ours merged+static", "ours adapters+generate", "ours int8+static"]
+CPU_CASES = ["smoke", "trl", "ours merged+static", "ours adapters+generate", "ours int8+static", "eval generate",
+             "eval static"]
 
 
 @pytest.mark.slow
@@ -87,22 +88,28 @@ def test_the_cpu_suite_measures_every_setting_and_fetches_nothing(tmp_path):
     out = tmp_path / "suite"
     records = spied(tmp_path / "spy.jsonl",
                     ["bench", "--suite", "cpu", "--deadline", "600", "--out", str(out), "--presets", "tiny"])
-    assert_nothing_fetched(records, processes=5)  # the smoke pass, TRL's side, ours in three settings
+    assert_nothing_fetched(records, processes=7)  # the smoke pass, TRL's side, ours in three settings, two evals
     rows = read_rows(out)
     assert [r.case for r in rows] == CPU_CASES and all(r.status == "ok" for r in rows), rows
     checks = [c["name"] for c in rows[0].result["checks"]]  # no fp8 on the CPU
-    assert checks == [f"ours {w}+{d}" for w in ("adapters", "merged", "int8") for d in ("generate", "static")]
+    assert checks == [f"ours {w}+{d}" for w in ("adapters", "merged", "int8") for d in ("generate", "static")] + \
+        ["eval generate", "eval static"]
     trl = rows[1].result
     assert trl["completion_length"] == 8 and len(trl["step_seconds_all"]) == 2  # warm-up + 1 measured step
     table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| tiny |")]
     assert len(table) == len(rows)
-    for row, line in zip(rows[2:], table[2:]):
+    for row, line in zip(rows[2:5], table[2:5]):
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         ours = row.result
         assert ours["sampling"]["weights"] == row.sampling_weights and ours["completion_length"] == 8
         assert cells[3] == f"{ours['step_seconds'] / trl['step_seconds']:.3f}"  # ratio to TRL
         assert cells[5] == f"{ours['peak_memory_bytes'] / 2**30:.2f}"
         assert cells[8] == f"{ours['step_seconds_all'][0] - ours['step_seconds']:.1f}"  # the first step's extra
+    for row, line in zip(rows[5:], table[5:]):  # greedy evaluation: 3 batches of 4 prompts, the first a warm-up
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        seconds = row.result["step_seconds_all"]
+        assert len(seconds) == 3 and row.result["sampling"]["decode"] == row.decode
+        assert cells[10] == f"{4 / ((seconds[1] + seconds[2]) / 2):.2f}"  # prompts per second
     header = json.loads((out / "suite.json").read_text())
     assert header["command"] == f"qlora-rft bench --suite cpu --deadline 600 --out {out} --presets tiny"
 
@@ -135,7 +142,7 @@ def test_a_suite_killed_halfway_keeps_its_finished_rows(tmp_path):
     rows = read_rows(out)
     assert [r.case for r in rows] == ["smoke"] and rows[0].status == "ok"
     assert [json.loads(line)["case"] for line in results.read_text().splitlines()] == ["smoke"]
-    assert "| tiny | smoke | ok: 6/6 checks |" in (out / "results.md").read_text()
+    assert "| tiny | smoke | ok: 8/8 checks |" in (out / "results.md").read_text()
     assert _running_cases("qlora-rft-tiny-trl-", within=10) == [], "the running case outlived the suite"
 
 
@@ -153,3 +160,39 @@ def _running_cases(marker: str, within: float) -> list[int]:
         if not found or time.monotonic() > give_up:
             return found
         time.sleep(0.5)
+
+
+def test_the_gpu_suite_builds_each_preset_and_skips_a_preset_whose_build_failed(tmp_path, monkeypatch):
+    """The gpu suite's order, with each case's process replaced: the smoke pass (which finds fp8), then per preset
+    the build, TRL, ours in four settings and two evaluations; a failed build skips its preset's cases."""
+    import torch
+
+    from qlora_rft import bench_suite
+
+    calls = []
+
+    def fake_process(case, settings, out, timeout):
+        calls.append((case.preset, case.name, settings.get("model_path") or settings.get("folder")))
+        if case.kind == "smoke":
+            return "ok", {"checks": [], "fp8": True, "device": "NVIDIA H200"}, ""
+        if case.kind == "build":
+            return ("failed", None, "exit 1\nout of memory") if case.preset == "qwen2-vl-2b" else ("ok", {}, "")
+        return "ok", {"step_seconds": 2.0 if case.kind == "trl" else 1.0, "step_seconds_all": [3.0, 2.0],
+                      "peak_memory_bytes": 2**30, "generation_tokens_per_second": 100.0, "prompts_per_second": 4.0,
+                      "peak_memory_kind": "cuda_max_allocated"}, ""
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_suite, "run_case_process", fake_process)
+    monkeypatch.setattr(bench_suite, "bench_settings", lambda preset, *a, model_path=None, **k:
+                        bench_suite.BenchSettings(preset, str(model_path), "cuda", "bfloat16", steps=1))
+    rows = run_suite("gpu", deadline=600, out=tmp_path / "suite", presets=["qwen2-vl-7b", "qwen2-vl-2b"])
+    per_preset = ["trl", "ours merged+static", "ours adapters+generate", "ours int8+static", "ours fp8+static",
+                  "eval generate", "eval static"]
+    assert [(r.preset, r.case) for r in rows] == [("tiny", "smoke"), ("qwen2-vl-7b", "build")] + \
+        [("qwen2-vl-7b", c) for c in per_preset] + [("qwen2-vl-2b", "build")] + [("qwen2-vl-2b", c) for c in per_preset]
+    assert all(r.status == "skipped" and "could not be built" in r.error for r in rows[10:])
+    folder = calls[1][2]
+    assert calls[1][:2] == ("qwen2-vl-7b", "build") and all(path == folder for _, _, path in calls[2:9])
+    assert not Path(folder).exists() and not Path(folder).parent.exists()  # built outside --out, then removed
+    table = (tmp_path / "suite" / "results.md").read_text()
+    assert "on NVIDIA H200" in table and "| qwen2-vl-7b | ours fp8+static | ok | 0.500 | 1.00 | 1.00 | 100 |" in table

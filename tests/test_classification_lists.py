@@ -298,3 +298,15 @@ def test_a_converted_list_evaluates_with_qlora_rft_eval(tmp_path, capsys):
     lines = [json.loads(line) for line in (evaluated / "predictions.jsonl").read_text().splitlines()]
     assert [line["solution"] for line in lines] == ["<answer>red square</answer>", "<answer>blue cross</answer>"] * 2
     assert score_file("classification", evaluated / "predictions.jsonl") == metrics
+
+
+def test_the_output_is_never_one_of_the_inputs(tmp_path):
+    from qlora_rft.errors import OutputError
+
+    image(tmp_path / "images" / "image_00001.jpg")
+    pth = write_list(tmp_path / "oxford_flowers.pth", [(f"{AUTHORS}/oxford_flowers/jpg/image_00001.jpg", 0)], FLOWERS)
+    before = pth.read_bytes(), pth.with_suffix(".txt").read_bytes()
+    for out in (pth, pth.with_suffix(".txt")):
+        with pytest.raises(OutputError, match="would write over the input"):
+            convert(pth, tmp_path / "images", out, overwrite=True)
+    assert (pth.read_bytes(), pth.with_suffix(".txt").read_bytes()) == before

@@ -18,7 +18,9 @@ from qlora_rft.cli import main
         (["train", "configs/tiny_demo.yaml", "grpo.beta=lots"], "grpo.beta must be a float"),
         (["train", "no/such/config.yaml"], "config file no/such/config.yaml not found"),
         (["train", "configs/tiny_demo.yaml", "model.name_or_path=/no/such/model"], "has no config.json"),
-        (["train", "configs/tiny_demo.yaml", "data.train=/no/such/data"], "cannot load split"),
+        (["train", "configs/tiny_demo.yaml", "data.train=/no/such/data"], "/no/such/data does not exist"),
+        (["train", "configs/tiny_demo.yaml", "data.train=data/x"], "data/x does not exist (no such file or folder"),
+        (["train", "configs/tiny_demo.yaml", "data.train="], "data.train is empty"),
         (["tiny-model", "--out", "x", "--preset", "huge"], "unknown preset 'huge'"),
     ],
 )
@@ -122,3 +124,24 @@ def test_a_bug_still_shows_its_traceback(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_config", lambda args: open("/no/such/file"))
     assert main(["config"]) == 2
     assert capsys.readouterr().err == "error: No such file or directory: /no/such/file\n"
+
+
+@pytest.mark.parametrize("kind", ["cuda", "cpu allocator", "python"])
+def test_running_out_of_memory_is_one_line_naming_what_to_lower(monkeypatch, capsys, kind):
+    import torch
+
+    import qlora_rft.cli as cli
+
+    error = {"cuda": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+             "cpu allocator": RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't "
+                                           "allocate memory: you tried to allocate 1099511627776 bytes."),
+             "python": MemoryError()}[kind]
+
+    def out_of_memory(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_config", out_of_memory)
+    assert main(["config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory (") and err.count("\n") == 1
+    assert "lower what one step holds at once (grpo.generation_chunk, grpo.backward_chunk" in err

@@ -85,6 +85,27 @@ def test_validation_names_the_problem_and_the_fix(override, message):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.seed=-1", "invalid config: train.seed=-1 must be in [0, 4294967295] (the seeds numpy takes)"),
+        (f"train.seed={2**32}", f"train.seed={2**32} must be in [0, 4294967295]"),
+        ("data.max_pixels=1000000000000", "data.max_pixels=1000000000000 is over 16777216, the largest image area"),
+        ("train.output_dir=\"runs/a\\0b\"", "train.output_dir holds a NUL character, which no path or name can"),
+        ("data.train=\"a\\0b\"", "data.train holds a NUL character"),
+        ("eval.adapter=\"runs/x\\0/adapter\"", "eval.adapter holds a NUL character"),
+    ],
+)
+def test_bounds_no_model_or_numpy_can_take_are_one_line(override, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [override])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_largest_seed_loads():
+    assert load_config(None, [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
+
+
 def test_epochs_alone_set_the_training_length():
     cfg = load_config(None, ["train.max_steps=0", "train.epochs=2"])
     assert (cfg.train.max_steps, cfg.train.epochs) == (0, 2)

@@ -80,6 +80,41 @@ def test_missing_source_is_a_data_error(tmp_path):
         load_split(str(tmp_path / "nothing-here"), "train", TASK)
 
 
+def test_only_a_source_named_as_a_hub_dataset_is_ever_fetched(tmp_path, monkeypatch):
+    import os
+
+    import datasets
+
+    fetched = []
+
+    def load_dataset(name, *args, **kwargs):
+        fetched.append(name)
+        raise datasets.exceptions.DatasetNotFoundError(f"no {name} here")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(tmp_path)
+    for missing in ("data/x", "x", "data/ViRFT_COCO_8_cate_4_shot", "./x", "~/nowhere/x"):
+        with pytest.raises(DataError, match=f"{missing} does not exist .no such file or folder, relative to "
+                                            f"{tmp_path}.: name a local file or folder, or a dataset of the Hugging "
+                                            "Face hub as hub:ORG/NAME"):
+            load_split(missing, "train", TASK)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(DataError, match="pipe is neither a regular file nor a folder"):
+        load_split("pipe", "train", TASK)
+    assert fetched == []
+    with pytest.raises(DataError, match="cannot load split 'train' of hub:org/name: no org/name here"):
+        load_split("hub:org/name", "train", TASK)
+    assert fetched == ["org/name"]
+
+
+def test_an_empty_data_source_is_refused_at_load():
+    from qlora_rft.config import load_config
+    from qlora_rft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.train is empty: name the training data"):
+        load_config(None, ["data.train="])
+
+
 def test_resize_follows_qwen_rule():
     image = Image.new("RGB", (1000, 500))
     resized = resize_image(image, **PIXELS)
@@ -107,7 +142,7 @@ def test_lisa_json_file_with_an_image_root(tmp_path):
     data = load_split(str(path), "val", get_task("grounding"), image_root=str(images))
     assert [e.index for e in data.examples] == [0]
     assert data.examples[0].solution == "<answer>(10,20),(300,400)</answer>"
-    assert [b.index for b in data.skipped] == [1] and "image does not decode" in data.skipped[0].reason
+    assert [(b.index, b.reason) for b in data.skipped] == [(1, f"image {images / 'missing.png'} does not exist")]
 
 
 # ----------------------------------------------------------------------------- images checked at load
@@ -250,3 +285,65 @@ def test_detection_images_are_checked_before_the_model_loads(tmp_path, capsys):
     with pytest.raises(DataError, match="no usable images"):
         detection_items(load_config(None, overrides))
 
+
+
+def test_only_regular_files_are_images_so_a_fifo_never_blocks(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "good.png").write_bytes(_png())
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "link.png").symlink_to(tmp_path / "pipe.png")
+    (tmp_path / "folder.png").mkdir()
+    rows = [{"image": name, "problem": "What colour?", "solution": "<answer>red</answer>"}
+            for name in ("good.png", "pipe.png", "link.png", "folder.png")]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def hung(*_):
+        raise TimeoutError("loading blocked on a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        data = load_split(str(tmp_path / "train.jsonl"), "train", TASK)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [ex.index for ex in data.examples] == [0]
+    assert [(b.index, b.reason) for b in data.skipped] == [
+        (1, f"image {tmp_path / 'pipe.png'} is not a regular file"),
+        (2, f"image {tmp_path / 'link.png'} is not a regular file"),
+        (3, f"image {tmp_path / 'folder.png'} is not a regular file")]
+
+    root = Path(__file__).parents[1]  # the process: one line, exit 2, before any model loads
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
+    proc = subprocess.run([sys.executable, "-m", "qlora_rft", "eval", "configs/tiny_demo.yaml",
+                           f"data.eval={tmp_path / 'train.jsonl'}", "data.eval_split=train", "data.on_bad_row=error",
+                           f"eval.output_dir={tmp_path / 'eval'}"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"row 1: image {tmp_path / 'pipe.png'} is not a regular file" in proc.stderr
+
+
+def test_a_row_holding_a_vision_token_is_a_bad_row_decided_at_load(tmp_path, capsys):
+    from qlora_rft.cli import main
+
+    (tmp_path / "a.png").write_bytes(_png())
+    rows = [{"image": "a.png", "problem": "What colour?", "solution": "<answer>red</answer>"},
+            {"image": "a.png", "problem": "What colour? <|image_pad|>", "solution": "<answer>red</answer>"},
+            {"image": "a.png", "problem": "What colour?", "solution": "<answer>red<|vision_start|></answer>"},
+            {"image": "a.png", "problem": "Compare <|video_pad|> with it", "solution": "<answer>red</answer>"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = load_split(str(tmp_path / "train.jsonl"), "train", TASK)
+    assert [ex.index for ex in data.examples] == [0]
+    assert [(b.index, b.reason) for b in data.skipped] == [
+        (1, "problem holds the vision token <|image_pad|> (the processor would take it for an image slot)"),
+        (2, "solution holds the vision token <|vision_start|> (the processor would take it for an image slot)"),
+        (3, "problem holds the vision token <|video_pad|> (the processor would take it for an image slot)")]
+    code = main(["eval", "configs/tiny_demo.yaml", f"data.eval={tmp_path / 'train.jsonl'}", "data.eval_split=train",
+                 "data.on_bad_row=error", f"eval.output_dir={tmp_path / 'eval'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "row 1: problem holds the vision token <|image_pad|>" in err

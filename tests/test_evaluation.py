@@ -140,6 +140,12 @@ def test_eval_and_score_refuse_the_same_annotation_files(tmp_path):
         "bad_box.json": lambda d: d["annotations"][0].update(bbox=[1, 2, "3", 4]),
         "not_coco.json": lambda d: d.pop("categories"),
         "unknown_category.json": lambda d: d["annotations"][0].update(category_id=999),
+        "shared_annotation_id.json": lambda d: d["annotations"][1].update(id=d["annotations"][0]["id"]),
+        "shared_image_id.json": lambda d: d["images"].append({**d["images"][0], "width": 7, "height": 9}),
+        "shared_category_id.json": lambda d: d["categories"].append({"id": d["categories"][0]["id"], "name": "new"}),
+        "listed_image_id.json": lambda d: d["images"][0].update(id=[1]),
+        "orphan_annotation.json": lambda d: d["annotations"][0].update(image_id=987654),
+        "negative_box.json": lambda d: d["annotations"][0].update(bbox=[1, 2, -3, 4]),
     }
     predictions = tmp_path / "p.jsonl"
     predictions.write_text('{"image_id": 1, "category": "circle", "completion": "No Objects"}\n')
@@ -153,10 +159,23 @@ def test_eval_and_score_refuse_the_same_annotation_files(tmp_path):
         with pytest.raises(DataError) as by_eval:
             runner.eval_items(load_config(None, [*DETECTION, f"eval.annotations={path}"]), get_task("detection"))
         assert str(by_eval.value) == str(by_score.value) and str(path) in str(by_eval.value)
+        if name.startswith("shared"):
+            what = name.split("_")[1]
+            assert f"{what} ids {data[what + 's' if what != 'category' else 'categories'][0]['id']!r} appear more " \
+                   "than once" in str(by_eval.value)
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(DataError, match="cannot read annotation file .* as JSON"):
         runner.eval_items(load_config(None, [*DETECTION, f"eval.annotations={tmp_path / 'binary.json'}"]),
                           get_task("detection"))
+
+
+def test_a_class_name_holding_a_vision_token_is_refused_before_any_model_loads(tmp_path):
+    data = json.loads(open(runner.resolve_source("synthetic:shapes-detection/test_coco.json")).read())
+    data["categories"][0]["name"] = "cat<|image_pad|>"
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"category 'cat<\|image_pad\|>' holds the vision token <\|image_pad\|>"):
+        runner.eval_items(load_config(None, [*DETECTION, f"eval.annotations={path}"]), get_task("detection"))
 
 
 def test_eval_resumed_with_settings_that_change_the_answers_is_refused(tmp_path):
@@ -292,3 +311,41 @@ def test_prompt_lengths_are_the_encoded_lengths(preset):
     for example, length in zip(examples[:6], lengths):
         batch, _ = encode_prompts(processor, task, [example], 3136, 12544, 10_000, "cpu")
         assert batch["input_ids"].shape[1] == length
+
+
+def test_two_evaluations_into_one_folder_never_run_at_once(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "qlora_rft", "eval", "configs/tiny_demo.yaml", "model.name_or_path=tiny:tiny",
+           "eval.limit=6", "eval.max_new_tokens=4", f"eval.output_dir={out}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
+    first = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while "pid" not in ((out / ".lock").read_text() if (out / ".lock").exists() else ""):
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)  # holds the folder, whatever the machine's speed
+        second = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert f"eval.output_dir={out} is in use by pid {first.pid} on " in second.stderr
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=600) == 0, first.stderr.read()
+    assert len((out / runner.PREDICTIONS).read_text().splitlines()) == 6
+
+
+def test_a_predictions_file_no_evaluation_wrote_is_left_alone(tmp_path):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / runner.PREDICTIONS).write_text('{"id": 0, "completion": "mine"}\n')
+    cfg = load_config(None, ["model.name_or_path=tiny:tiny", "eval.limit=1", f"eval.output_dir={out}"])
+    with pytest.raises(UserError, match="holds a predictions.jsonl that no evaluation wrote"):
+        runner.run_eval(cfg)
+    assert (out / runner.PREDICTIONS).read_text() == '{"id": 0, "completion": "mine"}\n'

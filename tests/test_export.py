@@ -109,7 +109,7 @@ def test_bad_inputs_are_user_errors(trained, tmp_path):
         merge_adapter(base, adapter, tmp_path / "c", dtype="int8")
     with pytest.raises(UserError, match="config.json"):
         merge_adapter(tmp_path / "empty", adapter, tmp_path / "d")
-    with pytest.raises(UserError, match="input folder"):
+    with pytest.raises(UserError, match="would write over the input"):
         merge_adapter(base, adapter, adapter, overwrite=True)
     assert (adapter / "adapter_config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # nothing written for any of them

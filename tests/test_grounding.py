@@ -296,7 +296,7 @@ def test_the_originals_box_annotation_json_gives_one_row_per_instruction(tmp_pat
     assert [e.problem for e in data.examples] == [grounding.problem("What holds the soup?"),
                                                   grounding.problem("Something to eat the soup with.")]
     assert {e.solution for e in data.examples} == {"<answer>(102,100),(500,502)</answer>"}
-    assert [b.index for b in data.skipped] == [2] and "image does not decode" in data.skipped[0].reason
+    assert [(b.index, b.reason) for b in data.skipped] == [(2, f"image {tmp_path / 'gone.jpg'} does not exist")]
     with pytest.raises(DataError, match=r"record 0: field 'instruction' must be a list"):
         grounding.load_lisa_json(_dump(tmp_path, [{**records[0], "instruction": []}]))
     with pytest.raises(DataError, match=r"record 0: field 'boxes' must be a list of pixel boxes"):
@@ -336,3 +336,8 @@ def test_the_raw_reasonseg_layout_loads_by_split_from_the_target_polygons(tmp_pa
     _reasonseg_item(tmp_path, "test", "3003", (10, 10), ["x"], [("ignore", [[1, 1], [2, 2], [3, 1]])])
     with pytest.raises(DataError, match=r"3003\.json: needs 'shapes' with a polygon labelled 'target'"):
         load_split(str(tmp_path / "ReasonSeg"), "test", get_task("grounding"), **PIXELS)
+    import os
+
+    os.mkfifo(tmp_path / "ReasonSeg" / "val" / "2003.json")  # never read: it would block
+    with pytest.raises(DataError, match=r"ReasonSeg annotation .*2003\.json is not a regular file"):
+        load_split(str(tmp_path / "ReasonSeg"), "val", get_task("grounding"), **PIXELS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,20 @@ def test_train_on_a_gpt2_folder_exits_2_at_once(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "holds a 'gpt2' model" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_an_adapter_of_another_base_is_one_line_naming_the_layer(tmp_path, capsys):
+    from qlora_rft.cli import main
+
+    from conftest import policy_with_adapters
+
+    cfg, policy = policy_with_adapters(["model.name_or_path=tiny:tiny", "model.mode=lora"])
+    policy.model.save_pretrained(tmp_path / "adapter")
+    capsys.readouterr()
+    code = main(["eval", "configs/tiny_demo.yaml", "model.name_or_path=tiny:cpu-small", "data.max_pixels=3136",
+                 f"eval.adapter={tmp_path / 'adapter'}", "eval.limit=1", f"eval.output_dir={tmp_path / 'eval'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"error: adapter {tmp_path / 'adapter'} does not fit this model: " in err
+    assert re.search(r"model\.language_model\.layers\.0\.mlp\.down_proj has 128 inputs in the adapter and \d+ in "
+                     r"this base \(and \d+ more\); use it with the base model", err)

@@ -39,9 +39,13 @@ def assert_nothing_fetched(records: list[dict], processes: int) -> None:
 
 
 @pytest.mark.slow
-def test_train_sft_eval_and_merge_load_nothing_from_the_hub(tmp_path):
+def test_train_sft_eval_merge_and_export_load_nothing_from_the_hub(tmp_path):
+    import importlib.util
+
     run, sft = tmp_path / "run", tmp_path / "sft"
     common = [*TINY_RUN, "grpo.generation_chunk=0", "train.max_steps=1", "train.save_steps=1"]
+    export = [["export", "--base", "tiny:tiny", "--adapter", str(run / "adapter"), "--quant", "f16", "--out",
+               str(tmp_path / "gguf")]] if importlib.util.find_spec("llama_cpp") else []  # the gguf extra
     records = spied(
         tmp_path / "spy.jsonl",
         ["train", "configs/tiny_demo.yaml", *common, "warmup.steps=1", "warmup.batch_size=2",
@@ -50,8 +54,9 @@ def test_train_sft_eval_and_merge_load_nothing_from_the_hub(tmp_path):
         ["eval", "configs/tiny_demo.yaml", *common, f"eval.adapter={run / 'adapter'}", "eval.limit=2",
          "eval.max_new_tokens=4", f"eval.output_dir={tmp_path / 'eval'}"],
         ["merge", "--base", "tiny:tiny", "--adapter", str(run / "adapter"), "--out", str(tmp_path / "merged")],
+        *export,
     )
-    assert_nothing_fetched(records, processes=4)
+    assert_nothing_fetched(records, processes=4 + len(export))
     # the warm-up, the policy, the evaluated base, the merge's base and its reloaded result at least
     assert len([r for r in records if r["kind"] == "load"]) >= 5
 

@@ -103,3 +103,32 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_any_model_loads(
     error = _refused(_command(tmp_path, tiny_overrides), tmp_path / "empty-cache")
     reason = "File exists" if kind == "file" else "Permission denied"
     assert f"train.output_dir={out} cannot be written ({reason})" in error
+
+
+def test_a_config_of_the_users_in_the_folder_is_never_written_over_or_deleted(tmp_path, tiny_overrides):
+    out = tmp_path / "run"
+    out.mkdir()
+    mine = out / "config.yaml"
+    mine.write_text("# my commented settings\ntrain:\n  max_steps: 2  # two steps\n")
+    before = mine.read_bytes()
+    overrides = [o for o in tiny_overrides if not o.startswith("train.output_dir=")]
+    for flags in ([], ["--overwrite"]):
+        cmd = [sys.executable, "-m", "qlora_rft", "train", str(mine), *overrides, f"train.output_dir={out}", *flags]
+        error = _refused(cmd, tmp_path / f"empty-cache{len(flags)}")
+        assert f"train.output_dir={out} holds a config.yaml that no run wrote" in error
+        assert mine.read_bytes() == before
+
+
+def test_a_runs_own_config_is_known_as_such(tmp_path, tiny_overrides):
+    from qlora_rft.config import dump
+    from qlora_rft.run import check_config_file
+
+    out = tmp_path / "run"
+    out.mkdir()
+    dump(load_config(None, tiny_overrides), out / "config.yaml")  # a run killed before its first step left it
+    check_config_file(out)
+    assert load_config(out / "config.yaml").train.max_steps == 2
+    (out / "config.yaml").unlink()
+    (out / "config.yaml").symlink_to(tmp_path / "elsewhere.yaml")
+    with pytest.raises(UserError, match="holds a config.yaml that no run wrote"):
+        check_config_file(out)

@@ -189,3 +189,95 @@ def test_sharded_checkpoint_files_are_checked_before_deepspeed_and_accelerate_un
     with pytest.raises(UserError, match="custom_checkpoint_0.pkl was not loaded"):
         checkpoint.load_sharded(None, folder, world_size=1)  # refused before the accelerator is used
     assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two") / "run"
+    fit(load_config(None, [*TINY_RUN, "train.max_steps=2", f"train.output_dir={out}"]), log=False)
+    assert [p.name for p in checkpoint.all_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    return out
+
+
+def _damage(file: Path, how: str) -> None:
+    data = file.read_bytes()
+    file.write_bytes(b"" if how == "empty" else data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("name,how", [("optimizer.pt", "cut"), ("rng.pt", "empty"), ("scheduler.pt", "cut"),
+                                      (checkpoint.STATE_FILE, "cut"), ("adapter/adapter_model.safetensors", "cut"),
+                                      ("adapter/adapter_config.json", "empty")])
+def test_a_damaged_checkpoint_is_named_and_the_newest_whole_one_resumes(two_checkpoints, tmp_path, name, how):
+    import io
+
+    from rich.console import Console
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    _damage(run / "checkpoint-2" / name, how)
+    said = io.StringIO()
+    fit(load_config(run / "config.yaml", [f"train.output_dir={run}"]), resume=True, log=False,
+        console=Console(file=said, width=400))
+    said = " ".join(said.getvalue().split())
+    assert f"passed over a damaged checkpoint: {run / 'checkpoint-2' / name} is truncated or corrupt" in said
+    assert "resuming from checkpoint-1, the newest checkpoint that reads whole" in said
+    expected, got = _adapter(two_checkpoints), _adapter(run)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_run_whose_checkpoints_are_all_damaged_is_one_line_naming_each(two_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    _damage(run / "checkpoint-2" / "optimizer.pt", "cut")
+    _damage(run / "checkpoint-1" / checkpoint.STATE_FILE, "empty")
+    proc = subprocess.run([sys.executable, "-m", "qlora_rft", "train", str(run / "config.yaml"),
+                           f"train.output_dir={run}", "--resume"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert f"no checkpoint in {run} reads whole ({run / 'checkpoint-2' / 'optimizer.pt'} is truncated" in proc.stderr
+    assert f"; {run / 'checkpoint-1' / checkpoint.STATE_FILE} is truncated or corrupt" in proc.stderr
+
+
+def test_resume_refuses_changed_training_settings_naming_each(two_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    own = [f"train.output_dir={run}"]
+    with pytest.raises(UserError, match=r"--resume: checkpoint-2 was trained with other settings \(grpo."
+                                        r"num_generations 4 -> 2; train.learning_rate 0.01 -> 0.5\): settings that "
+                                        r"change training cannot change mid-run"):
+        fit(load_config(run / "config.yaml", [*own, "train.learning_rate=0.5", "grpo.num_generations=2"]),
+            resume=True, log=False)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("tiny:tiny", "tiny:cpu-small"))
+    with pytest.raises(UserError, match=r'other settings \(model.name_or_path "tiny:tiny" -> "tiny:cpu-small"\)'):
+        fit(load_config(run / "config.yaml", own), resume=True, log=False)
+
+
+def test_resume_accepts_a_longer_run_and_other_logging_and_keeps_the_runs_time(two_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    trained = json.loads((run / "checkpoint-2" / checkpoint.STATE_FILE).read_text())["seconds"]
+    assert trained > 0
+    cfg = load_config(run / "config.yaml", [f"train.output_dir={run}"])
+    fit(cfg, resume=True, log=False)  # a finished run resumed: nothing to train, its time kept
+    assert json.loads((run / "train_summary.json").read_text())["seconds"] >= trained
+    fit(load_config(run / "config.yaml", [f"train.output_dir={run}", "train.max_steps=3", "train.logging_steps=2",
+                                          "train.save_total_limit=1", "eval.limit=3"]), resume=True, log=False)
+    assert [p.name for p in checkpoint.all_checkpoints(run)] == ["checkpoint-3"]
+
+
+def test_an_older_checkpoint_of_another_model_is_refused_by_its_adapter_shapes(two_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    for folder in checkpoint.all_checkpoints(run):  # as an older version wrote them: no config recorded
+        state = json.loads((folder / checkpoint.STATE_FILE).read_text())
+        del state["config"]
+        (folder / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("tiny:tiny", "tiny:cpu-small"))
+    with pytest.raises(UserError, match=r"checkpoint-2's adapter does not fit this model: model\."
+                                        r"language_model\.layers\.0\.mlp\.down_proj has 128 inputs in the adapter"):
+        fit(load_config(run / "config.yaml", [f"train.output_dir={run}"]), resume=True, log=False)
+    (run / "config.yaml").write_text(text.replace("  r: 16", "  r: 8"))
+    with pytest.raises(UserError, match=r"checkpoint-2's adapter does not fit this model: model\.language_model\."
+                                        r"layers\.0\.mlp\.down_proj\.lora_A\.weight is \[16, 128\] in the adapter "
+                                        r"and \[8, 128\] here \(another lora.r\)"):
+        fit(load_config(run / "config.yaml", [f"train.output_dir={run}"]), resume=True, log=False)

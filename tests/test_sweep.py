@@ -154,3 +154,19 @@ def test_a_setting_whose_final_save_ran_out_of_space_is_trained_again(tiny_overr
     result = run_sweep(None, ["train.method=grpo"], out=out, overrides=overrides)
     assert [r.setting for r in result.rows] == ["base", "train.method=grpo"]
     assert (train_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_folder_of_other_files_is_refused_and_a_sweeps_own_is_not(tmp_path):
+    from qlora_rft.errors import OutputError
+    from qlora_rft.sweep import sweep_outputs
+
+    out = tmp_path / "sweep"
+    (out / "train.method=sft").mkdir(parents=True)
+    (out / "base").mkdir()
+    (out / "results.md").write_text("")
+    assert sorted(sweep_outputs(out)) == sorted(["results.md", "results.csv", "results.png", "report",
+                                                 "train.method=sft", "base"])
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(OutputError, match=f"--out {out} is not empty .it holds notes.txt."):
+        run_sweep("configs/tiny_demo.yaml", ["train.method=grpo,sft"], out=out)
+    assert (out / "notes.txt").read_text() == "keep"

@@ -81,18 +81,22 @@ def test_int8_sampling_is_further_from_the_policy_than_merged_and_tis_trains_fin
     (adapters and merged: rounding; int8: its quantization), auto corrects only a copy, and tis gives finite losses."""
     monkeypatch.setattr(RewardSet, "score", _alternating_rewards)
     found = {}
-    for weights in ("adapters", "merged", "int8"):
-        out = Path(tiny_overrides[-1].split("=", 1)[1]) / weights
+    for weights, correction in (("adapters", "auto"), ("merged", "auto"), ("int8", "auto"), ("int8", "none")):
+        out = Path(tiny_overrides[-1].split("=", 1)[1]) / f"{weights}-{correction}"
         cfg = load_config(None, [*tiny_overrides, "train.max_steps=1", "train.save_steps=0",
-                                 f"grpo.sampling_weights={weights}", f"train.output_dir={out}"])
+                                 f"grpo.sampling_weights={weights}", f"grpo.importance_correction={correction}",
+                                 f"train.output_dir={out}"])
         result = train(cfg, log=False)
         summary = json.loads((out / "train_summary.json").read_text())["sampling"]
-        found[weights] = (result.metrics[0], summary["importance_correction"])
-    assert {w: c for w, (_, c) in found.items()} == {"adapters": "none", "merged": "tis", "int8": "tis"}
-    kl = {w: line["sampling/kl"] for w, (line, _) in found.items()}
+        found[weights, correction] = (result.metrics[0], summary["importance_correction"])
+    assert [c for _, c in found.values()] == ["none", "tis", "tis", "none"]
+    kl = {w: line["sampling/kl"] for (w, c), (line, _) in found.items() if c == "auto"}
     assert kl["int8"] > 100 * max(kl["merged"], 1e-9) and kl["int8"] > 100 * max(kl["adapters"], 1e-9), kl
-    assert found["int8"][0]["sampling/ratio_max"] > 1.001
+    assert found["int8", "auto"][0]["sampling/ratio_max"] > 1.001
     assert all(math.isfinite(line["loss"]) and math.isfinite(line["grad_norm"]) for line, _ in found.values())
+    # the same samples (same seed, same int8 copy), weighted or not: the correction changed the loss
+    assert found["int8", "auto"][0]["reward"] == found["int8", "none"][0]["reward"]
+    assert found["int8", "auto"][0]["loss"] != found["int8", "none"][0]["loss"]
 
 
 def test_backward_chunks_give_the_same_gradient_as_the_whole_group(tiny_overrides):

@@ -21,9 +21,13 @@ def _cfg(*more: str):
     return load_config(None, [*TINY_RUN, "warmup.steps=6", "warmup.batch_size=4", *more])
 
 
+def _key(cfg) -> str:
+    return warmup.warmup_key(cfg, warmup.warmup_data(cfg))
+
+
 def test_warmup_trains_the_whole_base_with_the_sft_step_and_is_built_once(monkeypatch):
     cfg = _cfg("warmup.learning_rate=0.004")
-    folder = cache_dir() / "warm" / warmup.warmup_key(cfg)
+    folder = cache_dir() / "warm" / _key(cfg)
     assert not folder.exists()
     assert warmup.warmed_base(cfg) == str(folder)
 
@@ -43,9 +47,9 @@ def test_warmup_trains_the_whole_base_with_the_sft_step_and_is_built_once(monkey
 
 def test_the_cache_key_names_the_warmup_recipe(monkeypatch):
     cfg = _cfg()
-    key = warmup.warmup_key(cfg)
+    key = _key(cfg)
     monkeypatch.setattr(warmup, "WARMUP_RECIPE", warmup.WARMUP_RECIPE - 1)
-    assert warmup.warmup_key(cfg) != key  # a base warmed the old way is never taken for the new
+    assert _key(cfg) != key  # a base warmed the old way is never taken for the new
 
 
 def test_a_non_finite_warmup_step_stops_it_and_caches_nothing():
@@ -53,5 +57,20 @@ def test_a_non_finite_warmup_step_stops_it_and_caches_nothing():
     with pytest.raises(TrainingError, match=r"warm-up step \d+: loss .* nothing was cached\. Lower "
                                             r"warmup.learning_rate=1e\+20"):
         warmup.warmed_base(cfg)
-    folder = cache_dir() / "warm" / warmup.warmup_key(cfg)
+    folder = cache_dir() / "warm" / _key(cfg)
     assert not folder.exists() and not list(folder.parent.glob(f".{folder.name}*"))
+
+
+def test_a_data_file_replaced_under_the_same_name_warms_a_new_base(tmp_path):
+    import pyarrow.parquet as pq
+
+    from qlora_rft.data import resolve_source
+
+    rows = pq.read_table(Path(resolve_source("synthetic:shapes")) / "train.parquet")
+    data = tmp_path / "train.parquet"
+    pq.write_table(rows.slice(0, 8), data)
+    cfg = _cfg(f"data.train={data}")
+    key = _key(cfg)
+    assert _key(cfg) == key  # the same content, the same key
+    pq.write_table(rows.slice(8, 8), data)  # another file, the same name
+    assert _key(cfg) != key

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from qlora_rft.errors import DataError, OutputError, UserError
-from qlora_rft.files import atomic_file, reporting_full_disk
+from qlora_rft.files import atomic_file, refuse_inputs, reporting_full_disk
 from qlora_rft.tasks.classification import normalise
 
 # The original's evaluation question per set (named by the .pth file's stem), less its answer-format lines: our
@@ -171,6 +171,8 @@ def convert(pth: str | Path, image_root: str | Path, out: str | Path, classes: s
         raise OutputError(f"output {out} is a folder: name the parquet file to write, e.g. {out / 'test.parquet'}")
     if out.exists() and not overwrite:
         raise OutputError(f"output {out} exists: pass --overwrite to replace it, or choose another output")
+    class_file = Path(classes).expanduser() if classes else pth.with_suffix(".txt")
+    refuse_inputs(out, [pth, class_file], "--out")
     if not root.is_dir():
         raise DataError(f"image root {root} is not a folder: pass the folder holding the set's images")
     question = problem if problem is not None else QUESTIONS.get(pth.stem)
@@ -179,7 +181,7 @@ def convert(pth: str | Path, image_root: str | Path, out: str | Path, classes: s
     if not question or not question.strip():
         raise UserError(f"no question for a set named {pth.stem!r} (known: {', '.join(QUESTIONS)}): pass --problem "
                         "with the question to ask about each image")
-    names = read_class_names(Path(classes).expanduser() if classes else pth.with_suffix(".txt"))
+    names = read_class_names(class_file)
     entries = read_entries(pth)
     outside = [e for e in entries if not 0 <= e.label < len(names)]
     if outside:

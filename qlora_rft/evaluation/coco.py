@@ -40,7 +40,9 @@ def load_annotations(path: str | Path) -> dict:
 
     Filled in when absent: an annotation's `area` (its box's w*h), `iscrowd` (0) and `id`; for an LVIS file an
     image's `neg_category_ids` / `not_exhaustive_category_ids` ([]: nothing known, so false positives of absent
-    categories are not penalised there). Anything else missing or malformed raises DataError.
+    categories are not penalised there). Anything else missing or malformed raises DataError, and so does an id
+    that two images, two annotations or two categories share (the evaluators index by id: a shared one silently
+    drops ground truth and turns a class's AP into none).
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -67,21 +69,30 @@ def load_annotations(path: str | Path) -> dict:
             raise fail(f"image {i} has no 'id'")
         if not all(_number(image.get(k)) and image[k] > 0 for k in ("width", "height")):
             raise fail(f"image {image['id']!r} needs a positive 'width' and 'height' (boxes are converted with them)")
+    _unique_ids(data["images"], "image", fail)
+    _unique_ids(data["categories"], "category", fail)
     category_ids = {cat["id"] for cat in data["categories"]}
+    image_ids = {image["id"] for image in data["images"]}
     next_id = 1 + max((a["id"] for a in data["annotations"] if isinstance(a, dict) and _number(a.get("id"))), default=0)
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
             raise fail(f"annotation {i} needs 'image_id' and 'category_id'")
         if ann["category_id"] not in category_ids:
             raise fail(f"annotation {i} has category_id {ann['category_id']!r}, which no category has")
+        if not isinstance(ann["image_id"], (int, str)) or ann["image_id"] not in image_ids:
+            raise fail(f"annotation {i} has image_id {ann['image_id']!r}, which no image has (its box would never "
+                       "be counted)")
         bbox = ann.get("bbox")
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_number(v) for v in bbox):
             raise fail(f"annotation {i} needs a 'bbox' of 4 numbers [x, y, w, h]")
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise fail(f"annotation {i} has a 'bbox' of negative width or height ({bbox[2]}, {bbox[3]})")
         ann.setdefault("area", float(bbox[2]) * float(bbox[3]))
         ann.setdefault("iscrowd", 0)
         if "id" not in ann:
             ann["id"] = next_id
             next_id += 1
+    _unique_ids(data["annotations"], "annotation", fail)
     if is_lvis(data):
         for cat in data["categories"]:
             if cat.get("frequency") not in ("r", "c", "f"):
@@ -90,6 +101,22 @@ def load_annotations(path: str | Path) -> dict:
             image.setdefault("neg_category_ids", [])
             image.setdefault("not_exhaustive_category_ids", [])
     return data
+
+
+def _unique_ids(records: list[dict], what: str, fail) -> None:
+    """Refuse ids that are not integers or text, or that two records share, naming the first few of them."""
+    seen, shared = set(), []
+    for record in records:
+        key = record["id"]
+        if not isinstance(key, (int, str)) or isinstance(key, bool):
+            raise fail(f"{what} id {key!r} is not an integer or a text")
+        if key in seen and key not in shared:
+            shared.append(key)
+        seen.add(key)
+    if shared:
+        shown = ", ".join(repr(key) for key in shared[:5]) + (f" and {len(shared) - 5} more" if len(shared) > 5 else "")
+        raise fail(f"{what} ids {shown} appear more than once: each {what} needs an id of its own (the evaluators "
+                   "would drop all but one)")
 
 
 def is_lvis(data: dict) -> bool:

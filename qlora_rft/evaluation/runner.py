@@ -1,5 +1,6 @@
-"""Evaluation runs: greedy, batched inference of a base (with an optional adapter) into predictions.jsonl, then the
-metrics from that file alone (`scoring`), so `qlora-rft score` reproduces them without a model.
+"""Evaluation runs: greedy, batched inference of a base (with an optional adapter) into predictions.jsonl, decoded by
+the sampler training uses (eval.decode, eval.sampling_weights), then the metrics from that file alone (`scoring`), so
+`qlora-rft score` reproduces them without a model.
 
 Resumable: each line is written as soon as its batch is done, and a rerun skips the prompts already written; a
 rerun whose settings would change the answers (eval_info.json) is refused rather than mixed into the same file.
@@ -30,6 +31,8 @@ from qlora_rft.config import Config
 from qlora_rft.data import (Example, encode_prompts, load_images, load_split, prompt_lengths, resolve_source,
                              too_long)
 from qlora_rft.errors import DataError, UserError
+from qlora_rft.files import append_lines, atomic_file, lock_folder, unlock_folder
+from qlora_rft.models import vision_token_in
 from qlora_rft.rewards import RewardSet, reward_set
 from qlora_rft.sampling import Sampler, Settings, make_sampler
 from qlora_rft.tasks import Task, detection, get_task
@@ -135,6 +138,11 @@ def detection_items(cfg: Config, asking: Asking | None = None) -> list[EvalItem]
                             "'coco_url' (eval reads the image)")
     names = {c["id"]: c["name"] for c in coco.get("categories", [])}
     classes = resolve_classes(cfg.eval.classes, list(names.values()))
+    for name in classes:  # a class name is asked in the prompt
+        token = vision_token_in(name)
+        if token is not None:
+            raise DataError(f"annotation file {path}: category {name!r} holds the vision token {token}, which the "
+                            "processor would take for an image slot: rename it, or leave it out of eval.classes")
     root = Path(resolve_source(cfg.eval.images)) if cfg.eval.images else path.parent
     truth: dict[tuple[int, str], list] = {}
     for ann in coco.get("annotations", []):
@@ -302,7 +310,8 @@ def done_keys(path: Path, detection_task: bool) -> set[str]:
         return set()
     required = ("image_id", "category", "completion") if detection_task else ("id", "completion")
     rows = read_predictions(path, required).rows
-    path.write_text("".join(json.dumps(row.record) + "\n" for row in rows))
+    with atomic_file(path) as tmp:  # a full disk leaves the file as it was
+        tmp.write_text("".join(json.dumps(row.record) + "\n" for row in rows))
     return {record_key(r.record, detection_task) for r in rows}
 
 
@@ -318,7 +327,8 @@ def record_key(record: dict, detection_task: bool) -> str:
 def reward_record(rewards: RewardSet, item: EvalItem, completion: str, frame: Frame) -> dict:
     """A line's rewards, for a task scored by them: each one (`rewards`) and their weighted sum (`reward`)."""
     values = rewards.score([completion], item.example.reward_columns(), frame, item.example.index)
-    return {"reward": rewards.weighted(values)[0], "rewards": {name: v[0] for name, v in values.items()}}
+    return {"reward": rewards.weighted(values, item.example.index)[0],
+            "rewards": {name: v[0] for name, v in values.items()}}
 
 
 def records_rewards(task: Task) -> bool:
@@ -357,9 +367,13 @@ def recorded_protocol(predictions: str | Path) -> str:
 
 def check_resumable(out: Path, info: dict) -> None:
     """Refuse to append to predictions that an evaluation with other settings wrote (one file, one setting). A
-    setting the earlier eval_info.json does not record (older versions recorded fewer) is taken as unchanged."""
-    if not (out / PREDICTIONS).exists() or not (out / INFO).exists():
+    setting the earlier eval_info.json does not record (older versions recorded fewer) is taken as unchanged. A
+    predictions.jsonl without an eval_info.json, which an evaluation writes first, is no evaluation's: refused."""
+    if not (out / PREDICTIONS).exists():
         return
+    if not (out / INFO).exists():
+        raise UserError(f"{out} holds a {PREDICTIONS} that no evaluation wrote (no {INFO} beside it): choose another "
+                        "eval.output_dir, or move the file")
     try:
         before = json.loads((out / INFO).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
@@ -379,18 +393,36 @@ def check_resumable(out: Path, info: dict) -> None:
 def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
     """Evaluate `model.name_or_path` (+ `eval.adapter`) and write predictions.jsonl, metrics.json, eval_info.json."""
     from qlora_rft.evaluation.scoring import write_metrics
-    from qlora_rft.model import load_for_inference
+    from qlora_rft.memory import check_evaluation_fits
+    from qlora_rft.model import pick_device, resolve_model_path
 
     console = console or Console()
     task = get_task(cfg.data.task, cfg.eval.protocol)
     asking = resolve_asking(cfg, task.name)
+    check_evaluation_fits(cfg, resolve_model_path(cfg.model.name_or_path), pick_device(cfg.model.device),
+                          asking.max_new_tokens, asking.max_prompt_length)
     out = Path(cfg.eval.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    label = cfg.eval.label or ("adapter" if cfg.eval.adapter else "base")
+    locked = lock_folder(out, "eval.output_dir")  # one evaluation at a time writes it
+    try:
+        label = cfg.eval.label or ("adapter" if cfg.eval.adapter else "base")
+        predictions = write_predictions(cfg, task, asking, out, label, console)
+        metrics = score_predictions(cfg, task, predictions)
+        write_metrics(metrics, out / METRICS)
+    finally:
+        if locked:
+            unlock_folder(out)
+    console.print(metrics_table(metrics, label))
+    return EvalRun(out, predictions, metrics, label)
+
+
+def write_predictions(cfg: Config, task: Task, asking: Asking, out: Path, label: str, console: Console) -> Path:
+    """eval_info.json, then the predictions of the prompts predictions.jsonl does not hold yet, a batch at a time."""
+    from qlora_rft.model import load_for_inference
+
     info = {"label": label, **eval_settings(cfg, task, asking)}
     check_resumable(out, info)
-    (out / INFO).write_text(json.dumps(info, indent=2))
-
+    with atomic_file(out / INFO) as tmp:
+        tmp.write_text(json.dumps(info, indent=2))
     items = eval_items(cfg, task, asking)
     predictions = out / PREDICTIONS
     done = done_keys(predictions, task.name == "detection")
@@ -401,17 +433,13 @@ def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
         console.print(sampler.summary())
         progress = Progress(TextColumn(f"[bold]eval {label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TimeRemainingColumn(), console=console)
-        with progress, predictions.open("a") as f, sampler.synced():
+        kept = "the predictions written so far are kept: free some space and run the evaluation again to resume it"
+        with progress, sampler.synced():
             bar = progress.add_task("eval", total=len(items), completed=len(items) - len(todo))
             for lines in predict(sampler, task, todo, cfg, asking):
-                f.write("".join(json.dumps(line) + "\n" for line in lines))
-                f.flush()
+                append_lines(predictions, [json.dumps(line) for line in lines], kept)
                 progress.advance(bar, len(lines))
-
-    metrics = score_predictions(cfg, task, predictions)
-    write_metrics(metrics, out / METRICS)
-    console.print(metrics_table(metrics, label))
-    return EvalRun(out, predictions, metrics, label)
+    return predictions
 
 
 def score_predictions(cfg: Config, task: Task, predictions: Path) -> dict:

@@ -9,14 +9,12 @@ grounding: the first box anywhere); metrics.json records the protocol.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_rft.errors import ConfigError, DataError
+from qlora_rft.files import atomic_file, refuse_inputs
 from qlora_rft.evaluation.rows import Row, ScoreOptions, Skipped
 from qlora_rft.tasks import get_task
 
@@ -123,23 +121,17 @@ def _no_usable_line(predictions: str | Path, skipped: list[Skipped], outside_cla
     return DataError(f"predictions file {predictions} has no usable line: {', '.join(why) or 'it holds no line'}")
 
 
-def write_metrics(metrics: dict, out: str | Path) -> Path:
+def write_metrics(metrics: dict, out: str | Path, inputs: tuple = ()) -> Path:
     """Write the metrics as indented JSON (NaN refused), atomically, creating the folder; returns the path.
 
-    `out` an existing folder: metrics.json inside it.
+    `out` an existing folder: metrics.json inside it. An `out` that is one of the `inputs` (the predictions or
+    annotation file scored) is refused, so scoring never writes over what it read.
     """
     out = Path(out).expanduser()
     if out.is_dir():
         out = out / "metrics.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    refuse_inputs(out, inputs, "--out")
     text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(out) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return out

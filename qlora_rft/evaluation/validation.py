@@ -1,7 +1,7 @@
 """Evaluation during training (train.eval_steps): every N steps and at the end, the task's evaluation of the current
 policy (greedy, eval.limit prompts of data.eval, decoded by a sampler of eval.decode and eval.sampling_weights)
-through the functions `qlora-rft eval` runs (`runner.predict`, `runner.score_predictions`). Predictions and metrics.json go to train.output_dir/evals/step-STEP/, the metrics into that
-step's metrics.jsonl line as eval/<metric>.
+through the functions `qlora-rft eval` runs (`runner.predict`, `runner.score_predictions`). Predictions and
+metrics.json go to train.output_dir/evals/step-STEP/, the metrics into that step's metrics.jsonl line as eval/<metric>.
 
 Training is untouched: the policy goes back to its training mode and every RNG to its state, so a run trains
 bit-exactly as one without evaluation. Under a launch (DDP, ZeRO-3) every process answers its share of the prompts,

@@ -48,6 +48,14 @@ def family_of(source) -> Family:
                     f"{supported()}")
 
 
+def vision_token_in(text: str) -> str | None:
+    """The first vision placeholder token of any family found in `text` (a row's prompt or solution), or None."""
+    for token in sorted({token for family in families() for token in family.vision_tokens}):
+        if token in text:
+            return token
+    return None
+
+
 def preset_names() -> list[str]:
     """Every family's presets (`tiny:NAME`, `tiny-model --preset NAME`, `bench --preset NAME`)."""
     return [name for family in families() for name in family.presets]

@@ -11,6 +11,34 @@ from typing import Callable
 LANGUAGE_LORA = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({names})"  # every family's text layers
 
 
+# The Qwen conversation format (ChatML) in Ollama's template language; images go where Ollama places them.
+OLLAMA_CHATML = (
+    "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+    "<|im_start|>assistant\n"
+)
+
+
+@dataclass(frozen=True)
+class GgufFormat:
+    """How llama.cpp reads a family: a language model file of architecture `arch` and a vision projector (mmproj)
+    file of type `projector`, both members of the gguf package's MODEL_ARCH and VisionProjectorType (resolved by
+    qlora_rft/gguf_export.py, so that this module imports no gguf)."""
+
+    arch: str  # MODEL_ARCH member, e.g. "QWEN2VL" (written "qwen2vl")
+    projector: str  # VisionProjectorType member, e.g. "QWEN25VL" (written "qwen2.5vl_merger")
+    # vision tower tensor, named under `model.visual.` without .weight/.bias (`{bid}` a block, `{ds}` the ds-th
+    # deepstack merger) -> its GGUF name (`{bid}` the block; for a deepstack merger the vision block it reads); a
+    # tuple of names splits the tensor into that many equal row blocks (a fused q/k/v)
+    vision_tensors: dict[str, str | tuple[str, ...]]
+    # (GGUFWriter, the model's transformers config) -> writes the family's own keys into the mmproj / text file; a
+    # UserError for a checkpoint llama.cpp cannot run
+    vision_keys: Callable[[object, dict], None]
+    text_keys: Callable[[object, dict], None] | None = None
+    ollama_template: str = OLLAMA_CHATML  # the family's chat template for Ollama's Modelfile (TEMPLATE)
+    ollama_system: str = ""  # its default system prompt (SYSTEM), if the family's template has one
+
+
 @dataclass(frozen=True)
 class Family:
     """What one model family needs to be loaded, trained, sampled and built at random."""
@@ -32,10 +60,15 @@ class Family:
     # temporal patch); a family that writes timestamps into the prompt text (Qwen3-VL) needs none
     time_inputs: tuple[str, ...] = ()
     presets: dict[str, dict] = field(default_factory=dict)  # preset name -> shape for build_config
+    gguf: GgufFormat | None = None  # how llama.cpp reads it (`qlora-rft export --format gguf`); None: refused
     # config attributes naming the vision placeholder tokens: never sampled (one in a completion would be taken for
     # an image slot in the next forward)
     suppressed_tokens: tuple[str, ...] = ("image_token_id", "video_token_id", "vision_start_token_id",
                                           "vision_end_token_id")
+    # the same placeholders as text (and Qwen's vision padding token): a row whose prompt or solution holds one is a
+    # bad row, since the processor would take it for an image slot
+    vision_tokens: tuple[str, ...] = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>",
+                                      "<|vision_pad|>")
 
     @property
     def factor(self) -> int:

@@ -7,7 +7,8 @@ huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct and Qwen2.5-VL-7B-Instruct config.jso
 
 from __future__ import annotations
 
-from qlora_rft.models.family import Family, mrope_section
+from qlora_rft.errors import UserError
+from qlora_rft.models.family import Family, GgufFormat, mrope_section
 
 
 def build_config(ids: dict, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
@@ -44,6 +45,47 @@ def build_processor_2_5(tokenizer, chat_template: str, min_pixels: int, max_pixe
                                chat_template=chat_template)
 
 
+LLAMA_CPP_WINDOW = 112  # the window llama.cpp's qwen2.5vl_merger assumes (it reads no key for it)
+
+
+def gguf_vision_keys(writer, config) -> None:
+    """RMSNorm blocks with SiLU-gated MLPs; window attention except in every n-th block (n_wa_pattern): llama.cpp
+    knows only a regular pattern of full-attention blocks (n-1, 2n-1, ...) and windows of 112 pixels."""
+    vision = config.vision_config
+    full = list(vision.fullatt_block_indexes)
+    every = full[0] + 1 if full else 0
+    if not full or full != list(range(every - 1, vision.depth, every)) or vision.window_size != LLAMA_CPP_WINDOW:
+        raise UserError(f"this Qwen2.5-VL has full attention in blocks {full} of {vision.depth} and windows of "
+                        f"{vision.window_size} pixels; llama.cpp runs only every n-th block full and windows of "
+                        f"{LLAMA_CPP_WINDOW}: it cannot be exported to GGUF")
+    writer.add_vision_embedding_length(vision.hidden_size)
+    writer.add_vision_feed_forward_length(vision.intermediate_size)
+    writer.add_vision_image_size(560)  # as Qwen2-VL: the config names none
+    writer.add_vision_use_silu(True)
+    writer.add_vision_n_wa_pattern(every)
+
+
+GGUF = GgufFormat(
+    arch="QWEN2VL",  # the language model is Qwen2-VL's
+    projector="QWEN25VL",
+    vision_tensors={
+        "patch_embed.proj": "v.patch_embd",  # the Conv3d, written as its two temporal halves
+        "blocks.{bid}.norm1": "v.blk.{bid}.ln1",
+        "blocks.{bid}.attn.qkv": ("v.blk.{bid}.attn_q", "v.blk.{bid}.attn_k", "v.blk.{bid}.attn_v"),
+        "blocks.{bid}.attn.proj": "v.blk.{bid}.attn_out",
+        "blocks.{bid}.norm2": "v.blk.{bid}.ln2",
+        "blocks.{bid}.mlp.gate_proj": "v.blk.{bid}.ffn_gate",
+        "blocks.{bid}.mlp.up_proj": "v.blk.{bid}.ffn_up",
+        "blocks.{bid}.mlp.down_proj": "v.blk.{bid}.ffn_down",
+        "merger.ln_q": "v.post_ln",
+        "merger.mlp.0": "mm.0",
+        "merger.mlp.2": "mm.2",
+    },
+    vision_keys=gguf_vision_keys,
+    ollama_system="You are a helpful assistant.",
+)
+
+
 FAMILY = Family(
     name="Qwen2.5-VL",
     model_types=("qwen2_5_vl",),
@@ -72,4 +114,5 @@ FAMILY = Family(
                               vision_dim=1280, vision_heads=16, vision_intermediate=3420,
                               fullatt_blocks=(7, 15, 23, 31), vocab=152064, norm_eps=1e-6),
     },
+    gguf=GGUF,
 )

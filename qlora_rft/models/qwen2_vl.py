@@ -5,7 +5,7 @@ docs). Real shapes from Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2-VL-7B-Instruct 
 
 from __future__ import annotations
 
-from qlora_rft.models.family import Family, mrope_section
+from qlora_rft.models.family import Family, GgufFormat, mrope_section
 
 
 def build_config(ids: dict, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
@@ -40,6 +40,35 @@ def build_processor(tokenizer, chat_template: str, min_pixels: int, max_pixels: 
                             chat_template=chat_template)
 
 
+def gguf_vision_keys(writer, config) -> None:
+    """LayerNorm blocks with quick-GELU MLPs (llama.cpp's default for this projector: no key says so). The config
+    names no image size; 560 is the value llama.cpp's converter writes (llama.cpp warms up at that size)."""
+    vision = config.vision_config
+    writer.add_vision_embedding_length(vision.embed_dim)
+    writer.add_vision_feed_forward_length(vision.embed_dim * vision.mlp_ratio)
+    writer.add_vision_image_size(560)
+
+
+GGUF = GgufFormat(
+    arch="QWEN2VL",
+    projector="QWEN2VL",
+    vision_tensors={
+        "patch_embed.proj": "v.patch_embd",  # the Conv3d, written as its two temporal halves
+        "blocks.{bid}.norm1": "v.blk.{bid}.ln1",
+        "blocks.{bid}.attn.qkv": ("v.blk.{bid}.attn_q", "v.blk.{bid}.attn_k", "v.blk.{bid}.attn_v"),
+        "blocks.{bid}.attn.proj": "v.blk.{bid}.attn_out",
+        "blocks.{bid}.norm2": "v.blk.{bid}.ln2",
+        "blocks.{bid}.mlp.fc1": "v.blk.{bid}.ffn_up",
+        "blocks.{bid}.mlp.fc2": "v.blk.{bid}.ffn_down",
+        "merger.ln_q": "v.post_ln",
+        "merger.mlp.0": "mm.0",
+        "merger.mlp.2": "mm.2",
+    },
+    vision_keys=gguf_vision_keys,
+    ollama_system="You are a helpful assistant.",
+)
+
+
 FAMILY = Family(
     name="Qwen2-VL",
     model_types=("qwen2_vl",),
@@ -66,4 +95,5 @@ FAMILY = Family(
         "qwen2-vl-7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vision_depth=32,
                             vision_dim=1280, vision_heads=16, vocab=152064, norm_eps=1e-6),
     },
+    gguf=GGUF,
 )

@@ -6,7 +6,7 @@ encoding carries them too. Boxes on a 0-1000 scale of the image (Qwen3-VL cookbo
 
 from __future__ import annotations
 
-from qlora_rft.models.family import Family
+from qlora_rft.models.family import Family, GgufFormat
 
 
 def build_config(ids: dict, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
@@ -56,6 +56,47 @@ def deepstack_levels(out) -> list:
     return list(out.deepstack_features)
 
 
+def gguf_vision_keys(writer, config) -> None:
+    """LayerNorm blocks with GELU (tanh) MLPs, learned position embeddings on a square grid (its side in pixels is
+    the image size), and which blocks feed a deepstack merger."""
+    vision = config.vision_config
+    deepstack = set(vision.deepstack_visual_indexes)
+    writer.add_vision_embedding_length(vision.hidden_size)
+    writer.add_vision_feed_forward_length(vision.intermediate_size)
+    writer.add_vision_image_size(round(vision.num_position_embeddings ** 0.5) * vision.patch_size)
+    writer.add_vision_use_gelu(True)
+    writer.add_vision_is_deepstack_layers([block in deepstack for block in range(vision.depth)])
+
+
+def gguf_text_keys(writer, config) -> None:
+    """The language model adds one deepstack level per merger to its first layers."""
+    writer.add_num_deepstack_layers(len(config.vision_config.deepstack_visual_indexes))
+
+
+GGUF = GgufFormat(
+    arch="QWEN3VL",
+    projector="QWEN3VL",
+    vision_tensors={
+        "patch_embed.proj": "v.patch_embd",  # the Conv3d, written as its two temporal halves, and its bias
+        "pos_embed": "v.position_embd",
+        "blocks.{bid}.norm1": "v.blk.{bid}.ln1",
+        "blocks.{bid}.attn.qkv": "v.blk.{bid}.attn_qkv",
+        "blocks.{bid}.attn.proj": "v.blk.{bid}.attn_out",
+        "blocks.{bid}.norm2": "v.blk.{bid}.ln2",
+        "blocks.{bid}.mlp.linear_fc1": "v.blk.{bid}.ffn_up",
+        "blocks.{bid}.mlp.linear_fc2": "v.blk.{bid}.ffn_down",
+        "merger.norm": "v.post_ln",
+        "merger.linear_fc1": "mm.0",
+        "merger.linear_fc2": "mm.2",
+        "deepstack_merger_list.{ds}.norm": "v.deepstack.{bid}.norm",
+        "deepstack_merger_list.{ds}.linear_fc1": "v.deepstack.{bid}.fc1",
+        "deepstack_merger_list.{ds}.linear_fc2": "v.deepstack.{bid}.fc2",
+    },
+    vision_keys=gguf_vision_keys,
+    text_keys=gguf_text_keys,
+)
+
+
 FAMILY = Family(
     name="Qwen3-VL",
     model_types=("qwen3_vl",),
@@ -88,4 +129,5 @@ FAMILY = Family(
                             vision_depth=27, vision_dim=1152, vision_heads=16, vision_intermediate=4304,
                             deepstack=(8, 16, 24), vocab=151936),
     },
+    gguf=GGUF,
 )

@@ -1,8 +1,6 @@
-"""What a sampler backend is, and what the backends share: the explicit sampling settings, the guard against
-logits that are not finite, and the prefill a decode continues from.
-
-A backend (generate.py, static.py; a vLLM one would be a third module) decodes left-padded prompt rows, each
-`repeat` times, into completion ids and, when it can, the log-prob of each token it drew (`Decoded`).
+"""What a sampler backend is (`Backend`: left-padded prompt rows, each decoded `repeat` times, into ids and, when it
+can, each drawn token's log-prob), and what the backends (generate.py, static.py) share: the explicit `Settings`,
+the guard against logits that are not finite, and the prefill a decode continues from.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-"""The weights rollouts are sampled with (`grpo.sampling_weights`, `eval.sampling_weights`): the trained ones (the
-base, 4-bit in qlora mode, plus the adapters), or a copy of each adapted layer made once per step with its LoRA delta
-merged in (`merged`), stored weight-only per output channel in int8 or fp8. A copy samples from a slightly different
-policy than the one trained: `choose_correction` says which importance correction the loss then applies.
+"""The weights a sampler decodes with (`grpo.sampling_weights`, `eval.sampling_weights`): the trained ones, or a copy
+of each adapted layer with its LoRA delta merged in, made once per step (`merged`; int8 or fp8 weight-only per output
+channel). A copy is a slightly different policy: `choose_correction` says which importance correction the loss applies.
 """
 
 from __future__ import annotations

@@ -359,6 +359,8 @@ def load_reasonseg(folder: str | Path, split: str) -> list[dict]:
     split_dir = Path(folder).expanduser() / split
     rows = []
     for path in sorted(split_dir.glob("*.json")):
+        if not path.is_file():  # a FIFO or a device would block the read
+            raise DataError(f"ReasonSeg annotation {path} is not a regular file")
         try:
             item = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
