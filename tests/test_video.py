@@ -5,6 +5,7 @@ resumes to the bit. The clips are drawn at run time with PyAV."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -125,13 +126,16 @@ def test_a_corrupt_empty_or_cut_clip_is_a_counted_bad_row(tmp_path):
     write_clip(frames(1), tmp_path / "one.mp4", 6)
     Image.new("RGB", (56, 56)).save(tmp_path / "a.png")
     Image.new("RGB", (28, 56)).save(tmp_path / "b.png")
-    names = ["good.mp4", "empty.mp4", "junk.mp4", "cut.mp4", "missing.mp4", "one.mp4", ["a.png", "b.png"]]
+    os.mkfifo(tmp_path / "fifo.mp4")  # opened, it would block: never read
+    names = ["good.mp4", "empty.mp4", "junk.mp4", "cut.mp4", "missing.mp4", "one.mp4", ["a.png", "b.png"],
+             "fifo.mp4"]
     rows = [{"problem": "Which way?", "video": name, "solution": "right"} for name in names]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     data = load_split(path, "train", TASK, **PIXELS, video=RULE)
     assert [ex.index for ex in data.examples] == [0]
     reasons = {bad.index: bad.reason for bad in data.skipped}
-    assert sorted(reasons) == [1, 2, 3, 4, 5, 6]
+    assert sorted(reasons) == [1, 2, 3, 4, 5, 6, 7]
+    assert reasons[7] == f"video {tmp_path / 'fifo.mp4'} is not a regular file"
     assert all(reasons[i].startswith("video does not decode") for i in (1, 2, 3)), reasons
     assert reasons[4] == f"video {tmp_path / 'missing.mp4'} does not exist"
     assert "at least 2 frames" in reasons[5] and "differ in size (28x56, 56x56)" in reasons[6]
@@ -456,3 +460,12 @@ def test_the_supervised_step_takes_video_rows(tmp_path):
     assert scored == [len(policy.processor.tokenizer(t + "<|im_end|>")["input_ids"]) for t in targets]
     loss, count = sft_loss(policy.model, batch, 64)
     assert count == sum(scored) and torch.isfinite(loss)
+
+
+def test_the_video_bench_measures_one_prompt():
+    from qlora_rft import bench_video
+
+    row = bench_video.one("tiny", 4, steps=1, generations=2, length=4)
+    # 4 frames at 84 x 84: 2 temporal patches of 6 x 6 patches, 3 x 3 tokens each
+    assert row["frame_size"] == [84, 84] and row["video_grid_thw"] == [2, 6, 6] and row["video_tokens"] == 18
+    assert row["steps"] == 1 and row["step_seconds"] > 0 and row["peak_rss_bytes"] > 0
