@@ -342,7 +342,6 @@ def video_run(preset: str, data: str, out: Path) -> list[str]:
             "train.learning_rate=0.01", "train.warmup_ratio=0.0", "lora.dropout=0.0", f"train.output_dir={out}"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_mp4_rows_train_resume_to_the_bit_and_evaluate(tmp_path, preset):
     """QLoRA GRPO on a JSON-lines file of mp4 paths: two steps; a run stopped after its first checkpoint and resumed
