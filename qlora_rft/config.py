@@ -120,9 +120,24 @@ class DataConfig:
     max_pixels: int = _f(401408, "Largest image area after resizing; 401408 = 512 visual tokens (at most 16777216, "
                          "the largest a supported processor takes).")
     max_prompt_length: int = _f(1024, "Prompts longer than this many tokens are refused (never cut).")
+    video_fps: float = _f(
+        2.0,
+        "Frames sampled per second of a clip, by qwen-vl-utils' rule: at least 4, at most data.video_max_frames "
+        "and the clip's own, an even count, spread from the first frame to the last; chosen when the data loads, "
+        "the same in training and evaluation. A `video` given as a list of frame images is taken as shot at this "
+        "rate.",
+    )
+    video_max_frames: int = _f(32, "Most frames sampled from one clip (an even number is kept: two frames make "
+                               "one temporal patch of the vision tower).")
+    video_max_pixels: int = _f(
+        401408,
+        "Pixel budget of all the sampled frames of a clip (qwen-vl-utils' total_pixels): each frame gets at most "
+        "budget / frames x 2 pixels, within 1.05 x data.min_pixels and data.max_pixels; 401408 = about 512 video "
+        "tokens a clip at 28-pixel tokens.",
+    )
     on_bad_row: str = _f(
         "skip",
-        "A row whose image does not decode or whose solution does not parse: skip it (counted) or stop.",
+        "A row whose image or video does not decode or whose solution does not parse: skip it (counted) or stop.",
         ("skip", "error"),
     )
 
@@ -694,6 +709,11 @@ def validate(cfg: Config) -> None:
          "area any supported model's processor takes: lower it (401408 = 512 visual tokens is the default)")
     need(d.max_pixels >= d.min_pixels, f"data.max_pixels={d.max_pixels} must be >= data.min_pixels={d.min_pixels}")
     need(d.max_prompt_length >= 16, "data.max_prompt_length must be >= 16")
+    need(d.video_fps > 0, f"data.video_fps={d.video_fps:g} must be > 0 (frames sampled per second of a clip)")
+    need(d.video_max_frames >= 2, f"data.video_max_frames={d.video_max_frames} must be >= 2 (two frames make one "
+         "temporal patch)")
+    need(d.video_max_pixels >= d.min_pixels, f"data.video_max_pixels={d.video_max_pixels} must be >= "
+         f"data.min_pixels={d.min_pixels} (it is the budget of all a clip's frames)")
     e = cfg.eval
     need(e.batch_size >= 1, "eval.batch_size must be >= 1")
     need(e.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1")

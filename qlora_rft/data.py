@@ -1,19 +1,20 @@
 """Datasets in the released ViRFT schema (image, problem, solution) and turning a row into model inputs.
 
-Sources: a parquet file or folder, a JSON-lines file (`.jsonl`, or a folder holding `SPLIT.jsonl`; image paths
-relative to it), a local folder `datasets.load_dataset` reads (never `load_from_disk`), a hub dataset only when
-named `hub:ORG/NAME` (a local path that does not exist is an error at once, never a hub lookup), a LISA-style JSON (a `.json` file, or a
-folder holding `SPLIT.json`; image paths relative to it), LISA's raw ReasonSeg folder (`SPLIT/` holding each image
-beside its JSON), or `synthetic:NAME`. A row may hold several images (`images`, a list, instead of `image`) for a
-task without boxes; a task without solutions (generic) needs no `solution` column. Every other column is kept for
-the rewards.
-Bad rows (an image that does not decode in full, is not a regular file or that the resize rule refuses, a solution
-that does not parse, a prompt or solution holding a vision placeholder token) are found at load time and skipped
-and counted, or refused; so is a prompt over data.max_prompt_length, once the processor is known
+Sources: a parquet file or folder, a JSON-lines file (`.jsonl`, or a folder holding `SPLIT.jsonl`; image and video
+paths relative to it), a local folder `datasets.load_dataset` reads (never `load_from_disk`), a hub dataset only when
+named `hub:ORG/NAME` (a local path that does not exist is an error at once, never a hub lookup), a LISA-style JSON (a
+`.json` file, or a folder holding `SPLIT.json`; image paths relative to it), LISA's raw ReasonSeg folder (`SPLIT/`
+holding each image beside its JSON), or `synthetic:NAME`. A row may hold several images (`images`, a list, instead
+of `image`) and videos (`video`: a file or a list of frame images; `videos`, a list of them) for a task without
+boxes, placed in the order of the row's columns; a task without solutions (generic) needs no `solution` column.
+Every other column is kept for the rewards.
+Bad rows (an image or clip that does not decode in full, is not a regular file or that the resize rule refuses, a
+solution that does not parse, a prompt or solution holding a vision placeholder token) are found at load time and
+skipped and counted, or refused; so is a prompt over data.max_prompt_length, once the processor is known
 (`without_long_prompts`, before the first step). Images are resized with qwen-vl-utils' rule,
 the config's pixel bounds and the model family's token side (`factor`), the same in training and evaluation;
 high-bit-depth images are scaled to 8 bits by their depth; an image far larger than needed is resized once at load
-and kept small (PNG), with one line saying so.
+and kept small (PNG), with one line saying so. A clip's frames and their size are chosen at load (video.py).
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from qlora_rft.errors import DataError
 from qlora_rft.tasks import Task
 from qlora_rft.tasks.boxes import RELATIVE, Frame
+from qlora_rft.video import Clip, VideoRule, frame_size, probe, read_frames, resize_frame, sample_indices
 
 REQUIRED_COLUMNS = ("image", "problem", "solution")
 HUB = "hub:"  # the prefix of a dataset named on the Hugging Face hub (anything else is a local path)
 IMAGE_COLUMNS = ("image", "images")  # one image, or a list of them
+VIDEO_COLUMNS = ("video", "videos")  # one clip (a file, or a list of frame images), or a list of clips
 LARGE_FACTOR = 16  # an image over this many times data.max_pixels is resized once at load, not at every step
 
 
@@ -47,13 +50,20 @@ class Example:
     index: int  # row index in its source split
     problem: str
     solution: str
-    image: dict  # the stored cell {"bytes": ..., "path": ...}; decoded by open_image()
+    image: dict | None  # the stored cell {"bytes": ..., "path": ...}; decoded by open_image(); None: video only
     columns: dict = field(default_factory=dict)  # the row's other columns, for the rewards
     more_images: tuple[dict, ...] = ()  # a row with several images: the cells after the first
+    clips: tuple[Clip, ...] = ()  # the row's videos, checked at load
+    kinds: tuple[str, ...] = ()  # "image" / "video" per visual in the row's order; empty: its images alone
 
     @property
     def images(self) -> tuple[dict, ...]:
-        return (self.image, *self.more_images)
+        return tuple(cell for cell in (self.image, *self.more_images) if cell is not None)
+
+    @property
+    def layout(self) -> tuple[str, ...]:
+        """What the prompt shows before its text, in order: "image" or "video" per item."""
+        return self.kinds or ("image",) * len(self.images)
 
     def reward_columns(self) -> dict:
         """What reward functions get besides the completions: the problem, the solution and every other column."""
@@ -79,13 +89,17 @@ class Dataset:
 
 
 def content_hash(data: Dataset) -> str:
-    """A sha256 of what a dataset holds, in order: every row's text and columns and its images' bytes (read from
-    their files when stored as paths), so that a file replaced under the same name hashes differently."""
+    """A sha256 of what a dataset holds, in order: every row's text and columns, its images' and clips' bytes (read
+    from their files when stored as paths) and the frames sampled from each clip, so that a file replaced under the
+    same name hashes differently."""
     digest = hashlib.sha256()
     for example in data.examples:
-        text = [example.index, example.problem, example.solution, example.columns]
+        text = [example.index, example.problem, example.solution, example.columns, example.layout,
+                [[clip.fps, clip.total, clip.indices, clip.size] for clip in example.clips]]
         digest.update(json.dumps(text, sort_keys=True, default=str).encode())
-        for cell in example.images:
+        clip_cells = [cell for clip in example.clips for cell in
+                      ((clip.source,) if isinstance(clip.source, dict) else clip.source)]
+        for cell in (*example.images, *clip_cells):
             if cell.get("bytes"):
                 digest.update(cell["bytes"])
             else:
@@ -170,8 +184,9 @@ def _split_file(source: str, split: str, suffix: str) -> Path | None:
 
 
 def load_jsonl(path: Path, image_root: str | None = None) -> list[dict]:
-    """The rows of a JSON-lines file, one JSON object a line (blank lines skipped); a relative image path (`image`,
-    or each of `images`) is taken from image_root (default: the file's folder)."""
+    """The rows of a JSON-lines file, one JSON object a line (blank lines skipped); a relative image or video path
+    (`image`, `video`, or each of `images`, `videos` and of a video's frames) is taken from image_root (default: the
+    file's folder)."""
     root = Path(image_root).expanduser() if image_root else path.parent
     rows = []
     try:
@@ -187,7 +202,7 @@ def load_jsonl(path: Path, image_root: str | None = None) -> list[dict]:
             raise DataError(f"{path} line {number} is not valid JSON ({getattr(e, 'msg', e)})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path} line {number} is not a JSON object (a {type(row).__name__})")
-        rows.append({k: _under(v, root) if k in IMAGE_COLUMNS else v for k, v in row.items()})
+        rows.append({k: _under(v, root) if k in IMAGE_COLUMNS + VIDEO_COLUMNS else v for k, v in row.items()})
     return rows
 
 
@@ -220,32 +235,41 @@ def _rows(resolved: str, split: str, image_root: str | None):
     images = table.features.get("images")
     if isinstance(getattr(images, "feature", None), datasets.Image):  # a list of images: kept undecoded too
         table = table.cast_column("images", type(images)(datasets.Image(decode=False)))
+    if "video" in table.column_names and isinstance(table.features["video"], datasets.Video):
+        table = table.cast_column("video", datasets.Video(decode=False))  # decoded by PyAV, frame by frame
     return table, table.column_names
 
 
 def load_split(source: str, split: str, task: Task, on_bad_row: str = "skip", image_root: str | None = None, *,
-               min_pixels: int, max_pixels: int, factor: int, console: Console | None = None) -> Dataset:
+               min_pixels: int, max_pixels: int, factor: int, video: VideoRule | None = None,
+               console: Console | None = None) -> Dataset:
     """Every usable row of one split; bad rows are reported by index and skipped or refused.
 
     Each image is decoded in full and checked against the resize rule with these pixel bounds (those of training or
-    evaluation; `factor` the model family's image token side), so a row that would fail mid-run fails here. Large images are kept resized (one line on `console`).
+    evaluation; `factor` the model family's image token side), so a row that would fail mid-run fails here. Large
+    images are kept resized (one line on `console`). Each clip is decoded in full too, and its frames and their
+    size chosen by `video` (default: the config's defaults).
     """
     resolved = resolve_source(source)
     rows, columns = _rows(resolved, split, image_root)
     _check_columns(columns, task, f"{resolved} (split {split!r})")
     if len(rows) == 0:
         raise DataError(f"{resolved} split {split!r} has no rows")
+    video = video or VideoRule.of(_default_data())
+    root = Path(image_root).expanduser() if image_root else _folder(resolved)  # of relative video paths
     examples, skipped, large = [], [], {}
     for index, row in enumerate(rows):
-        cells = _image_cells(row)
-        if len(cells) > 1 and task.has_boxes:
-            raise DataError(f"{resolved} split {split!r} row {index} holds {len(cells)} images: data.task={task.name} "
-                            "takes one image per prompt (its boxes are on it)")
+        kinds, cells, videos = _visuals(row)
+        if (len(cells) > 1 or videos) and task.has_boxes:
+            held = [f"{len(cells)} images"] * (len(cells) > 1) + [f"{len(videos)} video(s)"] * bool(videos)
+            raise DataError(f"{resolved} split {split!r} row {index} holds {' and '.join(held)}: data.task="
+                            f"{task.name} takes one image per prompt (its boxes are on it)")
         try:
             _check_text(row, task)
-            if not cells:
+            if not cells and not videos:
                 raise Unusable("no image (an empty 'images' list)")
             images = [check_image(_as_cell(cell), min_pixels, max_pixels, factor) for cell in cells]
+            clips = [check_clip(value, root, video, min_pixels, max_pixels, factor) for value in videos]
         except Unusable as e:
             if on_bad_row == "error":
                 raise DataError(f"{resolved} split {split!r} row {index}: {e} (set data.on_bad_row=skip to skip it)"
@@ -253,9 +277,10 @@ def load_split(source: str, split: str, task: Task, on_bad_row: str = "skip", im
             skipped.append(BadRow(index, str(e)))
             continue
         solution = row.get("solution")
-        others = {k: v for k, v in row.items() if k not in (*IMAGE_COLUMNS, "problem")}  # the rewards get them
-        examples.append(Example(index, row["problem"], solution if isinstance(solution, str) else "", images[0].cell,
-                                others, tuple(image.cell for image in images[1:])))
+        others = {k: v for k, v in row.items() if k not in (*IMAGE_COLUMNS, *VIDEO_COLUMNS, "problem")}  # rewards'
+        examples.append(Example(index, row["problem"], solution if isinstance(solution, str) else "",
+                                images[0].cell if images else None, others,
+                                tuple(image.cell for image in images[1:]), tuple(clips), kinds if clips else ()))
         downsized = [image.size for image in images if image.downsized]
         if downsized:
             large[index] = max(downsized, key=lambda size: size[0] * size[1])
@@ -295,21 +320,49 @@ def load_images(files: list[str], min_pixels: int, max_pixels: int, on_bad_row: 
 
 
 def _check_columns(columns: list[str], task: Task, where: str) -> None:
-    """The columns every row of the task needs: problem, an image (or images), and a solution when it has one."""
+    """The columns every row of the task needs: problem, an image (or images) or a video (or videos), and a solution
+    when it has one."""
     needed = ["problem"] + (["solution"] if task.parse_solution is not None else [])
-    missing = [c for c in needed if c not in columns] + ([] if set(IMAGE_COLUMNS) & set(columns) else ["image"])
+    visual = set(IMAGE_COLUMNS + (() if task.has_boxes else VIDEO_COLUMNS)) & set(columns)
+    missing = [c for c in needed if c not in columns] + ([] if visual else ["image"])
     if missing:
         what = ("Visual-RFT data needs image, problem and solution" if task.parse_solution is not None else
-                f"data.task={task.name} needs problem and image (or images, a list)")
+                f"data.task={task.name} needs problem and image (or images, a list, or video)")
         raise DataError(f"{where} has no column {missing[0]!r}; it has {', '.join(columns)}. {what}")
 
 
-def _image_cells(row: dict) -> list:
-    """A row's images: its `images` list, else its one `image`."""
-    images = row.get("images")
-    if images is not None:
-        return list(images) if isinstance(images, (list, tuple)) else [images]
-    return [row.get("image")]
+def _visuals(row: dict) -> tuple[tuple[str, ...], list, list]:
+    """A row's visuals: "image" / "video" per item in the order of the row's columns, its image cells (its `images`
+    list, else its one `image`) and its videos (its `videos` list, else its one `video`). A row without a video
+    keeps its `image` even when empty (a bad row, then)."""
+    videos = _listed(row, "videos", "video")
+    if row.get("images") is not None:
+        images = list(row["images"]) if isinstance(row["images"], (list, tuple)) else [row["images"]]
+    else:
+        images = [row.get("image")] if row.get("image") is not None or not videos else []
+    first = next((key for key in row if key in IMAGE_COLUMNS + VIDEO_COLUMNS and row[key] is not None), "image")
+    kinds = (["image"] * len(images) + ["video"] * len(videos) if first in IMAGE_COLUMNS else
+             ["video"] * len(videos) + ["image"] * len(images))
+    return tuple(kinds), images, videos
+
+
+def _listed(row: dict, many: str, one: str) -> list:
+    """The items of a row's list column `many`, else its one `one` (none when it has neither)."""
+    if row.get(many) is not None:
+        return list(row[many]) if isinstance(row[many], (list, tuple)) else [row[many]]
+    return [row[one]] if row.get(one) is not None else []
+
+
+def _folder(resolved: str) -> Path:
+    """Where relative video paths of a source are: its folder (a file's parent); the working folder otherwise."""
+    path = Path(resolved).expanduser()
+    return path if path.is_dir() else path.parent if path.is_file() else Path.cwd()
+
+
+def _default_data():
+    from qlora_rft.config import DataConfig
+
+    return DataConfig()
 
 
 def _as_cell(image) -> dict:
@@ -389,6 +442,56 @@ def check_image(cell: dict, min_pixels: int, max_pixels: int, factor: int) -> Ch
     return CheckedImage({"bytes": _png(small), "path": cell.get("path")}, (width, height), downsized=True)
 
 
+def check_clip(value, root: Path, rule: VideoRule, min_pixels: int, max_pixels: int, factor: int) -> Clip:
+    """A row's `video`, decoded in full (a file frame by frame, with PyAV; a list of frame images each as images
+    are), its frames sampled by `rule` and their size fixed by the resize rule; Unusable when any of it fails."""
+    if isinstance(value, (list, tuple)):  # frame images, taken as shot at rule.fps
+        cells = tuple(_as_cell(frame) for frame in value)
+        sizes = set()
+        for number, cell in enumerate(cells):
+            try:
+                with _open(cell) as image:
+                    image.load()
+                    sizes.add(image.size)
+            except Exception as e:
+                raise Unusable(f"video frame {number} does not decode ({type(e).__name__}: {e})") from None
+        if len(sizes) > 1:
+            raise Unusable(f"video frames differ in size ({', '.join(f'{w}x{h}' for w, h in sorted(sizes))})")
+        source, fps, total, (width, height) = cells, rule.fps, len(cells), sizes.pop() if sizes else (0, 0)
+    else:
+        source = _video_cell(value, root)
+        path = source.get("path")
+        if not source.get("bytes") and path and not os.path.isfile(path):  # a FIFO or device would block
+            what = "does not exist" if not os.path.lexists(path) else "is not a regular file"
+            raise Unusable(f"video {path} {what}")
+        try:
+            found = probe(source)
+        except ValueError as e:
+            raise Unusable(f"video does not decode ({e})") from None
+        fps, total, width, height = found.fps, found.frames, found.width, found.height
+    try:
+        indices = sample_indices(total, fps, rule)
+        size = frame_size(width, height, len(indices), rule, min_pixels, max_pixels, factor)
+    except (ValueError, ZeroDivisionError, AssertionError) as e:
+        raise Unusable(f"video {width}x{height} of {total} frames cannot be sampled and resized ({e})") from None
+    return Clip(source, fps, total, indices, size)
+
+
+def _video_cell(value, root: Path) -> dict:
+    """A video file as a cell {"bytes": ..., "path": ...}: a path (relative ones under `root`), bytes, or a cell."""
+    if isinstance(value, dict):
+        path = value.get("path")
+        if not value.get("bytes") and isinstance(path, str) and not Path(path).expanduser().is_absolute():
+            return {**value, "path": str(root / path)}
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": bytes(value), "path": None}
+    if isinstance(value, (str, Path)):
+        path = Path(value).expanduser()
+        return {"bytes": None, "path": str(path if path.is_absolute() else root / path)}
+    return {"bytes": None, "path": None}
+
+
 def report_large(sizes: list[tuple[int, int]], where: str, console: Console | None = None) -> None:
     """One visible line (Python warnings are off in the CLI) about images kept resized, with the largest size."""
     if not sizes:
@@ -454,16 +557,30 @@ def resize_image(image: Image.Image, min_pixels: int, max_pixels: int, factor: i
                        image_patch_size=factor // 2)
 
 
+def open_clip(clip: Clip) -> torch.Tensor:
+    """The clip's sampled frames at their chosen size.  -> [T, C, H, W] uint8"""
+    if isinstance(clip.source, dict):
+        return read_frames(clip.source, clip.indices, clip.size)
+    frames = []
+    for index in clip.indices:
+        with _open(clip.source[index]) as image:
+            rgb = torch.from_numpy(np.asarray(to_rgb(image))).permute(2, 0, 1)  # [C, H, W]
+        frames.append(resize_frame(rgb, clip.size))
+    return torch.stack(frames)
+
 
 # ----------------------------------------------------------------------------- prompts
 
 
 @dataclass
 class SharedVision(BaseModelOutputWithPooling):
-    """A vision encoding run once: `pooler_output` per image, and, for families with deepstack, each deepstack
-    level's features per image (read by their forward; ignored by the others)."""
+    """A vision encoding run once: `pooler_output` per image (or video), and, for families with deepstack, each
+    deepstack level's features per item (read by their forward; ignored by the others)."""
 
     deepstack_features: list[tuple[torch.Tensor, ...]] | None = None
+
+
+Encoded = tuple[tuple[torch.Tensor, ...], ...]  # per image or video, its feature levels ([tokens, H] each)
 
 
 @dataclass
@@ -472,10 +589,14 @@ class PromptInputs:
 
     input_ids: torch.Tensor  # [1, P]
     attention_mask: torch.Tensor  # [1, P]
-    mm_token_type_ids: torch.Tensor  # [1, P]
-    pixel_values: torch.Tensor  # [patches, C*t*p*p]
-    image_grid_thw: torch.Tensor  # [images, 3]: one row per image of the prompt
-    vision: tuple[tuple[torch.Tensor, ...], ...] | None = None  # per image, its feature levels ([tokens, H] each)
+    mm_token_type_ids: torch.Tensor  # [1, P]: 0 text, 1 image, 2 video
+    pixel_values: torch.Tensor | None = None  # [patches, C*t*p*p]; None: no image
+    image_grid_thw: torch.Tensor | None = None  # [images, 3]: one row per image of the prompt
+    pixel_values_videos: torch.Tensor | None = None  # [patches, C*t*p*p]; None: no video
+    video_grid_thw: torch.Tensor | None = None  # [videos, 3]: temporal patches, height and width in patches
+    video_times: dict = field(default_factory=dict)  # the family's time inputs per video (Family.time_inputs)
+    vision: Encoded | None = None  # per image, its shared feature levels (share_vision)
+    video_vision: Encoded | None = None  # per video, the same
     frame: Frame = RELATIVE  # the box coordinates the prompt asked for (rewards map answers back with it)
 
     @property
@@ -488,54 +609,101 @@ class PromptInputs:
             input_ids=self.input_ids.expand(n, -1),
             attention_mask=self.attention_mask.expand(n, -1),
             mm_token_type_ids=self.mm_token_type_ids.expand(n, -1),
-            image_grid_thw=self.image_grid_thw.repeat(n, 1),
         )
-        if self.vision is None:
-            kwargs["pixel_values"] = self.pixel_values.repeat(n, 1)
-        else:
-            kwargs["mm_encoder_outputs"] = shared_features(self.vision * n)
-        return kwargs
+        return kwargs | visual_kwargs([self] * n)
 
 
-def shared_features(images: tuple[tuple[torch.Tensor, ...], ...]) -> dict:
-    """Precomputed image features (per image: merged output, then deepstack levels if any) in the form the models'
-    forward takes as `mm_encoder_outputs` instead of pixel_values."""
-    levels = list(zip(*images))  # [level][image]
-    return {"image": SharedVision(pooler_output=levels[0], deepstack_features=levels[1:] or None)}
+def visual_kwargs(prompts: list[PromptInputs]) -> dict:
+    """The model kwargs of the images and videos of several prompt rows, in order: grids, time inputs, and pixels
+    or (when every row has them) the shared features."""
+    kwargs = {}
+    if any(p.image_grid_thw is not None for p in prompts):
+        kwargs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in prompts if p.image_grid_thw is not None])
+    if any(p.video_grid_thw is not None for p in prompts):
+        kwargs["video_grid_thw"] = torch.cat([p.video_grid_thw for p in prompts if p.video_grid_thw is not None])
+        for name in {name for p in prompts for name in p.video_times}:
+            kwargs[name] = torch.cat([p.video_times[name] for p in prompts if p.video_grid_thw is not None])
+    if all(p.vision is not None or p.image_grid_thw is None for p in prompts) and \
+            all(p.video_vision is not None or p.video_grid_thw is None for p in prompts):
+        images = tuple(f for p in prompts for f in (p.vision or ()))
+        videos = tuple(f for p in prompts for f in (p.video_vision or ()))
+        return kwargs | {"mm_encoder_outputs": shared_features(images, videos)} if images or videos else kwargs
+    if "image_grid_thw" in kwargs:
+        kwargs["pixel_values"] = torch.cat([p.pixel_values for p in prompts if p.pixel_values is not None])
+    if "video_grid_thw" in kwargs:
+        kwargs["pixel_values_videos"] = torch.cat([p.pixel_values_videos for p in prompts
+                                                   if p.pixel_values_videos is not None])
+    return kwargs
 
 
-def messages(task: Task, problem: str, frame: Frame = RELATIVE, images: int = 1) -> list[dict]:
-    """The user turn (the prompt's images, then its text), after the task's system prompt when it has one."""
-    content = [{"type": "image"}] * images + [{"type": "text", "text": task.ask(problem, frame)}]
+def shared_features(images: Encoded, videos: Encoded = ()) -> dict:
+    """Precomputed features (per image or video: merged output, then deepstack levels if any) in the form the
+    models' forward takes as `mm_encoder_outputs` instead of pixel_values / pixel_values_videos."""
+    found = {}
+    for name, items in (("image", images), ("video", videos)):
+        if items:
+            levels = list(zip(*items))  # [level][item]
+            found[name] = SharedVision(pooler_output=levels[0], deepstack_features=levels[1:] or None)
+    return found
+
+
+def messages(task: Task, problem: str, frame: Frame = RELATIVE, layout: tuple[str, ...] = ("image",)) -> list[dict]:
+    """The user turn (the prompt's images and videos in `layout` order, then its text), after the task's system
+    prompt when it has one."""
+    content = [{"type": kind} for kind in layout] + [{"type": "text", "text": task.ask(problem, frame)}]
     user = {"role": "user", "content": content}
     return [{"role": "system", "content": [{"type": "text", "text": task.system}]}, user] if task.system else [user]
 
 
-def prompt_text(processor, task: Task, problem: str, frame: Frame = RELATIVE, images: int = 1) -> str:
-    return processor.apply_chat_template(messages(task, problem, frame, images), add_generation_prompt=True,
+def prompt_text(processor, task: Task, problem: str, frame: Frame = RELATIVE, layout: tuple[str, ...] = ("image",)
+                ) -> str:
+    return processor.apply_chat_template(messages(task, problem, frame, layout), add_generation_prompt=True,
                                          tokenize=False)
 
 
-def model_inputs(processor, examples: list[Example], min_pixels: int, max_pixels: int) -> tuple[list, list[Frame]]:
-    """The resized images of the examples, in order (all of an example's images before the next one's), and the
-    box frame the processor's model family is asked for on each example (on its first image: box tasks have one)."""
+@dataclass
+class Visuals:
+    """The images and clips of several examples, ready for the processor, and each example's box frame."""
+
+    images: list[Image.Image]  # resized; all of an example's before the next one's
+    videos: list[torch.Tensor]  # [T, C, H, W] uint8 each, the sampled frames resized
+    metadata: list[dict]  # per video, what the processor reads for its time (Clip.metadata)
+    frames: list[Frame]  # per example, the box frame (on its first image: box tasks have one)
+
+
+def model_inputs(processor, examples: list[Example], min_pixels: int, max_pixels: int) -> Visuals:
+    """The resized images and sampled clips of the examples, in order, and the box frame the processor's model
+    family is asked for on each example."""
     from qlora_rft.models import family_of
 
     family = family_of(processor)
     resized = [[resize_image(image, min_pixels, max_pixels, family.factor) for image in open_images(ex)]
                for ex in examples]
-    return [image for images in resized for image in images], [family.frame(*images[0].size) for images in resized]
+    return Visuals([image for images in resized for image in images],
+                   [open_clip(clip) for ex in examples for clip in ex.clips],
+                   [clip.metadata() for ex in examples for clip in ex.clips],
+                   [family.frame(*images[0].size) if images else RELATIVE for images in resized])
+
+
+def process(processor, texts: list[str], visuals: Visuals, **kwargs):
+    """The processor on prompt texts with their visuals. Clips go in as sampled and sized at load: the processor
+    neither samples nor resizes them, and reads their time from the metadata."""
+    if visuals.videos:
+        kwargs |= dict(videos=visuals.videos, videos_kwargs=dict(
+            video_metadata=visuals.metadata, do_sample_frames=False, do_resize=False, cap_pixels_per_frame=True))
+    return processor(text=texts, images=visuals.images or None, return_tensors="pt", **kwargs)
 
 
 def prompt_lengths(processor, task: Task, examples: list[Example], min_pixels: int, max_pixels: int) -> list[int]:
-    """Each example's prompt length in tokens, as encode_prompts makes it (image tokens included), without its
-    pixels: the text is tokenized per row, the image tokens counted once per resized size (on a blank image)."""
+    """Each example's prompt length in tokens, as encode_prompts makes it (image and video tokens included),
+    without its pixels: the text is tokenized per row, the tokens of an image counted once per resized size (on a
+    blank image), of a clip once per frame count, size and timing (on blank frames)."""
     from qwen_vl_utils.vision_process import smart_resize
 
     from qlora_rft.models import family_of
 
     family = family_of(processor)
-    image_tokens: dict[tuple[int, int], int] = {}  # tokens an image of this resized size adds to its placeholder
+    counted: dict[tuple, int] = {}  # tokens an image (a clip) of this size (and timing) adds to its placeholder
     lengths = []
     for ex in examples:
         sizes = []
@@ -544,16 +712,28 @@ def prompt_lengths(processor, task: Task, examples: list[Example], min_pixels: i
                 width, height = image.size  # the header alone
             height, width = smart_resize(height, width, family.factor, min_pixels, max_pixels)
             sizes.append((width, height))
-        text = prompt_text(processor, task, ex.problem, family.frame(*sizes[0]), len(sizes))
-        length = len(processor.tokenizer(text)["input_ids"])
+        frame = family.frame(*sizes[0]) if sizes else RELATIVE
+        length = len(processor.tokenizer(prompt_text(processor, task, ex.problem, frame, ex.layout))["input_ids"])
         for size in sizes:
-            if size not in image_tokens:
-                one = prompt_text(processor, task, ex.problem, family.frame(*size))
-                full = processor(text=[one], images=[Image.new("RGB", size)], return_tensors="pt")
-                image_tokens[size] = full["input_ids"].shape[1] - len(processor.tokenizer(one)["input_ids"])
-            length += image_tokens[size]
+            if size not in counted:
+                counted[size] = _added_tokens(processor, task, ex.problem, frame, Visuals(
+                    [Image.new("RGB", size)], [], [], [frame]))
+            length += counted[size]
+        for clip in ex.clips:
+            key = (clip.size, clip.fps, clip.total, clip.indices)
+            if key not in counted:
+                blank = torch.zeros(len(clip.indices), 3, clip.size[1], clip.size[0], dtype=torch.uint8)
+                counted[key] = _added_tokens(processor, task, ex.problem, frame, Visuals(
+                    [], [blank], [clip.metadata()], [frame]))
+            length += counted[key]
         lengths.append(length)
     return lengths
+
+
+def _added_tokens(processor, task: Task, problem: str, frame: Frame, one: Visuals) -> int:
+    """Tokens one image or clip adds to its placeholder in a prompt."""
+    text = prompt_text(processor, task, problem, frame, ("image",) if one.images else ("video",))
+    return process(processor, [text], one)["input_ids"].shape[1] - len(processor.tokenizer(text)["input_ids"])
 
 
 def too_long(length: int, max_prompt_length: int) -> str | None:
@@ -591,9 +771,9 @@ def encode_prompts(
     device: torch.device,
 ) -> tuple[dict, list[Frame]]:
     """Left-padded batch inputs for several prompts (processor output, on device), and each prompt's box frame."""
-    images, frames = model_inputs(processor, examples, min_pixels, max_pixels)
-    texts = [prompt_text(processor, task, ex.problem, frame, len(ex.images)) for ex, frame in zip(examples, frames)]
-    batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    visuals = model_inputs(processor, examples, min_pixels, max_pixels)
+    texts = [prompt_text(processor, task, ex.problem, frame, ex.layout) for ex, frame in zip(examples, visuals.frames)]
+    batch = process(processor, texts, visuals, padding=True)
     length = batch["input_ids"].shape[1]
     if length > max_prompt_length:
         raise DataError(
@@ -601,12 +781,16 @@ def encode_prompts(
             f"{[ex.index for ex in examples]}); prompts are never cut (image tokens would be lost): raise "
             "data.max_prompt_length or lower data.max_pixels"
         )
-    return {k: v.to(device) for k, v in batch.items()}, frames
+    return {k: v.to(device) for k, v in batch.items()}, visuals.frames
 
 
 def encode_prompt(processor, task: Task, example: Example, data_cfg, device: torch.device) -> PromptInputs:
+    from qlora_rft.models import family_of
+
     batch, (frame,) = encode_prompts(
         processor, task, [example], data_cfg.min_pixels, data_cfg.max_pixels, data_cfg.max_prompt_length, device
     )
-    return PromptInputs(**{k: batch[k] for k in PromptInputs.__dataclass_fields__ if k not in ("vision", "frame")},
-                        frame=frame)
+    named = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
+             "pixel_values_videos", "video_grid_thw")
+    times = {name: batch[name] for name in family_of(processor).time_inputs if name in batch}
+    return PromptInputs(**{k: batch[k] for k in named if k in batch}, video_times=times, frame=frame)

@@ -35,13 +35,27 @@ class Rollout:
         return self.completion_ids[start:stop], self.mask[start:stop]
 
 
+def text_deltas(base, inputs: dict) -> torch.Tensor:
+    """M-RoPE offsets of the text after each (left-padded) prompt row of `inputs`: the row's last position + 1
+    minus its length, so that decoding or scoring after a prefill places the completion where a forward of prompt +
+    completion does. transformers' own offsets (`rope_deltas`) continue from the largest position instead, which
+    lies further on after a long clip (transformers 5.25 continues the text after a video from its spatial extent:
+    huggingface/transformers#45381); for images the two are the same.  -> [rows, 1]"""
+    positions, _ = base.model.get_rope_index(**inputs)  # [3, rows, width]
+    return positions[0, :, -1:] + 1 - inputs["attention_mask"].sum(-1, keepdim=True)
+
+
 @torch.no_grad()
 def share_vision(model, prompt: PromptInputs) -> PromptInputs:
-    """Run the (frozen) vision tower once for this prompt; generation and every log-prob pass reuse the result
-    (every level the family's language model takes, deepstack included) instead of running it again for each of
-    the G completions and each pass."""
+    """Run the (frozen) vision tower once for this prompt's images and videos; generation and every log-prob pass
+    reuse the result (every level the family's language model takes, deepstack included) instead of running it
+    again for each of the G completions and each pass."""
     base = base_model(model)
-    prompt.vision = family_of(base).encode_images(base, prompt.pixel_values, prompt.image_grid_thw)
+    family = family_of(base)
+    if prompt.image_grid_thw is not None:
+        prompt.vision = family.encode_images(base, prompt.pixel_values, prompt.image_grid_thw)
+    if prompt.video_grid_thw is not None:
+        prompt.video_vision = family.encode_videos(base, prompt.pixel_values_videos, prompt.video_grid_thw)
     return prompt
 
 
@@ -76,7 +90,7 @@ def completion_scores(
         attention_mask=attention_mask,
         mm_token_type_ids=mm_types.to(prompt.mm_token_type_ids.dtype),
         use_cache=False,
-        **inputs,  # image_grid_thw, and pixel_values or the shared vision features
+        **inputs,  # grids (and a video's time inputs), and pixels or the shared vision features
     ).last_hidden_state  # [B, P+T, H]
     P = prompt.length
     predicting = hidden[:, P - 1 : P + T - 1]  # [B, T, H]: the state before each completion token
@@ -97,7 +111,7 @@ def _scores_after_prefill(base, prompt: PromptInputs, completion_ids: torch.Tens
         cache.batch_repeat_interleave(B)
         predicting = first.last_hidden_state[:, -1:].expand(B, -1, -1)  # [B, 1, H]
         if T > 1:  # the completion's own tokens but the last, after the prompt in the cache
-            delta = base.model.rope_deltas  # M-RoPE: text after the image continues from the image's positions
+            delta = text_deltas(base, prompt.repeated(1))  # M-RoPE: where the text after the prompt continues
             positions = (torch.arange(P, P + T - 1, device=completion_ids.device) + delta).view(1, -1, T - 1)
             attention = torch.cat([prompt.attention_mask.expand(B, -1), mask[:, :-1].to(prompt.attention_mask.dtype)],
                                   dim=1)  # [B, P + T - 1]

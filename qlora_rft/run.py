@@ -53,6 +53,7 @@ from qlora_rft.rollout import CompletionScorer, Rollout
 from qlora_rft.runlog import NullLogger, RunLogger
 from qlora_rft.tasks import get_task
 from qlora_rft.trackers import open_trackers, require
+from qlora_rft.video import VideoRule
 
 
 @dataclass
@@ -219,7 +220,7 @@ def prepare_run(cfg: Config, resume: bool, console=None) -> Run:
     with accelerator.main_process_first(), whole_models(accelerator):
         data = load_split(cfg.data.train, cfg.data.train_split, task, cfg.data.on_bad_row, cfg.data.image_root,
                           min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                          factor=model_family(cfg.model.name_or_path).factor,
+                          factor=model_family(cfg.model.name_or_path).factor, video=VideoRule.of(cfg.data),
                           console=console if accelerator.is_main_process else Console(quiet=True))
         base_path = str(resolve_model_path(warmed_base(cfg, console)))
     check_launch(cfg, launch, rows=len(data.examples))

@@ -13,7 +13,7 @@ import torch
 
 from qlora_rft import grpo
 from qlora_rft.config import DataConfig
-from qlora_rft.data import Example, model_inputs, prompt_text
+from qlora_rft.data import Example, model_inputs, process, prompt_text
 from qlora_rft.distributed import Updates
 from qlora_rft.model import Policy, base_model
 from qlora_rft.tasks import Task
@@ -44,15 +44,15 @@ def supervised_step(policy: Policy, task: Task, examples: list[Example], data_cf
 def supervised_batch(processor, task: Task, examples: list[Example], data_cfg, device: torch.device) -> dict:
     """Prompt + target completion for each example; labels are -100 on the prompt and on padding."""
     tok = processor.tokenizer
-    images, frames = model_inputs(processor, examples, data_cfg.min_pixels, data_cfg.max_pixels)
-    prompts = [prompt_text(processor, task, ex.problem, frame, len(ex.images)) for ex, frame in zip(examples, frames)]
+    visuals = model_inputs(processor, examples, data_cfg.min_pixels, data_cfg.max_pixels)
+    frames = visuals.frames
+    prompts = [prompt_text(processor, task, ex.problem, frame, ex.layout) for ex, frame in zip(examples, frames)]
     targets = [task.warmup_target(ex.solution, frame) + tok.eos_token for ex, frame in zip(examples, frames)]
     side = tok.padding_side
     tok.padding_side = "right"
     try:
-        full = processor(text=[p + t for p, t in zip(prompts, targets)], images=images, return_tensors="pt",
-                         padding=True)
-        prompt_only = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+        full = process(processor, [p + t for p, t in zip(prompts, targets)], visuals, padding=True)
+        prompt_only = process(processor, prompts, visuals, padding=True)
     finally:
         tok.padding_side = side
     labels = full["input_ids"].clone()  # [B, L]
@@ -66,14 +66,8 @@ def supervised_batch(processor, task: Task, examples: list[Example], data_cfg, d
 def sft_loss(model, batch: dict, logprob_chunk: int) -> tuple[torch.Tensor, int]:
     """Mean negative log-likelihood of the target tokens (labels != -100) and their count."""
     base = base_model(model)
-    hidden = base.model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        mm_token_type_ids=batch["mm_token_type_ids"],
-        pixel_values=batch["pixel_values"],
-        image_grid_thw=batch["image_grid_thw"],
-        use_cache=False,
-    ).last_hidden_state  # [B, L, H]
+    hidden = base.model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False
+                        ).last_hidden_state  # [B, L, H]: text, images, videos and their time inputs
     targets = batch["labels"][:, 1:]  # [B, L-1]: token t is predicted by the state at t-1
     keep = targets != -100
     states = hidden[:, :-1][keep]  # [N, H]

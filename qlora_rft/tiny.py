@@ -27,7 +27,7 @@ SPECIAL_TOKENS = [
     "<|video_pad|>",
 ]
 
-# The Qwen conversation format (system prompt, role headers, one image placeholder per image item).
+# The Qwen conversation format (system prompt, role headers, one placeholder per image or video item, in order).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}"
@@ -37,6 +37,7 @@ CHAT_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for item in message['content'] %}"
     "{% if item['type'] == 'image' or 'image' in item %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' or 'video' in item %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
     "<|im_end|>\n"
@@ -148,10 +149,12 @@ def write_model(out: str | Path, preset: str = "tiny", seed: int = 0, dtype: tor
 def cached_model(preset: str, seed: int = 0) -> Path:
     """The folder of a random preset model in the cache, built on first use."""
     import hashlib
+    import inspect
 
     _preset(preset)
     family, shape = PRESETS[preset]
-    recipe = json.dumps([family.name, shape, _corpus(), CHAT_TEMPLATE]).encode()
+    processor = inspect.getsource(family.build_processor)  # a processor built otherwise is another folder
+    recipe = json.dumps([family.name, shape, _corpus(), CHAT_TEMPLATE, processor]).encode()
     path = cache_dir() / "models" / f"{preset}-seed{seed}-{hashlib.sha256(recipe).hexdigest()[:10]}"
     if not (path / "config.json").exists():
         write_model(path, preset=preset, seed=seed, overwrite=True)

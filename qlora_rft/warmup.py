@@ -26,17 +26,20 @@ from qlora_rft.model import load_for_inference, model_family
 from qlora_rft.pretrained import save_adapter
 from qlora_rft.supervised import supervised_step
 from qlora_rft.tasks import get_task
+from qlora_rft.video import VideoRule
 
 # Changes whenever the warm-up trains differently, so that a base warmed the old way is not reused from the cache.
 # 2: each step is the SFT baseline's (chunked LM-head cross-entropy, distributed.Updates).
-WARMUP_RECIPE = 2
+# 3: the tiny models' chat template and processors take video (a warmed folder keeps the processor it was made with).
+WARMUP_RECIPE = 3
 
 
 def warmup_key(cfg: Config, data: Dataset) -> str:
     decided_by = {
         "model": cfg.model.name_or_path,
         "warmup": vars(cfg.warmup),
-        "data": [cfg.data.task, content_hash(data), cfg.data.min_pixels, cfg.data.max_pixels],
+        "data": [cfg.data.task, content_hash(data), cfg.data.min_pixels, cfg.data.max_pixels,
+                 cfg.data.video_fps, cfg.data.video_max_frames, cfg.data.video_max_pixels],
         "seed": cfg.train.seed,
         "recipe": WARMUP_RECIPE,
     }
@@ -48,7 +51,7 @@ def warmup_data(cfg: Config, console=None) -> Dataset:
     return load_split(cfg.warmup.data or cfg.data.train, cfg.data.train_split, get_task(cfg.data.task),
                       cfg.data.on_bad_row, cfg.data.image_root, min_pixels=cfg.data.min_pixels,
                       max_pixels=cfg.data.max_pixels, factor=model_family(cfg.model.name_or_path).factor,
-                      console=console)
+                      video=VideoRule.of(cfg.data), console=console)
 
 
 def warmed_base(cfg: Config, console=None) -> str:

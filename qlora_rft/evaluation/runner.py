@@ -37,6 +37,7 @@ from qlora_rft.rewards import RewardSet, reward_set
 from qlora_rft.sampling import Sampler, Settings, make_sampler
 from qlora_rft.tasks import Task, detection, get_task
 from qlora_rft.tasks.boxes import RELATIVE, Frame, to_scale
+from qlora_rft.video import VideoRule
 
 PREDICTIONS, METRICS, INFO = "predictions.jsonl", "metrics.json", "eval_info.json"
 PAPER_MAX_NEW_TOKENS = {"detection": 1024, "classification": 1024, "grounding": 128}  # the original's scripts
@@ -200,7 +201,8 @@ def dataset_items(cfg: Config, task: Task, asking: Asking) -> list[EvalItem]:
     protocol only the first row of each image file (the original asked each LISA image its first instruction)."""
     source = cfg.data.eval or cfg.data.train
     data = load_split(source, cfg.data.eval_split, task, cfg.data.on_bad_row, cfg.data.image_root,
-                      min_pixels=asking.min_pixels, max_pixels=asking.max_pixels, factor=_factor(cfg))
+                      min_pixels=asking.min_pixels, max_pixels=asking.max_pixels, factor=_factor(cfg),
+                      video=VideoRule.of(cfg.data))
     examples = data.examples
     if asking.protocol == "paper" and task.name == "grounding":
         examples = first_per_image(examples)
@@ -343,6 +345,8 @@ def eval_settings(cfg: Config, task: Task, asking: Asking) -> dict:
                 "ask": cfg.eval.ask, "exist_map": cfg.eval.exist_map or None,
                 "data": cfg.data.eval or cfg.data.train, "split": cfg.data.eval_split,
                 "image_root": cfg.data.image_root, "min_pixels": asking.min_pixels, "max_pixels": asking.max_pixels,
+                "video_fps": cfg.data.video_fps, "video_max_frames": cfg.data.video_max_frames,
+                "video_max_pixels": cfg.data.video_max_pixels,
                 "max_prompt_length": asking.max_prompt_length, "max_new_tokens": asking.max_new_tokens,
                 "repetition_penalty": asking.repetition_penalty, "decode": cfg.eval.decode,
                 "sampling_weights": cfg.eval.sampling_weights}

@@ -56,6 +56,9 @@ class Family:
     build_config: Callable[..., object]  # (token ids, **shape) -> transformers config
     build_processor: Callable[..., object]  # (tokenizer, chat_template, min_pixels, max_pixels) -> processor
     vision_features: Callable[[object], list] | None = None  # get_image_features output -> extra levels
+    # processor outputs, one per video, that the model's forward takes for the clip's time (Qwen2.5-VL: seconds per
+    # temporal patch); a family that writes timestamps into the prompt text (Qwen3-VL) needs none
+    time_inputs: tuple[str, ...] = ()
     presets: dict[str, dict] = field(default_factory=dict)  # preset name -> shape for build_config
     gguf: GgufFormat | None = None  # how llama.cpp reads it (`qlora-rft export --format gguf`); None: refused
     # config attributes naming the vision placeholder tokens: never sampled (one in a completion would be taken for
@@ -91,11 +94,18 @@ class Family:
     def encode_images(self, model, pixel_values, grid_thw) -> tuple:
         """The vision tower run once (no grad): per image, its features at every level the language model takes
         (the merged output first, then deepstack levels where the family has them)."""
+        return self._encode(model.model.get_image_features, pixel_values, grid_thw)
+
+    def encode_videos(self, model, pixel_values_videos, grid_thw) -> tuple:
+        """`encode_images` for videos: per video, the features of all its temporal patches at every level."""
+        return self._encode(model.model.get_video_features, pixel_values_videos, grid_thw)
+
+    def _encode(self, features, pixels, grid_thw) -> tuple:
         import torch
 
         with torch.no_grad():
-            out = model.model.get_image_features(pixel_values, grid_thw, return_dict=True)
-        levels = [out.pooler_output, *(self.vision_features(out) if self.vision_features else [])]  # [L][images]
+            out = features(pixels, grid_thw, return_dict=True)
+        levels = [out.pooler_output, *(self.vision_features(out) if self.vision_features else [])]  # [L][items]
         return tuple(tuple(level[i].detach() for level in levels) for i in range(len(out.pooler_output)))
 
 

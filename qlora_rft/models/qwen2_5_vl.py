@@ -41,7 +41,7 @@ def build_processor_2_5(tokenizer, chat_template: str, min_pixels: int, max_pixe
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
-                               tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+                               tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(cap_pixels_per_frame=True),
                                chat_template=chat_template)
 
 
@@ -100,6 +100,7 @@ FAMILY = Family(
                  r"|model\.visual\.merger\.mlp\.(0|2)"),
     build_config=build_config,
     build_processor=build_processor_2_5,
+    time_inputs=("second_per_grid_ts",),  # a video's seconds per temporal patch: M-RoPE's time axis in seconds
     presets={
         "qwen2.5-vl-tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2,
                                 vision_dim=32, vision_heads=2, vision_intermediate=64, fullatt_blocks=(1,)),

@@ -36,7 +36,8 @@ def build_processor(tokenizer, chat_template: str, min_pixels: int, max_pixels: 
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
-                            tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=chat_template)
+                            tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(cap_pixels_per_frame=True),
+                            chat_template=chat_template)
 
 
 def gguf_vision_keys(writer, config) -> None:

@@ -46,7 +46,8 @@ def build_processor(tokenizer, chat_template: str, min_pixels: int, max_pixels: 
 
     image = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=16, merge_size=2,
                                   image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    return Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(),
+    video = Qwen3VLVideoProcessor(cap_pixels_per_frame=True)
+    return Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
                             chat_template=chat_template)
 
 

@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 
 from qlora_rft.model import SpecialTokens, base_model
+from qlora_rft.rollout import text_deltas
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def prefill(model, batch: dict) -> Prefix:
     prefix = {k: v[:, :-1] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
               for k, v in batch.items()}
     cache = model(**prefix, use_cache=True, logits_to_keep=1).past_key_values
-    return Prefix(cache, core(model).rope_deltas)
+    return Prefix(cache, text_deltas(base_model(model), prefix))
 
 
 def core(model):

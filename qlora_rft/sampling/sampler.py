@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from qlora_rft import grpo
-from qlora_rft.data import PromptInputs, shared_features
+from qlora_rft.data import PromptInputs, visual_kwargs
 from qlora_rft.model import Policy
 from qlora_rft.rollout import Rollout, completion_logprobs, share_vision
 from qlora_rft.sampling.backend import Backend, Decoded, FiniteLogits, Settings, evaluating, prefill
@@ -167,9 +167,4 @@ def left_pad(prompts: list[PromptInputs], pad_id: int, repeat: int) -> dict:
         rows["attention_mask"].append(torch.nn.functional.pad(p.attention_mask, (gap, 0), value=0))
         rows["mm_token_type_ids"].append(torch.nn.functional.pad(p.mm_token_type_ids, (gap, 0), value=0))
     batch = {k: torch.cat(v).repeat_interleave(repeat, dim=0) for k, v in rows.items()}  # [k * repeat, width]
-    batch["image_grid_thw"] = torch.cat([p.image_grid_thw.repeat(repeat, 1) for p in prompts])
-    if all(p.vision is not None for p in prompts):
-        batch["mm_encoder_outputs"] = shared_features(tuple(f for p in prompts for f in p.vision * repeat))
-    else:
-        batch["pixel_values"] = torch.cat([p.pixel_values.repeat(repeat, 1) for p in prompts])
-    return batch
+    return batch | visual_kwargs([p for p in prompts for _ in range(repeat)])  # images and videos, row by row

@@ -5,6 +5,9 @@
   image and some categories absent ('No Objects'); extra columns image_id and category for evaluation.
 - grounding (`shapes-grounding`): a LISA-style JSON per split plus an images/ folder; instructions need a small
   reasoning step ("the shape to the left of the blue square").
+- video classification (`shapes-colour-change`): mp4 clips of a square that flickers from one colour to another and
+  back, and JSON lines {video, problem, solution} asking which colour it turns into (the classification task's
+  reward and accuracy): both colours are on screen for as long, so only their order in time answers it.
 Small enough for a tiny model on a CPU, so the demo and the tests can show training working end to end.
 """
 
@@ -37,6 +40,8 @@ CLASSIFICATION_PROBLEM = (
     "This is an image containing a shape. Please identify the colour and the kind of the shape based on the image."
 )
 GROUNDING_RELATIONS = ("left of", "right of", "largest", "smallest")
+CHANGE_COLOURS = ("red", "green", "blue", "yellow")
+CHANGE_PROBLEM = "The square changes colour. Which colour does it turn into?"
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,27 @@ class ShapesSpec:
         return [f"{c} {s}" for c in self.colours for s in self.shapes]
 
 
-DATASETS: dict[str, ShapesSpec] = {
+@dataclass(frozen=True)
+class ColourChangeSpec:
+    """Clips of one still square, `frames` frames at `fps`, flickering between two colours frame by frame: each
+    temporal patch (two frames) shows the first colour, then the second, the answer."""
+
+    task: str = "colour-change"
+    train_per_class: int = 128  # clips per final colour
+    test_per_class: int = 25
+    size: int = 84  # square frames, pixels (three 28-pixel image tokens a side)
+    side: tuple[int, int] = (28, 40)  # the square's side, pixels
+    frames: int = 4  # at data.video_fps=2 every frame is sampled: two temporal patches
+    fps: int = 2
+    seed: int = 0
+    recipe: int = 2  # changes whenever the drawing does (the cache key)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(CHANGE_COLOURS)
+
+
+DATASETS: dict[str, ShapesSpec | ColourChangeSpec] = {
     # The demo: a square covers ~1.8x the area of a cross of the same size, so colour and kind both show in the
     # average colour of patches, which even a small vision tower passes on.
     "shapes": ShapesSpec(shapes=("square", "cross"), side=(0.45, 0.6)),
@@ -65,6 +90,7 @@ DATASETS: dict[str, ShapesSpec] = {
     "shapes-detection": ShapesSpec(task="detection", shapes=SHAPES, train_per_class=48, test_per_class=24, size=112),
     "shapes-grounding": ShapesSpec(task="grounding", colours=tuple(COLOURS), shapes=SHAPES, train_per_class=96,
                                    test_per_class=48, size=112),
+    "shapes-colour-change": ColourChangeSpec(),
 }
 
 
@@ -247,6 +273,36 @@ def grounding_records(spec: ShapesSpec, split: str, image_dir: Path) -> list[dic
     return records
 
 
+def colour_change_rows(spec: ColourChangeSpec, split: str, clip_dir: Path) -> list[dict]:
+    """Clips of a square of random size and place over a plain grey background, one colour in the even frames and
+    another (the answer) in the odd ones, each final colour equally often, saved as mp4 under clip_dir; rows
+    {video (relative path), problem, solution}."""
+    import numpy as np
+
+    from qlora_rft.video import write_clip
+
+    per_class = spec.train_per_class if split == "train" else spec.test_per_class
+    rng = random.Random(f"{spec.seed}-{split}-colour-change")
+    rows = []
+    for number in range(per_class * len(CHANGE_COLOURS)):
+        end = CHANGE_COLOURS[number % len(CHANGE_COLOURS)]
+        start = rng.choice([c for c in CHANGE_COLOURS if c != end])
+        side = rng.randint(*spec.side)
+        x, y = rng.randint(0, spec.size - side), rng.randint(0, spec.size - side)
+        grey = rng.randint(200, 245)
+        background, frames = Image.new("RGB", (spec.size, spec.size), (grey, grey, grey)), []
+        for t in range(spec.frames):
+            image = background.copy()
+            colour = start if t % 2 == 0 else end
+            _paint(image, random.Random(number), colour, "square", (x, y, x + side - 1, y + side - 1))
+            frames.append(np.asarray(image))
+        name = f"{split}-{number:05d}.mp4"
+        write_clip(frames, clip_dir / name, spec.fps)
+        rows.append({"video": f"clips/{name}", "problem": CHANGE_PROBLEM, "solution": f"<answer>{end}</answer>"})
+    rng.shuffle(rows)
+    return rows
+
+
 # ----------------------------------------------------------------------------- writing
 
 
@@ -271,7 +327,7 @@ def write_dataset(name: str, out: Path) -> Path:
     """Write `name`'s splits (train, test) into `out`, atomically: a half-written folder never shows.
 
     Parquet datasets get train.parquet / test.parquet (detection also SPLIT_coco.json with images/, for mAP);
-    grounding gets train.json / test.json and images/.
+    grounding gets train.json / test.json and images/; video gets train.jsonl / test.jsonl and clips/.
     """
     if name not in DATASETS:
         raise DataError(f"unknown synthetic dataset {name!r}: choose one of {', '.join(DATASETS)}")
@@ -286,6 +342,10 @@ def write_dataset(name: str, out: Path) -> Path:
                 (tmp / "images").mkdir(exist_ok=True)
                 coco = coco_annotations(spec, scenes, split, tmp / "images")
                 (tmp / f"{split}_coco.json").write_text(json.dumps(coco))
+            elif spec.task == "colour-change":
+                (tmp / "clips").mkdir(exist_ok=True)
+                rows = colour_change_rows(spec, split, tmp / "clips")
+                (tmp / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
             else:
                 (tmp / "images").mkdir(exist_ok=True)
                 records = grounding_records(spec, split, tmp / "images")
