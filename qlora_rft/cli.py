@@ -96,7 +96,7 @@ def cmd_convert_classification(args) -> None:
 def cmd_report(args) -> None:
     from qlora_rft.evaluation.report import make_report
 
-    report = make_report(args.run_dir)
+    report = make_report(args.run_dir, args.out)
     print(f"report in {report.folder}: {report.summary.name} and {len(report.files)} files")
 
 
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="plots and markdown summaries of a run folder (training and evaluations)")
     p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, help="folder to write (default RUN_DIR/report; replaced whole, refused if it "
+                   "holds other files than a report's)")
     p.set_defaults(run=cmd_report)
 
     p = sub.add_parser("sweep", help="train and evaluate every combination of a grid; results table and plot")

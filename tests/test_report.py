@@ -8,7 +8,8 @@ import math
 import pytest
 from PIL import Image
 
-from qlora_rft.errors import UserError
+from qlora_rft.cli import main
+from qlora_rft.errors import OutputError, UserError
 from qlora_rft.evaluation.report import Report, make_report, moving_average
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -195,3 +196,42 @@ def test_a_run_without_evaluation_keeps_one_reward_panel(tmp_path):
     write_metrics(tmp_path / "metrics.jsonl", metrics_lines())
     with Image.open(make_report(tmp_path).folder / "rewards.png") as image:
         assert image.size == (700, 400)
+
+
+def test_a_new_report_replaces_the_old_one_whole(full_run):
+    make_report(full_run)
+    (full_run / "eval_adapter" / "metrics.json").unlink()  # that evaluation is gone: so are its files
+    report = make_report(full_run)
+    names = sorted(p.name for p in report.folder.iterdir())
+    assert names == sorted(p.name for p in report.files)
+    assert "eval_adapter.md" not in names and "per_class_adapter.png" not in names
+    assert sorted(p.name for p in full_run.iterdir()) == ["eval_adapter", "eval_base", "metrics.jsonl", "report"]
+
+
+def test_a_report_folder_holding_other_files_is_refused_and_kept(full_run):
+    make_report(full_run)
+    before = {p.name: p.read_bytes() for p in (full_run / "report").iterdir()}
+    (full_run / "report" / "notes.txt").write_text("keep")
+    with pytest.raises(OutputError, match="not empty .*notes.txt"):
+        make_report(full_run)
+    after = {p.name: p.read_bytes() for p in (full_run / "report").iterdir()}
+    assert after == {**before, "notes.txt": b"keep"}
+
+
+def test_a_report_file_or_an_input_as_the_folder_is_refused(full_run):
+    (full_run / "report").write_text("mine")
+    with pytest.raises(OutputError, match="is a file"):
+        make_report(full_run)
+    assert (full_run / "report").read_text() == "mine"
+    for out in (full_run / "eval_base", full_run):
+        with pytest.raises(OutputError, match="would write over the input"):
+            make_report(full_run, out)
+    assert sorted(p.name for p in (full_run / "eval_base").iterdir()) == ["eval_info.json", "metrics.json"]
+
+
+def test_report_out_elsewhere(full_run, tmp_path_factory, capsys):
+    out = tmp_path_factory.mktemp("elsewhere") / "r"
+    assert main(["report", str(full_run), "--out", str(out)]) == 0
+    assert "report in" in capsys.readouterr().out
+    assert (out / "summary.md").is_file() and (out / "eval_base.md").is_file()
+    assert not (full_run / "report").exists()

@@ -1,7 +1,8 @@
 """`qlora-rft report RUN_DIR`: training curves from metrics.jsonl (the evaluation during training, eval/<metric>,
 in a panel beside the reward) and evaluation summaries from metrics.json folders, written as PNGs and markdown under
-RUN_DIR/report/ (summary.md links everything; two or more evaluations get a comparison table, with a delta column
-when there are exactly two)."""
+RUN_DIR/report/ or --out (summary.md links everything; two or more evaluations get a comparison table, with a delta
+column when there are exactly two). The folder is written whole, replacing an earlier report; one that holds files a
+report does not write is refused, as are the run's own inputs."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from qlora_rft.errors import UserError
+from qlora_rft.files import atomic_folder, check_output_folder
 from qlora_rft.runlog import read_metrics
 
 EVAL_METRICS = ("mAP", "accuracy", "mIoU", "acc@0.5")  # percent values, in this order
@@ -39,12 +41,13 @@ TRAIN_PLOTS = {
     "completion_length.png": (Panel(("completion_length",), "Completion length (tokens)"),),
     "tokens_per_second.png": (Panel(("tokens_per_second",), "Generation throughput (tokens/s)"),),
 }
+REPORT_FILE = re.compile(r"summary\.md|eval_.+\.md|per_class_.+\.png|" + "|".join(map(re.escape, TRAIN_PLOTS)))
 COUNT_KEYS = ("num_predictions", "skipped")
 MAX_BARS = 60  # per-class charts with more classes keep the best and the worst MAX_BARS // 2
 
 
 class Report(NamedTuple):
-    folder: Path  # RUN_DIR/report
+    folder: Path  # RUN_DIR/report, or the folder asked for
     files: list[Path]  # every file written, summary.md last
     summary: Path  # RUN_DIR/report/summary.md
 
@@ -58,8 +61,9 @@ class Evaluation:
     info: dict
 
 
-def make_report(run_dir: Path | str) -> Report:
-    """Write RUN_DIR/report/ from the run's metrics.jsonl and evaluation folders; see the module docstring."""
+def make_report(run_dir: Path | str, out: Path | str | None = None) -> Report:
+    """Write `out` (default RUN_DIR/report/) from the run's metrics.jsonl and evaluation folders; see the module
+    docstring."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a folder; pass a training or evaluation output folder")
@@ -70,15 +74,24 @@ def make_report(run_dir: Path | str) -> Report:
             f"nothing to report in {run_dir}: expected a training metrics.jsonl (in it or in its train/ subfolder) "
             "or an evaluation metrics.json (in it or in a direct subfolder)"
         )
-    out = run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out) if out is not None else run_dir / "report"
+    inputs = [*([log] if log is not None else []), *(ev.folder for ev in evals)]
+    check_output_folder(out, "the report folder", overwrite=None, inputs=inputs, own=report_files(out))
     rows = _training_rows(log) if log is not None else []
-    files = plot_training(rows, out)
-    for ev in evals:
-        files += write_evaluation(ev, out)
-    summary = out / "summary.md"
-    summary.write_text(summary_markdown(run_dir, log, rows, evals, [f.name for f in files]))
-    return Report(folder=out, files=[*files, summary], summary=summary)
+    with atomic_folder(out) as tmp:
+        files = plot_training(rows, tmp)
+        for ev in evals:
+            files += write_evaluation(ev, tmp)
+        names = [f.name for f in files]
+        (tmp / "summary.md").write_text(summary_markdown(run_dir, log, rows, evals, names))
+    return Report(folder=out, files=[*(out / name for name in names), out / "summary.md"], summary=out / "summary.md")
+
+
+def report_files(folder: Path) -> list[str]:
+    """The names in `folder` that a report writes (an earlier report's files, replaced by the next one)."""
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    return [p.name for p in folder.iterdir() if p.is_file() and REPORT_FILE.fullmatch(p.name)]
 
 
 # ---------------------------------------------------------------- finding inputs
