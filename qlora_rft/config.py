@@ -617,7 +617,10 @@ MOVED_VALUES = {
 
 def validate(cfg: Config) -> None:
     """Check fields and the rules between them; raise ConfigError saying what to change."""
+    from qlora_rft.tasks import TASKS
+
     g = cfg.grpo
+    task = TASKS[cfg.data.task]  # a known name: checked as the field was read
     problems = []
 
     def need(cond: bool, message: str) -> None:
@@ -682,8 +685,8 @@ def validate(cfg: Config) -> None:
     need(t.save_total_limit >= 0, "train.save_total_limit must be >= 0")
     need(t.logging_steps >= 1, "train.logging_steps must be >= 1")
     need(t.eval_steps >= 0, "train.eval_steps must be >= 0 (0: off)")
-    if t.eval_steps > 0 and cfg.data.task == "detection":
-        need(bool(cfg.eval.annotations), f"train.eval_steps={t.eval_steps}: detection is evaluated against an "
+    if t.eval_steps > 0 and task.needs_annotations:
+        need(bool(cfg.eval.annotations), f"train.eval_steps={t.eval_steps}: {task.name} is evaluated against an "
              "annotation file: set eval.annotations (and eval.images), or train.eval_steps=0")
     elif t.eval_steps > 0:
         need(bool(cfg.data.eval), f"train.eval_steps={t.eval_steps} evaluates held-out data: set data.eval (and "
@@ -719,9 +722,11 @@ def validate(cfg: Config) -> None:
     need(e.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1")
     need(e.limit >= 0, "eval.limit must be >= 0 (0: all)")
     if e.protocol == "paper":
+        need(task.paper_max_new_tokens is not None, f"eval.protocol=paper is the original Visual-RFT evaluation, "
+             f"which data.task={task.name} does not have: use eval.protocol=ours")
         need(e.ask == "all", "eval.ask is for eval.protocol=ours: under paper eval.exist_map picks each image's "
              "classes (remove eval.ask)")
-        need(bool(e.exist_map) or d.task != "detection" or not e.annotations,
+        need(bool(e.exist_map) or not task.needs_annotations or not e.annotations,
              "eval.protocol=paper asks each image the classes of a class-existence map: set eval.exist_map=FILE "
              "(the original's coco_evaluation/ or lvis_evaluation/ exist_map_*.json), or use eval.protocol=ours")
     else:

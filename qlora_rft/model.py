@@ -329,7 +329,3 @@ def reference_mode(model):
     disable = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with disable, torch.no_grad():
         yield
-
-
-def trainable_parameters(model) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}

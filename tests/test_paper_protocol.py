@@ -4,6 +4,7 @@ generation settings per task, the LISA first-box reading, and `qlora-rft eval` e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from qlora_rft.evaluation import runner
 from qlora_rft.evaluation.class_sets import CLASS_SETS
 from qlora_rft.evaluation.exist_map import asked_classes, check_exist_map, read_exist_map
 from qlora_rft.evaluation.scoring import score_file
-from qlora_rft.tasks import detection, get_task, grounding
+from qlora_rft.tasks import TASKS, detection, get_task, grounding
 from qlora_rft.tasks.boxes import Box, Frame
 
 EXCERPT = Path(__file__).parent / "data" / "exist_map_coco_Qwen2_vl_2B_baseline_excerpt.json"
@@ -178,9 +179,9 @@ def test_the_paper_lisa_prompt_has_the_original_system_prompt_and_wording():
 def test_paper_generation_settings_per_task(task, tokens):
     overrides = ["model.name_or_path=tiny:tiny", f"data.task={task}", "data.max_pixels=12544",
                  "data.max_prompt_length=256", "eval.max_new_tokens=7"]
-    paper = runner.resolve_asking(load_config(None, [*overrides, "eval.protocol=paper"]), task)
+    paper = runner.resolve_asking(load_config(None, [*overrides, "eval.protocol=paper"]), get_task(task, "paper"))
     assert paper == runner.Asking("paper", 3136, 401408, tokens, None, 1.0)  # tiny's processor: 3136..401408
-    ours = runner.resolve_asking(load_config(None, overrides), task)
+    ours = runner.resolve_asking(load_config(None, overrides), get_task(task))
     assert ours == runner.Asking("ours", 3136, 12544, 7, 256, 1.0)
 
 
@@ -225,6 +226,25 @@ def test_paper_grounding_scores_the_first_box_and_asks_each_image_once(tmp_path)
     assert [ex.index for ex in runner.first_per_image(examples)] == [0, 2, 3, 4]
 
 
+def test_a_task_without_an_original_evaluation_refuses_the_paper_protocol_at_load():
+    with pytest.raises(ConfigError, match="data.task=generic does not have: use eval.protocol=ours"):
+        load_config(None, ["data.task=generic", "rewards.weights={format: 1}", "eval.protocol=paper"])
+    assert {name: task.paper_max_new_tokens for name, task in TASKS.items()} == {
+        "classification": 1024, "detection": 1024, "grounding": 128, "generic": None}
+
+
+def test_detection_without_an_annotation_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    from qlora_rft.cli import main
+
+    out = tmp_path / "eval"
+    config = Path(__file__).parent.parent / "configs" / "synthetic_detection.yaml"
+    assert main(["eval", str(config), "model.name_or_path=tiny:tiny", "eval.annotations=",
+                 f"eval.output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.task=detection is evaluated against an annotation file: set eval.annotations=FILE" in err
+    assert not out.exists() or not any(p.name != ".lock" for p in out.iterdir())
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 
 
@@ -232,7 +252,7 @@ def test_qlora_rft_eval_protocol_paper_end_to_end(tmp_path, capsys, monkeypatch)
     from qlora_rft.cli import main
 
     # 1024 tokens from a random tiny model take minutes on a CPU; the per-task lengths are checked above
-    monkeypatch.setitem(runner.PAPER_MAX_NEW_TOKENS, "detection", 16)
+    monkeypatch.setitem(TASKS, "detection", dataclasses.replace(TASKS["detection"], paper_max_new_tokens=16))
 
     coco = synthetic_coco()
     entries = {str(image["id"]): [] for image in coco["images"]}

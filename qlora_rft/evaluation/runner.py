@@ -40,7 +40,6 @@ from qlora_rft.tasks.boxes import RELATIVE, Frame, to_scale
 from qlora_rft.video import VideoRule
 
 PREDICTIONS, METRICS, INFO = "predictions.jsonl", "metrics.json", "eval_info.json"
-PAPER_MAX_NEW_TOKENS = {"detection": 1024, "classification": 1024, "grounding": 128}  # the original's scripts
 FORMER_PROTOCOLS = {"all_classes": "all", "present_classes": "present"}  # eval.protocol values before eval.ask
 
 
@@ -75,8 +74,8 @@ class EvalRun:
 # ----------------------------------------------------------------------------- how it is asked
 
 
-def resolve_asking(cfg: Config, task_name: str) -> Asking:
-    """ours: the config's settings. paper: the original evaluation's: max_new_tokens by task, the model folder's
+def resolve_asking(cfg: Config, task: Task) -> Asking:
+    """ours: the config's settings. paper: the original evaluation's: the task's max_new_tokens, the model folder's
     image processor bounds (qwen-vl-utils and the processor applied those), no prompt-length limit, and greedy
     decoding with the repetition_penalty of the folder's generation_config.json (generate() read it there; its
     near-greedy temperature 0.01 / top_k 1 sampling is greedy)."""
@@ -87,7 +86,9 @@ def resolve_asking(cfg: Config, task_name: str) -> Asking:
 
     path = resolve_model_path(cfg.model.name_or_path)
     min_pixels, max_pixels = processor_pixels(path)
-    return Asking("paper", min_pixels, max_pixels, PAPER_MAX_NEW_TOKENS[task_name], None,
+    if task.paper_max_new_tokens is None:  # checked with the config; here for a library caller
+        raise UserError(f"data.task={task.name} has no original evaluation: use eval.protocol=ours")
+    return Asking("paper", min_pixels, max_pixels, task.paper_max_new_tokens, None,
                   shipped_repetition_penalty(path))
 
 
@@ -128,6 +129,9 @@ def detection_items(cfg: Config, asking: Asking | None = None) -> list[EvalItem]
     from qlora_rft.evaluation.exist_map import asked_classes, check_exist_map, read_exist_map
     from qlora_rft.evaluation.coco import load_annotations
 
+    if not cfg.eval.annotations:
+        raise DataError(f"data.task={cfg.data.task} is evaluated against an annotation file: set "
+                        "eval.annotations=FILE (a COCO or LVIS JSON) and eval.images=DIR (its images)")
     path = Path(resolve_source(cfg.eval.annotations))
     if not path.is_file():
         raise DataError(f"eval.annotations={path} not found: pass a COCO- or LVIS-format JSON")
@@ -147,7 +151,7 @@ def detection_items(cfg: Config, asking: Asking | None = None) -> list[EvalItem]
     truth: dict[tuple[int, str], list] = {}
     for ann in coco.get("annotations", []):
         truth.setdefault((ann["image_id"], names[ann["category_id"]]), []).append(ann["bbox"])
-    asking = asking or resolve_asking(cfg, "detection")
+    asking = asking or resolve_asking(cfg, get_task("detection"))
     paper = asking.protocol == "paper"
     if paper:
         exist_map = read_exist_map(resolve_source(cfg.eval.exist_map))
@@ -204,7 +208,7 @@ def dataset_items(cfg: Config, task: Task, asking: Asking) -> list[EvalItem]:
                       min_pixels=asking.min_pixels, max_pixels=asking.max_pixels, factor=_factor(cfg),
                       video=VideoRule.of(cfg.data))
     examples = data.examples
-    if asking.protocol == "paper" and task.name == "grounding":
+    if task.one_row_per_image:
         examples = first_per_image(examples)
     return [EvalItem(str(ex.index), ex, {"id": ex.index, "solution": ex.solution}) for ex in examples]
 
@@ -231,8 +235,8 @@ def _factor(cfg: Config) -> int:
 
 
 def eval_items(cfg: Config, task: Task, asking: Asking | None = None) -> list[EvalItem]:
-    asking = asking or resolve_asking(cfg, task.name)
-    if task.name == "detection" and cfg.eval.annotations:
+    asking = asking or resolve_asking(cfg, task)
+    if task.needs_annotations:
         items = detection_items(cfg, asking)
     else:
         items = dataset_items(cfg, task, asking)
@@ -266,7 +270,7 @@ def predict(sampler: Sampler, task: Task, items: list[EvalItem], cfg: Config, as
     (generic). What `eval` writes, and what the evaluation during training (train.eval_steps) scores."""
     if not items:
         return
-    asking = asking or resolve_asking(cfg, task.name)
+    asking = asking or resolve_asking(cfg, task)
     rewards = reward_set(cfg.rewards, task) if records_rewards(task) else None
     todo, too_long = fitting_prompts(sampler.processor, task, items, cfg, asking)
     if too_long:  # the scorer reports these lines as skipped
@@ -301,27 +305,27 @@ def frame_record(frame: Frame) -> dict:
     return {} if frame == RELATIVE else {"frame": [frame.width, frame.height]}
 
 
-def done_keys(path: Path, detection_task: bool) -> set[str]:
+def done_keys(path: Path, per_class: bool) -> set[str]:
     """Keys already in a predictions file. Lines the scorer would skip (e.g. the last one, cut by a crash) are
     dropped from the file, so appending stays valid and those prompts are asked again."""
     from qlora_rft.evaluation.scoring import read_predictions
 
     if not path.exists():
         return set()
-    required = ("image_id", "category", "completion") if detection_task else ("id", "completion")
+    required = ("image_id", "category", "completion") if per_class else ("id", "completion")
     rows = read_predictions(path, required).rows
     with atomic_file(path) as tmp:  # a full disk leaves the file as it was
         tmp.write_text("".join(json.dumps(row.record) + "\n" for row in rows))
-    return {record_key(r.record, detection_task) for r in rows}
+    return {record_key(r.record, per_class) for r in rows}
 
 
-def record_key(record: dict, detection_task: bool) -> str:
-    """The EvalItem key of a predictions line.
+def record_key(record: dict, per_class: bool) -> str:
+    """The EvalItem key of a predictions line: by image and class (a task asked per class: detection), else by row.
 
     >>> record_key({"image_id": 7, "category": "cat", "completion": ""}, True), record_key({"id": 3}, False)
     ('7|cat', '3')
     """
-    return f"{record['image_id']}|{record['category']}" if detection_task else str(record["id"])
+    return f"{record['image_id']}|{record['category']}" if per_class else str(record["id"])
 
 
 def reward_record(rewards: RewardSet, item: EvalItem, completion: str, frame: Frame) -> dict:
@@ -398,7 +402,7 @@ def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
 
     console = console or Console()
     task = get_task(cfg.data.task, cfg.eval.protocol)
-    asking = resolve_asking(cfg, task.name)
+    asking = resolve_asking(cfg, task)
     check_evaluation_fits(cfg, resolve_model_path(cfg.model.name_or_path), pick_device(cfg.model.device),
                           asking.max_new_tokens, asking.max_prompt_length)
     out = Path(cfg.eval.output_dir)
@@ -416,16 +420,17 @@ def run_eval(cfg: Config, console: Console | None = None) -> EvalRun:
 
 
 def write_predictions(cfg: Config, task: Task, asking: Asking, out: Path, label: str, console: Console) -> Path:
-    """eval_info.json, then the predictions of the prompts predictions.jsonl does not hold yet, a batch at a time."""
+    """The prompts read (a bad file refused before anything is written), eval_info.json, then the predictions of the
+    prompts predictions.jsonl does not hold yet, a batch at a time."""
     from qlora_rft.model import load_for_inference
 
     info = {"label": label, **eval_settings(cfg, task, asking)}
     check_resumable(out, info)
+    items = eval_items(cfg, task, asking)
     with atomic_file(out / INFO) as tmp:
         tmp.write_text(json.dumps(info, indent=2))
-    items = eval_items(cfg, task, asking)
     predictions = out / PREDICTIONS
-    done = done_keys(predictions, task.name == "detection")
+    done = done_keys(predictions, task.needs_annotations)
     todo = [it for it in items if it.key not in done]
     if todo:
         policy = load_for_inference(cfg.model, cfg.eval.adapter or None)

@@ -22,6 +22,7 @@ from qlora_rft.errors import DataError
 from qlora_rft.evaluation.runner import (METRICS, PREDICTIONS, EvalItem, eval_items, fitting_prompts, predict,
                                          record_key, resolve_asking, score_predictions)
 from qlora_rft.sampling import Sampler, make_sampler
+from qlora_rft.tasks import Task, get_task
 
 if TYPE_CHECKING:
     from qlora_rft.run import Run
@@ -36,6 +37,7 @@ class Validation:
     every: int
     last_step: int
     items: list[EvalItem]
+    task: Task | None = None  # the task as eval.protocol asks and reads it, as `qlora-rft eval` does
     sampler: Sampler | None = None  # eval.decode and eval.sampling_weights on the run's policy
 
     @classmethod
@@ -45,10 +47,11 @@ class Validation:
         cfg = run.cfg
         if not cfg.train.eval_steps:
             return cls(0, run.steps, [])
+        task = get_task(cfg.data.task, cfg.eval.protocol)
+        asking = resolve_asking(cfg, task)
         with run.accelerator.main_process_first():  # data built once, by the main process
-            items = eval_items(cfg, run.task)
-        asking = resolve_asking(cfg, run.task.name)
-        fitting, _ = fitting_prompts(run.policy.processor, run.task, items, cfg, asking)
+            items = eval_items(cfg, task, asking)
+        fitting, _ = fitting_prompts(run.policy.processor, task, items, cfg, asking)
         if not fitting:
             raise DataError(f"train.eval_steps: none of the {len(items)} evaluation prompts of "
                             f"{cfg.data.eval or cfg.eval.annotations} fits data.max_prompt_length="
@@ -56,7 +59,7 @@ class Validation:
         if run.accelerator.is_main_process:
             drop_later(run.out / FOLDER, run.start_step)
         sampler = make_sampler(cfg.eval, run.policy, run.accelerator, run.model, asking.repetition_penalty)
-        return cls(cfg.train.eval_steps, run.steps, items, sampler)
+        return cls(cfg.train.eval_steps, run.steps, items, task, sampler)
 
     def due(self, step: int) -> bool:
         return self.every > 0 and (step % self.every == 0 or step == self.last_step)
@@ -67,13 +70,13 @@ class Validation:
         if not self.due(step):
             return {}
         started = time.perf_counter()
-        lines = answer(run, self.sampler, self.items)
+        lines = answer(run, self.sampler, self.task, self.items)
         if not run.accelerator.is_main_process:
             return {}
         folder = run.out / FOLDER / f"step-{step}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / PREDICTIONS).write_text("".join(json.dumps(line) + "\n" for line in lines))
-        metrics = score_predictions(run.cfg, run.task, folder / PREDICTIONS)
+        metrics = score_predictions(run.cfg, self.task, folder / PREDICTIONS)
         from qlora_rft.evaluation.scoring import write_metrics
 
         write_metrics(metrics, folder / METRICS)
@@ -82,14 +85,14 @@ class Validation:
         return {**values, "eval/seconds": time.perf_counter() - started}
 
 
-def answer(run: Run, sampler: Sampler, items: list[EvalItem]) -> list[dict]:
+def answer(run: Run, sampler: Sampler, task: Task, items: list[EvalItem]) -> list[dict]:
     """The predictions lines of `items` in their order: this process answers every world_size-th one from its rank,
     and the main process gets them all (the others: []). RNG states and the training mode are left as they were."""
     rank, world = run.launch.rank, run.launch.world_size
     state = checkpoint.rng_state()
     try:
         with sampler.synced():  # under ZeRO-3: the weights gathered whole; merged/int8/fp8: the copy made
-            lines = [line for batch in predict(sampler, run.task, items[rank::world], run.cfg) for line in batch]
+            lines = [line for batch in predict(sampler, task, items[rank::world], run.cfg) for line in batch]
     finally:
         checkpoint.set_rng_state(state)
     if world > 1:
@@ -99,7 +102,7 @@ def answer(run: Run, sampler: Sampler, items: list[EvalItem]) -> list[dict]:
     if not run.accelerator.is_main_process:
         return []
     order = {item.key: i for i, item in enumerate(items)}
-    return sorted(lines, key=lambda line: order[record_key(line, run.task.name == "detection")])
+    return sorted(lines, key=lambda line: order[record_key(line, task.needs_annotations)])
 
 
 def drop_later(folder: Path, start_step: int) -> None:

@@ -84,4 +84,5 @@ TASK = Task(
     headline="accuracy",
     thought=THOUGHT,
     in_frame=in_frame,
+    paper_max_new_tokens=1024,  # the original's evaluation scripts
 )

@@ -292,4 +292,5 @@ TASK = Task(
     in_frame=in_frame,
     has_boxes=True,
     needs_annotations=True,
+    paper_max_new_tokens=1024,  # the original's evaluation scripts
 )

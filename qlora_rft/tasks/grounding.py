@@ -220,10 +220,13 @@ TASK = Task(
     thought=THOUGHT,
     in_frame=in_frame,
     has_boxes=True,
+    paper_max_new_tokens=128,  # the original's evaluation script
 )
 
 # The original evaluation's LISA prompt (with its system prompt) and reading: the first box anywhere in the text.
-PAPER_TASK = replace(TASK, prompt=paper_prompt, parse=parse_first_box, metrics=paper_metrics, system=PAPER_SYSTEM)
+# It asked each LISA image its first instruction only.
+PAPER_TASK = replace(TASK, prompt=paper_prompt, parse=parse_first_box, metrics=paper_metrics, system=PAPER_SYSTEM,
+                     one_row_per_image=True)
 
 
 # ----------------------------------------------------------------------------- data

@@ -48,7 +48,10 @@ class Task:
     thought: str = ""  # fixed reasoning of the supervised warm-up target
     in_frame: Callable[[str, Frame], str] = same_solution  # a solution with its boxes written in a frame
     has_boxes: bool = False  # answers are boxes: a family answering in pixels is told its frame
-    needs_annotations: bool = False  # scoring needs an annotation file (detection's COCO / LVIS JSON)
+    needs_annotations: bool = False  # scored against an annotation file (detection's COCO / LVIS JSON): evaluated
+    # from its images x classes, a prediction keyed by image_id and category (else by the row's id)
+    paper_max_new_tokens: int | None = None  # the original evaluation's; None: it has none (eval.protocol=paper refused)
+    one_row_per_image: bool = False  # asks each image file its first row only (the original LISA evaluation)
     system: str = ""  # a system prompt before the user turn; empty: the chat template's default
 
     def ask(self, problem: str, frame: Frame = RELATIVE) -> str:
