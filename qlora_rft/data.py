@@ -187,13 +187,8 @@ def load_jsonl(path: Path, image_root: str | None = None) -> list[dict]:
     """The rows of a JSON-lines file, one JSON object a line (blank lines skipped); a relative image or video path
     (`image`, `video`, or each of `images`, `videos` and of a video's frames) is taken from image_root (default: the
     file's folder)."""
-    root = Path(image_root).expanduser() if image_root else path.parent
     rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path} as UTF-8 text: {e}") from None
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -202,8 +197,38 @@ def load_jsonl(path: Path, image_root: str | None = None) -> list[dict]:
             raise DataError(f"{path} line {number} is not valid JSON ({getattr(e, 'msg', e)})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path} line {number} is not a JSON object (a {type(row).__name__})")
-        rows.append({k: _under(v, root) if k in IMAGE_COLUMNS + VIDEO_COLUMNS else v for k, v in row.items()})
+        rows.append(_rooted(row, path, image_root))
     return rows
+
+
+def load_json_list(path: Path, image_root: str | None = None) -> list[dict]:
+    """The rows of a .json file holding a list of row objects, read as `load_jsonl` reads its lines."""
+    try:
+        records = json.loads(_text(path))
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path} must hold a JSON list of rows, not a {type(records).__name__} (one object a line: "
+                        "name it .jsonl)")
+    for number, row in enumerate(records):
+        if not isinstance(row, dict):
+            raise DataError(f"{path} item {number} is not a JSON object (a {type(row).__name__})")
+    return [_rooted(row, path, image_root) for row in records]
+
+
+def _text(path: Path) -> str:
+    if not path.is_file():  # a FIFO or a device would block the read
+        raise DataError(f"{path} is not a regular file: name a data file")
+    try:
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark some editors write is not part of the JSON
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path} as UTF-8 text: {e}") from None
+
+
+def _rooted(row: dict, path: Path, image_root: str | None) -> dict:
+    """`row` with its relative image and video paths taken from image_root (default: the folder of `path`)."""
+    root = Path(image_root).expanduser() if image_root else path.parent
+    return {k: _under(v, root) if k in IMAGE_COLUMNS + VIDEO_COLUMNS else v for k, v in row.items()}
 
 
 def _under(images, root: Path):
@@ -215,20 +240,23 @@ def _under(images, root: Path):
     return images
 
 
-def _rows(resolved: str, split: str, image_root: str | None):
-    """(rows, column names) of one split, whatever the source form."""
+def _rows(resolved: str, split: str, image_root: str | None, task: Task):
+    """(rows, column names) of one split, whatever the source form: a .jsonl file, a .json list (in the task's own
+    forms if it has any), a folder in the task's own layout, else parquet or a `datasets` folder."""
     import datasets
 
-    from qlora_rft.tasks.grounding import is_reasonseg, load_lisa_json, load_reasonseg
-
+    rows = None
     jsonl_file = _split_file(resolved, split, ".jsonl")
+    json_file = _split_file(resolved, split, ".json")
     if jsonl_file is not None:
         rows = load_jsonl(jsonl_file, image_root)
-        return rows, sorted({key for row in rows for key in row})
-    json_file = _split_file(resolved, split, ".json")
-    if json_file is not None or is_reasonseg(resolved, split):
-        rows = load_lisa_json(json_file, image_root or None) if json_file else load_reasonseg(resolved, split)
-        return rows, list(rows[0].keys()) if rows else list(REQUIRED_COLUMNS)
+    elif json_file is not None:
+        read = task.read_json or load_json_list
+        rows = read(json_file, image_root or None)
+    elif task.read_folder is not None:
+        rows = task.read_folder(resolved, split)
+    if rows is not None:
+        return rows, sorted({key for row in rows for key in row}) or list(REQUIRED_COLUMNS)
     table = _load_table(resolved, split)
     if "image" in table.column_names and isinstance(table.features["image"], datasets.Image):
         table = table.cast_column("image", datasets.Image(decode=False))
@@ -251,7 +279,7 @@ def load_split(source: str, split: str, task: Task, on_bad_row: str = "skip", im
     size chosen by `video` (default: the config's defaults).
     """
     resolved = resolve_source(source)
-    rows, columns = _rows(resolved, split, image_root)
+    rows, columns = _rows(resolved, split, image_root, task)
     _check_columns(columns, task, f"{resolved} (split {split!r})")
     if len(rows) == 0:
         raise DataError(f"{resolved} split {split!r} has no rows")

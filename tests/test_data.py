@@ -347,3 +347,37 @@ def test_a_row_holding_a_vision_token_is_a_bad_row_decided_at_load(tmp_path, cap
                  "data.on_bad_row=error", f"eval.output_dir={tmp_path / 'eval'}"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "row 1: problem holds the vision token <|image_pad|>" in err
+
+
+def test_a_json_list_is_rows_as_a_jsonl_holds_them_unless_the_task_has_forms_of_its_own(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(_png())
+    (tmp_path / "img" / "b.png").write_bytes(_png((0, 0, 200)))
+    rows = [{"image": "img/a.png", "problem": "What colour?", "solution": "<answer>red</answer>", "hint": "warm"},
+            {"images": ["img/a.png", "img/b.png"], "problem": "Which is red?", "solution": "<answer>first</answer>",
+             "hint": "left"}]
+    (tmp_path / "train.json").write_text("\ufeff" + json.dumps(rows))  # a byte-order mark, as some editors write
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for task in (TASK, get_task("generic")):
+        listed = load_split(str(tmp_path / "train.json"), "train", task)
+        lined = load_split(str(tmp_path / "train.jsonl"), "train", task)
+        assert listed.examples == lined.examples and not listed.skipped
+        assert [ex.columns["hint"] for ex in listed.examples] == ["warm", "left"]
+        assert [len(ex.images) for ex in listed.examples] == [1, 2]
+        assert listed.examples[1].images[1]["path"] == str(tmp_path / "img" / "b.png")
+    assert load_split(str(tmp_path), "train", TASK).examples == listed.examples  # TRAIN.json in a folder
+
+    # grounding reads its own LISA forms from a .json (an instruction and a 0-1000 box, here)
+    (tmp_path / "val.json").write_text(json.dumps([{"image": "img/a.png", "text": "the red one", "box": [0, 0, 9, 9]}]))
+    (ex,) = load_split(str(tmp_path / "val.json"), "val", get_task("grounding")).examples
+    assert "the red one" in ex.problem and ex.solution == "<answer>(0,0),(9,9)</answer>"
+
+    (tmp_path / "object.json").write_text(json.dumps({"rows": rows}))
+    with pytest.raises(DataError, match=r"object\.json must hold a JSON list of rows, not a dict"):
+        load_split(str(tmp_path / "object.json"), "train", TASK)
+    (tmp_path / "mixed.json").write_text(json.dumps([rows[0], "text"]))
+    with pytest.raises(DataError, match=r"mixed\.json item 1 is not a JSON object \(a str\)"):
+        load_split(str(tmp_path / "mixed.json"), "train", TASK)
+    (tmp_path / "cut.json").write_text(json.dumps(rows)[:-5])
+    with pytest.raises(DataError, match=r"cut\.json is not valid JSON"):
+        load_split(str(tmp_path / "cut.json"), "train", TASK)

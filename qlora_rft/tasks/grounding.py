@@ -221,6 +221,8 @@ TASK = Task(
     in_frame=in_frame,
     has_boxes=True,
     paper_max_new_tokens=128,  # the original's evaluation script
+    read_json=lambda path, image_root: load_lisa_json(path, image_root),
+    read_folder=lambda folder, split: load_reasonseg(folder, split) if is_reasonseg(folder, split) else None,
 )
 
 # The original evaluation's LISA prompt (with its system prompt) and reading: the first box anywhere in the text.

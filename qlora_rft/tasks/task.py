@@ -6,6 +6,7 @@ scorer find everything there (nothing else names a task).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from qlora_rft.errors import DataError
@@ -52,6 +53,10 @@ class Task:
     # from its images x classes, a prediction keyed by image_id and category (else by the row's id)
     paper_max_new_tokens: int | None = None  # the original evaluation's; None: it has none (eval.protocol=paper refused)
     one_row_per_image: bool = False  # asks each image file its first row only (the original LISA evaluation)
+    read_json: Callable[[Path, str | None], list[dict]] | None = None  # (a .json split, image_root) -> rows, for a
+    # task with JSON forms of its own (grounding: LISA's); None: the file is a JSON list of rows, as a .jsonl holds
+    read_folder: Callable[[str, str], list[dict] | None] | None = None  # (folder, split) -> rows of a folder layout
+    # of its own (grounding: ReasonSeg's), None when the folder is not one
     system: str = ""  # a system prompt before the user turn; empty: the chat template's default
 
     def ask(self, problem: str, frame: Frame = RELATIVE) -> str:
