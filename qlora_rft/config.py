@@ -11,11 +11,14 @@ import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
 from qlora_rft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from qlora_rft.tasks import Task
 
 
 def _f(default: Any, help: str, choices: tuple | Callable[[], tuple] | None = None,
@@ -615,18 +618,35 @@ MOVED_VALUES = {
 # --------------------------------------------------------------------------- validation
 
 
+Need = Callable[[bool, str], None]  # need(condition, what to change when it fails)
+
+
 def validate(cfg: Config) -> None:
-    """Check fields and the rules between them; raise ConfigError saying what to change."""
+    """Check fields and the rules between them, section by section; raise ConfigError listing every problem, each
+    saying what to change."""
     from qlora_rft.tasks import TASKS
 
-    g = cfg.grpo
     task = TASKS[cfg.data.task]  # a known name: checked as the field was read
-    problems = []
+    problems: list[str] = []
 
     def need(cond: bool, message: str) -> None:
         if not cond:
             problems.append(message)
 
+    for check in (_check_grpo, _check_train, _check_lora, _check_data, _check_eval, _check_warmup, _check_rewards,
+                  _check_model):
+        check(cfg, task, need)
+    problems += [f"{key} holds a NUL character, which no path or name can: remove it"
+                 for key, value in _strings(cfg) if "\x00" in value]
+    if len(problems) == 1:
+        raise ConfigError(f"invalid config: {problems[0]}")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _check_grpo(cfg: Config, task: Task, need: Need) -> None:
+    """grpo.*: group sizes and chunks, sampling, the loss's clipping, the sampling weights."""
+    g = cfg.grpo
     need(g.num_generations >= 2, f"grpo.num_generations must be >= 2 (got {g.num_generations}): "
          "the advantage compares samples of one group; set grpo.num_generations=2 or more")
     G, per_step = g.num_generations, cfg.train.prompts_per_step
@@ -664,11 +684,12 @@ def validate(cfg: Config) -> None:
     need(g.logprob_chunk >= 1, "grpo.logprob_chunk must be >= 1")
     need(not (g.sampling_weights == "fp8" and cfg.model.device == "cpu"),
          "grpo.sampling_weights=fp8 needs a CUDA GPU (compute capability 8.9+): use int8 or merged on the CPU")
-    need(not (cfg.eval.sampling_weights == "fp8" and cfg.model.device == "cpu"),
-         "eval.sampling_weights=fp8 needs a CUDA GPU (compute capability 8.9+): use int8 or merged on the CPU")
     need(g.importance_cap >= 1, f"grpo.importance_cap={g.importance_cap:g} must be >= 1: below 1 it would weigh down "
          "(tis) or drop (mis) tokens on which sampler and policy agree; TRL's default is 3")
 
+
+def _check_train(cfg: Config, task: Task, need: Need) -> None:
+    """train.*: length, optimisation, saving, logging, the evaluation during training."""
     t = cfg.train
     need(0 <= t.seed <= MAX_SEED, f"train.seed={t.seed} must be in [0, {MAX_SEED}] (the seeds numpy takes)")
     need(t.max_steps >= 0, f"train.max_steps={t.max_steps} must be >= 1 (or 0 when train.epochs sets the length)")
@@ -699,11 +720,17 @@ def validate(cfg: Config) -> None:
     need(t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0")
     need(bool(t.output_dir), "train.output_dir must not be empty")
 
+
+def _check_lora(cfg: Config, task: Task, need: Need) -> None:
+    """lora.*"""
     need(cfg.lora.r >= 1, "lora.r must be >= 1")
     need(cfg.lora.alpha >= 1, "lora.alpha must be >= 1")
     need(0 <= cfg.lora.dropout < 1, "lora.dropout must be in [0, 1)")
     need(bool(cfg.lora.target_modules), "lora.target_modules must name at least one linear layer")
 
+
+def _check_data(cfg: Config, task: Task, need: Need) -> None:
+    """data.*: sources, image and video bounds, prompt length."""
     d = cfg.data
     need(bool(d.train.strip()), "data.train is empty: name the training data (a file or folder, hub:ORG/NAME, or "
          "synthetic:NAME)")
@@ -717,10 +744,16 @@ def validate(cfg: Config) -> None:
          "temporal patch)")
     need(d.video_max_pixels >= d.min_pixels, f"data.video_max_pixels={d.video_max_pixels} must be >= "
          f"data.min_pixels={d.min_pixels} (it is the budget of all a clip's frames)")
+
+
+def _check_eval(cfg: Config, task: Task, need: Need) -> None:
+    """eval.* and the protocol's rules."""
     e = cfg.eval
     need(e.batch_size >= 1, "eval.batch_size must be >= 1")
     need(e.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1")
     need(e.limit >= 0, "eval.limit must be >= 0 (0: all)")
+    need(not (e.sampling_weights == "fp8" and cfg.model.device == "cpu"),
+         "eval.sampling_weights=fp8 needs a CUDA GPU (compute capability 8.9+): use int8 or merged on the CPU")
     if e.protocol == "paper":
         need(task.paper_max_new_tokens is not None, f"eval.protocol=paper is the original Visual-RFT evaluation, "
              f"which data.task={task.name} does not have: use eval.protocol=ours")
@@ -735,11 +768,17 @@ def validate(cfg: Config) -> None:
     need(not e.exist_map or bool(e.annotations), "eval.exist_map needs eval.annotations (the COCO/LVIS file whose "
          "images it maps)")
 
+
+def _check_warmup(cfg: Config, task: Task, need: Need) -> None:
+    """warmup.*"""
     w = cfg.warmup
     need(w.steps >= 0, "warmup.steps must be >= 0")
     need(0 < w.learning_rate < FLOAT32_MAX, "warmup.learning_rate must be > 0 and < 3.4e38 (float32's range)")
     need(w.batch_size >= 1, "warmup.batch_size must be >= 1")
 
+
+def _check_rewards(cfg: Config, task: Task, need: Need) -> None:
+    """rewards.*: known names, finite weights, at least one non-zero; plugins imported here."""
     from qlora_rft.rewards import builtin_rewards, default_weights, plugin_rewards  # local: rewards import no config
 
     need(cfg.rewards.plugin_timeout >= 0, "rewards.plugin_timeout must be >= 0 (seconds; 0: no limit)")
@@ -749,13 +788,16 @@ def validate(cfg: Config) -> None:
         need(name in known, f"rewards.weights names unknown reward {name!r}{_suggest(name, known)}")
         need(_finite_number(weight),
              f"rewards.weights.{name} must be a finite number, got {weight!r}")
-    weights = cfg.rewards.weights or default_weights(d.task)
+    weights = cfg.rewards.weights or default_weights(cfg.data.task)
     need(any(w != 0 for w in weights.values()), "rewards.weights: at least one reward needs a non-zero weight"
-         + ("" if default_weights(d.task) else f" (data.task={d.task} has no default rewards: name yours, built-in "
+         + ("" if default_weights(cfg.data.task) else f" (data.task={cfg.data.task} has no default rewards: name yours, built-in "
                                                 "or from rewards.plugins)"))
 
+
+def _check_model(cfg: Config, task: Task, need: Need) -> None:
+    """model.* against the rest: the optimizer of full mode, flash-attention's package."""
     if cfg.model.mode == "full":
-        need(t.optimizer != "paged_adamw_8bit", "train.optimizer=paged_adamw_8bit is for the adapters of qlora/lora "
+        need(cfg.train.optimizer != "paged_adamw_8bit", "train.optimizer=paged_adamw_8bit is for the adapters of qlora/lora "
              "mode: use train.optimizer=adamw (or auto) with model.mode=full")
     if cfg.model.attn_implementation == "flash_attention_2":
         import importlib.util
@@ -764,13 +806,6 @@ def validate(cfg: Config) -> None:
              "model.attn_implementation=flash_attention_2 needs flash-attn: `pip install -e .[flash]` "
              "on a CUDA machine, or use model.attn_implementation=sdpa (or model.hub_kernels=true to let "
              "transformers download a flash-attention kernel from the hub)")
-
-    problems += [f"{key} holds a NUL character, which no path or name can: remove it"
-                 for key, value in _strings(cfg) if "\x00" in value]
-    if len(problems) == 1:
-        raise ConfigError(f"invalid config: {problems[0]}")
-    if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
 def _strings(cfg: Config):
