@@ -12,7 +12,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -177,29 +177,7 @@ def detection_metrics(rows: list[Row], annotations: str | Path, classes: str | l
     images = {image["id"]: image for image in data["images"]}
     names = [cat["name"] for cat in data["categories"]]
     cat_id = {cat["name"]: cat["id"] for cat in data["categories"]}
-    by_key: dict[str, str | None] = {}
-    for name in names:  # a normalised key shared by two names is ambiguous: only exact names find those
-        by_key[_name_key(name)] = None if _name_key(name) in by_key else name
-
-    skipped: list[Skipped] = []
-    asked: list[tuple[Row, dict, str]] = []
-    first_line: dict[tuple, int] = {}
-    for row in rows:
-        image = _find_image(images, row.record["image_id"])
-        category = row.record["category"]
-        name = category if category in cat_id else by_key.get(_name_key(category))
-        if image is None:
-            skipped.append(Skipped(row.line, f"unknown image_id {row.record['image_id']!r:.40}"))
-            continue
-        if name is None:
-            skipped.append(Skipped(row.line, f"unknown category {category!r:.60}"))
-            continue
-        first = repeat_of(first_line, (image["id"], name), row.line)
-        if first is not None:
-            skipped.append(Skipped(row.line, f"repeats image {image['id']!r} / {name!r} of line {first}"))
-            continue
-        asked.append((row, image, name))
-
+    asked, skipped = _asked(rows, images, names)
     if classes is None:
         present = {name for _, _, name in asked}
         evaluated = [name for name in names if name in present]
@@ -218,15 +196,9 @@ def detection_metrics(rows: list[Row], annotations: str | Path, classes: str | l
         if parsed is None:
             unparseable += 1
             continue
-        for det in parsed:
-            found.append(
-                {
-                    "image_id": image["id"],
-                    "category_id": cat_id[name],
-                    "bbox": coco_bbox(det.box, image["width"], image["height"]),
-                    "score": float(det.confidence),
-                }
-            )
+        found += [{"image_id": image["id"], "category_id": cat_id[name],
+                   "bbox": coco_bbox(det.box, image["width"], image["height"]), "score": float(det.confidence)}
+                  for det in parsed]
 
     lvis = is_lvis(data)
     metrics: dict = {
@@ -251,6 +223,43 @@ def detection_metrics(rows: list[Row], annotations: str | Path, classes: str | l
     metrics["per_class"] = {name: percent(ap) for name, ap in per_class.items()}
     metrics.update(extra)
     return Scored(metrics, skipped)
+
+
+class Asked(NamedTuple):
+    """A predictions row matched to its annotation image and category name."""
+
+    row: Row
+    image: dict
+    name: str
+
+
+def _asked(rows: list[Row], images: dict, names: list[str]) -> tuple[list[Asked], list[Skipped]]:
+    """Each row with its image and category name (a name matched exactly, else by its normalised key when that
+    key is not shared by two names), and the rows skipped: an unknown image or category, or a repeat of an
+    (image, category) already answered (the first answer counts)."""
+    by_key: dict[str, str | None] = {}
+    for name in names:  # a normalised key shared by two names is ambiguous: only exact names find those
+        by_key[_name_key(name)] = None if _name_key(name) in by_key else name
+    known = set(names)
+    skipped: list[Skipped] = []
+    asked: list[Asked] = []
+    first_line: dict[tuple, int] = {}
+    for row in rows:
+        image = _find_image(images, row.record["image_id"])
+        category = row.record["category"]
+        name = category if category in known else by_key.get(_name_key(category))
+        if image is None:
+            skipped.append(Skipped(row.line, f"unknown image_id {row.record['image_id']!r:.40}"))
+            continue
+        if name is None:
+            skipped.append(Skipped(row.line, f"unknown category {category!r:.60}"))
+            continue
+        first = repeat_of(first_line, (image["id"], name), row.line)
+        if first is not None:
+            skipped.append(Skipped(row.line, f"repeats image {image['id']!r} / {name!r} of line {first}"))
+            continue
+        asked.append(Asked(row, image, name))
+    return asked, skipped
 
 
 def _class_ap(precision: np.ndarray, index: int) -> float | None:
