@@ -341,40 +341,90 @@ def side_ours(s: BenchSettings, workdir: Path) -> dict:
 
 
 def side_trl(s: BenchSettings, workdir: Path) -> dict:
+    """TRL's GRPOTrainer on the same model, rows, images and settings as ours, configured as a competent user would;
+    its step seconds from a callback, its generation from a wrapper around the generate it calls."""
+    import huggingface_hub.constants
     import torch
-    from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from qlora_rft.config import ModelConfig
-    from qlora_rft.data import open_image, resize_image
     from qlora_rft.model import keep_training_layout, load_base
-    from qlora_rft.sampling.weights import decode_weight_bytes
-    from qlora_rft.models import family_of
     from qlora_rft.pretrained import load_processor
     from qlora_rft.rewards import classification_reward, format_reward
-    from qlora_rft.tasks import get_task
+    from qlora_rft.sampling.weights import decode_weight_bytes
 
-    task = get_task(s.task)
-    device, dtype = torch.device(s.device), getattr(torch, s.dtype)
     # The model as a TRL user would load it: from_pretrained with the same BitsAndBytesConfig (NF4, double quant).
-    model = load_base(Path(s.model_path), ModelConfig(name_or_path=s.model_path, mode="qlora"), device, dtype)
+    model = load_base(Path(s.model_path), ModelConfig(name_or_path=s.model_path, mode="qlora"),
+                      torch.device(s.device), getattr(torch, s.dtype))
     keep_training_layout(model)  # on the CPU, bitsandbytes would otherwise repack weights in eval mode
     processor = load_processor(s.model_path, padding_side="left")
+    peft_config = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+                             target_modules=s.lora_target_regex, bias="none", task_type="CAUSAL_LM")
 
-    rows = measured_rows(s)
-    dataset = Dataset.from_dict({
-        "image": [resize_image(open_image(ex), s.min_pixels, s.max_pixels, family_of(processor).factor)
-                  for ex in rows],
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.last, self.seconds = None, []
+
+        def on_train_begin(self, *args, **kwargs):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            now = time.perf_counter()
+            self.seconds.append(now - self.last)
+            self.last = now
+
+    timer = StepTimer()
+    huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True  # TRL's trainer would report its use to the hub
+    trainer = GRPOTrainer(model=model, reward_funcs=[format_reward, classification_reward], args=trl_args(s, workdir),
+                          train_dataset=trl_dataset(s, processor), processing_class=processor,
+                          peft_config=peft_config, callbacks=[timer])
+    target = trainer.accelerator.unwrap_model(trainer.model)  # the model TRL generates with (the PeftModel here)
+    generation = GenerationTimer(target, s.device == "cuda")
+    trainer.train()
+
+    steps = s.warmup_steps + s.steps
+    if len(timer.seconds) != steps or len(generation.per_step) != steps:
+        raise RuntimeError(f"TRL ran {len(timer.seconds)} steps and {len(generation.per_step)} generate calls; "
+                           f"expected {steps} of each")
+    lengths = [entry.get("completions/mean_length") for entry in trainer.state.log_history
+               if "completions/mean_length" in entry]
+    return {
+        "step_seconds": statistics.median(timer.seconds[s.warmup_steps:]),
+        "step_seconds_all": timer.seconds,
+        "generation_tokens_per_second": statistics.median(generation.per_step[s.warmup_steps:]),
+        "completion_length": statistics.mean(lengths[s.warmup_steps:]) if lengths else None,
+        "decode_weight_bytes": decode_weight_bytes(target),  # 4-bit base + LoRA, as TRL samples
+        "rows_per_decode_step": s.num_generations * s.prompts_per_step,
+    }
+
+
+def trl_dataset(s: BenchSettings, processor):
+    """The measured rows as TRL's conversational image dataset: the image resized as ours, the task's prompt."""
+    from datasets import Dataset
+
+    from qlora_rft.data import open_image, resize_image
+    from qlora_rft.models import family_of
+    from qlora_rft.tasks import get_task
+
+    task, rows, factor = get_task(s.task), measured_rows(s), family_of(processor).factor
+    return Dataset.from_dict({
+        "image": [resize_image(open_image(ex), s.min_pixels, s.max_pixels, factor) for ex in rows],
         "prompt": [[{"role": "user", "content": [{"type": "image"},
                                                  {"type": "text", "text": task.prompt(ex.problem)}]}]
                    for ex in rows],
         "solution": [ex.solution for ex in rows],
     })
 
+
+def trl_args(s: BenchSettings, workdir: Path):
+    """GRPOConfig with our side's settings: one prompt's group per step, EOS ignored, the same loss, optimizer,
+    schedule and checkpointing, nothing logged or saved."""
+    from trl import GRPOConfig
+
     cuda = s.device == "cuda"
-    args = GRPOConfig(
+    return GRPOConfig(
         output_dir=str(workdir),
         per_device_train_batch_size=s.num_generations * s.prompts_per_step,  # one prompt's group per step
         gradient_accumulation_steps=1,
@@ -409,65 +459,33 @@ def side_trl(s: BenchSettings, workdir: Path) -> dict:
         log_completions=False,
         dataloader_num_workers=0,
     )
-    peft_config = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
-                             target_modules=s.lora_target_regex, bias="none", task_type="CAUSAL_LM")
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.last, self.seconds = None, []
 
-        def on_train_begin(self, *args, **kwargs):
-            self.last = time.perf_counter()
+class GenerationTimer:
+    """Wraps `target.generate`: each call's seconds (synchronised on CUDA) and generated tokens, and its
+    tokens per second in `per_step` (one generate call per TRL step here)."""
 
-        def on_step_end(self, *args, **kwargs):
-            now = time.perf_counter()
-            self.seconds.append(now - self.last)
-            self.last = now
+    def __init__(self, target, cuda: bool):
+        self.original, self.cuda = target.generate, cuda
+        self.seconds, self.tokens, self.per_step = 0.0, 0, []
+        target.generate = self
 
-    timer = StepTimer()
-    import huggingface_hub.constants
+    def __call__(self, *args, **kwargs):
+        import torch
 
-    huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True  # TRL's trainer would report its use to the hub
-    trainer = GRPOTrainer(model=model, reward_funcs=[format_reward, classification_reward], args=args,
-                          train_dataset=dataset, processing_class=processor, peft_config=peft_config,
-                          callbacks=[timer])
-
-    # Generation time: wrap the generate of the model TRL unwraps for generation (the PeftModel here).
-    gen = {"seconds": 0.0, "tokens": 0, "per_step": []}
-    target = trainer.accelerator.unwrap_model(trainer.model)
-    original = target.generate
-
-    def timed_generate(*a, **kw):
-        prompt_length = kw["input_ids"].shape[1] if "input_ids" in kw else a[0].shape[1]
-        if cuda:
+        prompt_length = kwargs["input_ids"].shape[1] if "input_ids" in kwargs else args[0].shape[1]
+        if self.cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        output = original(*a, **kw)
-        if cuda:
+        started = time.perf_counter()
+        output = self.original(*args, **kwargs)
+        if self.cuda:
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - started
         tokens = output.shape[0] * (output.shape[1] - prompt_length)
-        gen["seconds"] += seconds
-        gen["tokens"] += tokens
-        gen["per_step"].append(tokens / max(seconds, 1e-9))
+        self.seconds += seconds
+        self.tokens += tokens
+        self.per_step.append(tokens / max(seconds, 1e-9))
         return output
-
-    target.generate = timed_generate
-    trainer.train()
-
-    if len(timer.seconds) != s.warmup_steps + s.steps or len(gen["per_step"]) != s.warmup_steps + s.steps:
-        raise RuntimeError(f"TRL ran {len(timer.seconds)} steps and {len(gen['per_step'])} generate calls; "
-                           f"expected {s.warmup_steps + s.steps} of each")
-    lengths = [entry.get("completions/mean_length") for entry in trainer.state.log_history
-               if "completions/mean_length" in entry]
-    return {
-        "step_seconds": statistics.median(timer.seconds[s.warmup_steps:]),
-        "step_seconds_all": timer.seconds,
-        "generation_tokens_per_second": statistics.median(gen["per_step"][s.warmup_steps:]),
-        "completion_length": statistics.mean(lengths[s.warmup_steps:]) if lengths else None,
-        "decode_weight_bytes": decode_weight_bytes(target),  # 4-bit base + LoRA, as TRL samples
-        "rows_per_decode_step": s.num_generations * s.prompts_per_step,
-    }
 
 
 def run_side(side: str, settings: BenchSettings, workdir: Path) -> dict:
