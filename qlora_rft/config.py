@@ -269,11 +269,13 @@ class GRPOConfig:
     importance_correction: str = _f(
         "auto",
         "Correction for sampling on weights other than those trained (a merged, int8 or fp8 copy: a slightly "
-        "different policy), as TRL's vLLM importance sampling at token level: each token's policy term times "
+        "different policy), as TRL's vLLM importance sampling: each token's policy term times "
         "r = pi_policy / pi_sampler. tis: min(r, grpo.importance_cap); mis: r, or 0 (the token left out) where r > "
-        "grpo.importance_cap; none: no weight; auto: tis when grpo.sampling_weights resolves to a copy, none for "
-        "adapters. metrics.jsonl logs sampling/kl and sampling/ratio_max whatever this says.",
-        ("auto", "none", "tis", "mis"),
+        "grpo.importance_cap; sequence_tis, sequence_mis: the same with one r per completion (the product of its "
+        "tokens' ratios; TRL's default is sequence_mis, its sequence_mask); none: no weight; auto: tis when "
+        "grpo.sampling_weights resolves to a copy, none for adapters. metrics.jsonl logs sampling/kl and "
+        "sampling/ratio_max (per token) whatever this says.",
+        ("auto", "none", "tis", "mis", "sequence_tis", "sequence_mis"),
     )
     importance_cap: float = _f(3.0, "The cap of grpo.importance_correction's ratio (TRL's "
                                "vllm_importance_sampling_clip_max default).")

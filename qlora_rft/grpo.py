@@ -208,28 +208,35 @@ def token_loss(
                      clipped=clipped.expand_as(logp))
 
 
-CORRECTIONS = ("none", "tis", "mis")
+CORRECTIONS = ("none", "tis", "mis", "sequence_tis", "sequence_mis")
 
 
 def importance_weights(policy_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, mode: str,
                        cap: float) -> torch.Tensor:
     """Per-token weights correcting for completions drawn from the sampler's weights rather than the policy's, as
-    TRL's vLLM importance sampling at token level: r = pi_policy / pi_sampler = exp((policy - sampler) * mask)
+    TRL's vLLM importance sampling: at token level r = pi_policy / pi_sampler = exp((policy - sampler) * mask)
     (1 outside the mask); tis: min(r, cap) (TRL's token_truncate); mis: r, or 0 where r > cap (token_mask: the
-    token leaves the loss, its count stays in the normalisation). No gradient.  [B, T] each -> [B, T]
+    token leaves the loss, its count stays in the normalisation). sequence_tis / sequence_mis (TRL's
+    sequence_truncate / sequence_mask): one ratio per completion, the exp of its summed log-ratios, given to each
+    of its tokens. No gradient.  [B, T] each -> [B, T]
 
     >>> policy, sampler, mask = torch.tensor([[0.0, -1.0, -3.0]]), torch.tensor([[0.0, -2.0, -1.0]]), torch.ones(1, 3)
     >>> importance_weights(policy, sampler, mask, "tis", 2.0), importance_weights(policy, sampler, mask, "mis", 2.0)
     (tensor([[1.0000, 2.0000, 0.1353]]), tensor([[1.0000, 0.0000, 0.1353]]))
+    >>> importance_weights(policy, sampler, mask, "sequence_tis", 2.0)  # e^(1 - 2) for every token
+    tensor([[0.3679, 0.3679, 0.3679]])
     """
-    ratio = torch.exp((policy_logp.detach() - sampler_logp) * mask)
-    if mode == "tis":
+    if mode not in CORRECTIONS:
+        raise ValueError(f"unknown importance correction {mode!r}")
+    log_ratio = (policy_logp.detach() - sampler_logp) * mask
+    if mode.startswith("sequence_"):
+        log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(mask)
+    ratio = torch.exp(log_ratio)
+    if mode.endswith("tis"):
         return ratio.clamp(max=cap)
-    if mode == "mis":
+    if mode.endswith("mis"):
         return ratio.masked_fill(ratio > cap, 0.0)
-    if mode == "none":
-        return torch.ones_like(ratio)
-    raise ValueError(f"unknown importance correction {mode!r}")
+    return torch.ones_like(ratio)
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,11 @@ def test_importance_weights_truncate_or_drop_past_the_cap_by_hand():
     assert grpo.importance_weights(policy, sampler, mask, "none", 3.0).tolist() == [[1.0] * 5]
     with pytest.raises(ValueError):
         grpo.importance_weights(policy, sampler, mask, "sequence", 3.0)
+    # one ratio per completion: 1 x 2 x 0.25 x 6 = 3 over the unmasked tokens, on every token of it
+    assert grpo.importance_weights(policy, sampler, mask, "sequence_tis", 4.0)[0].tolist() == pytest.approx([3.0] * 5)
+    assert grpo.importance_weights(policy, sampler, mask, "sequence_tis", 2.0)[0].tolist() == pytest.approx([2.0] * 5)
+    assert grpo.importance_weights(policy, sampler, mask, "sequence_mis", 4.0)[0].tolist() == pytest.approx([3.0] * 5)
+    assert grpo.importance_weights(policy, sampler, mask, "sequence_mis", 2.0)[0].tolist() == [0.0] * 5
 
 
 def test_the_importance_weight_scales_the_policy_term_and_its_gradient_not_the_kl():
@@ -308,16 +313,19 @@ def _trl_loss(logp, old, ref, advantages, mask, objective, max_completion_length
 
 
 def _trl_is_ratio(old, sampling, mask, mode, cap):
-    """TRL 1.16's token-level vLLM importance-sampling ratio as _generate_and_score_completions computes it
-    (clip_min None): exp of the masked log-ratio, clamped above (token_truncate) or zeroed past the cap (token_mask)."""
-    ratio = torch.exp((old - sampling) * mask)
-    if mode == "token_truncate":
+    """TRL 1.16's vLLM importance-sampling ratio as _generate_and_score_completions computes it (clip_min None): exp
+    of the masked log-ratio, per token or summed per sequence ([B, 1]), clamped above (*_truncate) or zeroed past
+    the cap (*_mask)."""
+    diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)
+    ratio = torch.exp(diff.sum(dim=-1, keepdim=True) if mode.startswith("sequence") else diff)
+    if mode.endswith("truncate"):
         return torch.clamp(ratio, min=None, max=cap)
     return ratio.masked_fill((ratio < -math.inf) | (ratio > cap), value=0.0)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
-@pytest.mark.parametrize("ours,theirs", [("tis", "token_truncate"), ("mis", "token_mask")])
+@pytest.mark.parametrize("ours,theirs", [("tis", "token_truncate"), ("mis", "token_mask"),
+                                         ("sequence_tis", "sequence_truncate"), ("sequence_mis", "sequence_mask")])
 def test_our_importance_correction_equals_trls_on_the_same_logprobs(loss_type, ours, theirs):
     """The weights against TRL's arithmetic, then the corrected loss and its gradient against its _compute_loss."""
     torch.manual_seed(2)
@@ -329,13 +337,15 @@ def test_our_importance_correction_equals_trls_on_the_same_logprobs(loss_type, o
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]]).float()
     old = logp.detach()  # one update per rollout: the policy the completions were sampled for
     weights = grpo.importance_weights(old, sampling, mask, ours, 2.0)
-    assert torch.equal(weights, _trl_is_ratio(old, sampling, mask, theirs, 2.0))
-    assert (weights[mask == 1] == 2.0).any() if ours == "tis" else (weights[mask == 1] == 0).any()  # the cap acts
+    theirs = _trl_is_ratio(old, sampling, mask, theirs, 2.0)  # [B, T], or [B, 1] per sequence
+    assert torch.equal(weights, theirs.expand_as(weights))
+    assert (weights[mask == 1] == 2.0).any() if ours.endswith("tis") else (weights[mask == 1] == 0).any()  # the cap
+    assert ((weights[mask == 1] > 0) & (weights[mask == 1] < 2)).any()  # ... and not everywhere
     objective = grpo.Objective(loss_type, beta=0.04)
     size = grpo.StepSize(groups=1, group_size=B, max_completion_length=L, tokens=float(mask.sum()))
     terms = grpo.token_loss(logp, old, ref, advantages, objective, mask, weights)
     mine = grpo.aggregate(terms.loss, mask, loss_type, size, group_tokens=float(mask.sum()))
-    trl = _trl_loss(logp, old, ref, advantages, mask, objective, L, is_ratio=weights)
+    trl = _trl_loss(logp, old, ref, advantages, mask, objective, L, is_ratio=theirs)
     assert mine.item() == pytest.approx(trl.item(), abs=1e-6)
     assert torch.allclose(torch.autograd.grad(mine, logp)[0], torch.autograd.grad(trl, logp)[0], atol=1e-7)
 

@@ -142,5 +142,5 @@ def test_the_backend_choice_and_the_repetition_penalty_only_generate_applies():
 def test_the_importance_cap_is_checked_at_load():
     with pytest.raises(ConfigError, match="grpo.importance_cap=0.5 must be >= 1"):
         load_config(None, ["grpo.importance_cap=0.5"])
-    with pytest.raises(ConfigError, match="grpo.importance_correction must be one of auto, none, tis, mis"):
+    with pytest.raises(ConfigError, match="grpo.importance_correction must be one of auto, none, tis, mis, sequence_tis, sequence_mis"):
         load_config(None, ["grpo.importance_correction=sequence_mask"])

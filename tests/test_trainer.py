@@ -81,7 +81,8 @@ def test_int8_sampling_is_further_from_the_policy_than_merged_and_tis_trains_fin
     (adapters and merged: rounding; int8: its quantization), auto corrects only a copy, and tis gives finite losses."""
     monkeypatch.setattr(RewardSet, "score", _alternating_rewards)
     found = {}
-    for weights, correction in (("adapters", "auto"), ("merged", "auto"), ("int8", "auto"), ("int8", "none")):
+    for weights, correction in (("adapters", "auto"), ("merged", "auto"), ("int8", "auto"), ("int8", "none"),
+                                ("int8", "sequence_tis")):
         out = Path(tiny_overrides[-1].split("=", 1)[1]) / f"{weights}-{correction}"
         cfg = load_config(None, [*tiny_overrides, "train.max_steps=1", "train.save_steps=0",
                                  f"grpo.sampling_weights={weights}", f"grpo.importance_correction={correction}",
@@ -89,7 +90,7 @@ def test_int8_sampling_is_further_from_the_policy_than_merged_and_tis_trains_fin
         result = train(cfg, log=False)
         summary = json.loads((out / "train_summary.json").read_text())["sampling"]
         found[weights, correction] = (result.metrics[0], summary["importance_correction"])
-    assert [c for _, c in found.values()] == ["none", "tis", "tis", "none"]
+    assert [c for _, c in found.values()] == ["none", "tis", "tis", "none", "sequence_tis"]
     kl = {w: line["sampling/kl"] for (w, c), (line, _) in found.items() if c == "auto"}
     assert kl["int8"] > 100 * max(kl["merged"], 1e-9) and kl["int8"] > 100 * max(kl["adapters"], 1e-9), kl
     assert found["int8", "auto"][0]["sampling/ratio_max"] > 1.001
@@ -97,6 +98,9 @@ def test_int8_sampling_is_further_from_the_policy_than_merged_and_tis_trains_fin
     # the same samples (same seed, same int8 copy), weighted or not: the correction changed the loss
     assert found["int8", "auto"][0]["reward"] == found["int8", "none"][0]["reward"]
     assert found["int8", "auto"][0]["loss"] != found["int8", "none"][0]["loss"]
+    assert found["int8", "sequence_tis"][0]["reward"] == found["int8", "none"][0]["reward"]
+    assert found["int8", "sequence_tis"][0]["loss"] not in (found["int8", "none"][0]["loss"],
+                                                            found["int8", "auto"][0]["loss"])
 
 
 def test_backward_chunks_give_the_same_gradient_as_the_whole_group(tiny_overrides):

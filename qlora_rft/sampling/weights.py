@@ -65,7 +65,7 @@ def choose_sampling_weights(setting: str, model, device: torch.device, dtype: to
 class Correction:
     """grpo.importance_correction resolved for the sampling weights, and why (the log says which)."""
 
-    mode: str  # none | tis | mis (grpo.CORRECTIONS)
+    mode: str  # one of grpo.CORRECTIONS
     reason: str
 
 
