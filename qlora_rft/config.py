@@ -308,7 +308,7 @@ class EvalConfig:
     decode: str = _f(
         "auto",
         "How answers are decoded (greedy), as grpo.decode: generate, static, or auto (static on the CPU, generate "
-        "on CUDA and under eval.protocol=paper when the model folder sets a repetition penalty, which static lacks).",
+        "on CUDA). Both apply eval.protocol=paper's repetition penalty.",
         ("auto", "generate", "static"),
     )
     sampling_weights: str = _f(

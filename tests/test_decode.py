@@ -21,7 +21,7 @@ from conftest import sample
 from qlora_rft.data import encode_prompt
 from qlora_rft.rollout import completion_logprobs, share_vision
 from qlora_rft.sampling import Settings, left_pad
-from qlora_rft.sampling.static import StaticBackend, banned_ids, draw, filter_logits
+from qlora_rft.sampling.static import StaticBackend, banned_ids, draw, filter_logits, penalize
 from qlora_rft.sampling.weights import merged_weights
 from qlora_rft.tasks import get_task
 
@@ -118,10 +118,11 @@ def setup(tmp_path_factory, private_cache):
     return policy, prompts
 
 
-def test_greedy_tokens_equal_hf_generate(setup):
+@pytest.mark.parametrize("penalty", [1.0, 1.5])  # 1.5: eval.protocol=paper's repetition penalty, strong
+def test_greedy_tokens_equal_hf_generate(setup, penalty):
     policy, prompts = setup
     decoder = StaticBackend(bucket=16)
-    greedy = Settings(10, do_sample=False, min_new_tokens=2)
+    greedy = Settings(10, do_sample=False, min_new_tokens=2, repetition_penalty=penalty)
     for group in (prompts, [share_vision(policy.model, p) for p in prompts]):  # pixels, shared image features
         for chunk, share in ((2, True), (8, True), (8, False), (4, False)):  # in two calls; packed (left-padded)
             hf = sample(policy, group, 4, chunk, greedy, share)
@@ -129,6 +130,19 @@ def test_greedy_tokens_equal_hf_generate(setup):
             for a, b in zip(hf, ours):
                 assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
     assert decoder.builds == 3 and decoder.compiles == 0  # one per batch size (2, 8 and 4 rows), never per call
+    if penalty != 1.0:  # the penalty changed the answers (else the equality above would test nothing new)
+        plain = sample(policy, prompts, 4, 8, replace(greedy, repetition_penalty=1.0), True, backend=decoder)
+        assert any(not torch.equal(a.completion_ids, b.completion_ids) for a, b in zip(plain, ours))
+
+
+def test_the_penalty_equals_transformers_processor_on_random_logits():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 40, generator=gen) * 3
+    ids = torch.randint(0, 40, (3, 9), generator=gen)  # a row's prompt (padding included) and completion so far
+    seen = torch.zeros(3, 40, dtype=torch.bool).scatter_(1, ids, True)
+    assert torch.equal(penalize(logits, seen, 1.3), RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()))
 
 
 def test_sampled_tokens_equal_a_cache_free_reference_for_a_seed(setup):

@@ -126,7 +126,7 @@ def test_the_correction_follows_the_weights_and_a_model_without_adapters_samples
     assert choose_correction("auto", chosen).mode == "none"
 
 
-def test_the_backend_choice_and_the_repetition_penalty_only_generate_applies():
+def test_the_backend_choice():
     from qlora_rft.sampling import choose_backend
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -134,9 +134,7 @@ def test_the_backend_choice_and_the_repetition_penalty_only_generate_applies():
     assert choose_backend("auto", cuda, "merged").name == "generate"
     assert choose_backend("static", cuda, "int8").name == "static, compiled"
     assert choose_backend("static", cuda, "adapters").name == "static"  # 4-bit kernels: eager
-    assert choose_backend("auto", cpu, "merged", "eval.decode", repetition_penalty=1.05).name == "generate"
-    with pytest.raises(UserError, match="eval.decode=static has no repetition penalty.*eval.decode=generate"):
-        choose_backend("static", cpu, "merged", "eval.decode", repetition_penalty=1.05)
+    assert choose_backend("generate", cpu, "merged", "eval.decode").reason == "set by eval.decode"
 
 
 def test_the_importance_cap_is_checked_at_load():

@@ -434,7 +434,7 @@ def write_predictions(cfg: Config, task: Task, asking: Asking, out: Path, label:
     todo = [it for it in items if it.key not in done]
     if todo:
         policy = load_for_inference(cfg.model, cfg.eval.adapter or None)
-        sampler = make_sampler(cfg.eval, policy, repetition_penalty=asking.repetition_penalty)
+        sampler = make_sampler(cfg.eval, policy)
         console.print(sampler.summary())
         progress = Progress(TextColumn(f"[bold]eval {label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TimeRemainingColumn(), console=console)

@@ -58,7 +58,7 @@ class Validation:
                             f"{cfg.data.max_prompt_length}: raise it, or choose other data.eval")
         if run.accelerator.is_main_process:
             drop_later(run.out / FOLDER, run.start_step)
-        sampler = make_sampler(cfg.eval, run.policy, run.accelerator, run.model, asking.repetition_penalty)
+        sampler = make_sampler(cfg.eval, run.policy, run.accelerator, run.model)
         return cls(cfg.train.eval_steps, run.steps, items, task, sampler)
 
     def due(self, step: int) -> bool:

@@ -10,7 +10,6 @@ import contextlib
 import torch
 
 from qlora_rft.config import EvalConfig, GRPOConfig
-from qlora_rft.errors import UserError
 from qlora_rft.model import Policy
 from qlora_rft.sampling.backend import Backend, Decoded, FiniteLogits, Settings
 from qlora_rft.sampling.generate import GenerateBackend
@@ -22,17 +21,15 @@ __all__ = ["Backend", "Decoded", "FiniteLogits", "GenerateBackend", "Sampler", "
            "StaticBackend", "choose_backend", "left_pad", "make_sampler"]
 
 
-def make_sampler(section: GRPOConfig | EvalConfig, policy: Policy, accelerator=None, prepared=None,
-                 repetition_penalty: float = 1.0) -> Sampler:
+def make_sampler(section: GRPOConfig | EvalConfig, policy: Policy, accelerator=None, prepared=None) -> Sampler:
     """The sampler a config section asks for: cfg.grpo (training: also its importance_correction) or cfg.eval
     (evaluation), read for its `decode` and `sampling_weights`. `accelerator` and `prepared` (the prepared
-    CompletionScorer): sample on the policy as the launch holds it (gathered whole under ZeRO-3).
-    `repetition_penalty` (evaluation under eval.protocol=paper): only generate applies one."""
+    CompletionScorer): sample on the policy as the launch holds it (gathered whole under ZeRO-3)."""
     name = "grpo" if isinstance(section, GRPOConfig) else "eval"
     correction = section.importance_correction if isinstance(section, GRPOConfig) else "none"
     weights = choose_sampling_weights(section.sampling_weights, policy.model, policy.device, policy.dtype,
                                       f"{name}.sampling_weights")
-    backend = choose_backend(section.decode, policy.device, weights.mode, f"{name}.decode", repetition_penalty)
+    backend = choose_backend(section.decode, policy.device, weights.mode, f"{name}.decode")
     gather = None
     if accelerator is not None:
         @contextlib.contextmanager
@@ -45,17 +42,10 @@ def make_sampler(section: GRPOConfig | EvalConfig, policy: Policy, accelerator=N
     return Sampler(policy, weights, backend, choose_correction(correction, weights), gather)
 
 
-def choose_backend(setting: str, device: torch.device, weights_mode: str, field: str = "grpo.decode",
-                   repetition_penalty: float = 1.0) -> Backend:
+def choose_backend(setting: str, device: torch.device, weights_mode: str, field: str = "grpo.decode") -> Backend:
     """auto: static on the CPU (tested equal to generate's tokens), generate on CUDA (the compiled decoder is
-    unmeasured there) and wherever a repetition penalty applies (the static decoder has none). static compiles its
-    step on CUDA only over plain-torch weights (merged, int8, fp8): the 4-bit kernels gained nothing from compiling
-    in our probes."""
-    if repetition_penalty != 1.0:
-        if setting == "static":
-            raise UserError(f"{field}=static has no repetition penalty, and eval.protocol=paper decodes with the "
-                            f"model folder's ({repetition_penalty:g}): use {field}=generate or auto")
-        return GenerateBackend(f"the repetition penalty {repetition_penalty:g} of eval.protocol=paper")
+    unmeasured there). static compiles its step on CUDA only over plain-torch weights (merged, int8, fp8): the 4-bit
+    kernels gained nothing from compiling in our probes."""
     if setting == "generate" or (setting == "auto" and device.type != "cpu"):
         why = f"set by {field}" if setting == "generate" else "auto on CUDA: the static decoder is not yet measured"
         return GenerateBackend(why)

@@ -26,7 +26,7 @@ class Settings:
     top_k: int = 0
     do_sample: bool = True  # False: greedy (evaluation)
     min_new_tokens: int = 0
-    repetition_penalty: float = 1.0  # greedy evaluation under eval.protocol=paper (generate only)
+    repetition_penalty: float = 1.0  # greedy evaluation under eval.protocol=paper (the model folder's)
     chunk: int = 0  # grpo.generation_chunk: completions per call (0: G)
     share_prefill: bool = True  # grpo.share_prefill: one prefill per prompt, its cache repeated
 

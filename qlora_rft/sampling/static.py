@@ -8,7 +8,7 @@ rounded up, plus max_new_tokens) and only grow, so a new prompt reuses the step 
 `compile` (CUDA only by default; unmeasured there in this version) the step is torch.compile'd once per shape,
 mode reduce-overhead (CUDA graphs), and `compiles` counts every graph the compiler builds.
 The sampling rule is `Settings`'s, with the semantics transformers' generate gives it (processor order and
-tie rules of its MinNewTokens, SuppressTokens, Temperature, TopK and TopP processors); no repetition penalty.
+tie rules of its RepetitionPenalty, MinNewTokens, SuppressTokens, Temperature, TopK and TopP processors).
 """
 
 from __future__ import annotations
@@ -50,6 +50,16 @@ def filter_logits(logits: torch.Tensor, banned: torch.Tensor, temperature: float
         drop[..., -1:] = False  # the most likely token always stays
         scores = scores.masked_fill(drop.scatter(-1, order, drop), -math.inf)
     return scores
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The repetition penalty on the ids a row holds already (prompt, padding and completion so far, as generate
+    counts them): a score below 0 times `penalty`, any other divided by it.  [B, V], [B, V] bool -> [B, V]
+
+    >>> penalize(torch.tensor([[2.0, -2.0, 2.0]]), torch.tensor([[True, True, False]]), 2.0)
+    tensor([[ 1., -4.,  2.]])
+    """
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 def draw(scores: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
@@ -130,8 +140,6 @@ class StaticBackend:
         their tokens but the last; `prefix` when given, only read). `finite`: a row whose logits are NaN or +inf
         ends with EOS, and it records that. -> [k * repeat, t] ids, t <= max_new_tokens (pad after a row's EOS;
         trimmed after the last EOS), and with sampling each drawn token's log-prob (0 after a row's end)."""
-        if settings.repetition_penalty != 1.0:
-            raise ValueError("the static decoder has no repetition penalty: decode with generate")
         base = base_model(model)
         prefix = prefix if prefix is not None else prefill(model, batch)
         mask = batch["attention_mask"]  # [k, W]
@@ -147,11 +155,17 @@ class StaticBackend:
         out = torch.full((rows, settings.max_new_tokens), tokens.pad, dtype=torch.long, device=device)
         logp = torch.zeros(rows, settings.max_new_tokens, device=device) if settings.do_sample else None
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        seen = None  # [B, V] bool: the ids each row holds, for the repetition penalty
+        if settings.repetition_penalty != 1.0:
+            seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+            seen.scatter_(1, batch["input_ids"].repeat_interleave(repeat, 0).clamp(max=vocab - 1), True)
         compiled = self.compile and device.type == "cuda"
         for t in range(settings.max_new_tokens):
             if compiled:
                 torch.compiler.cudagraph_mark_step_begin()
             logits = slot.step(token, position.view(1, rows, 1).expand(3, rows, 1), slot.mask)  # [B, V]
+            if seen is not None:
+                logits = penalize(logits, seen, settings.repetition_penalty)
             scores = filter_logits(logits, early if t < settings.min_new_tokens else never, settings.temperature,
                                    settings.top_k, settings.top_p, settings.do_sample)
             if finite is not None:
@@ -163,6 +177,8 @@ class StaticBackend:
                 drawn = torch.log_softmax(logits / settings.temperature, -1).gather(-1, new[:, None])[:, 0]  # [B]
                 logp[:, t] = torch.where(finished, 0.0, drawn)
             finished |= torch.isin(new, eos)
+            if seen is not None:
+                seen.scatter_(1, new[:, None], True)
             token, position = new.view(rows, 1), position + 1
             if (t + 1) % CHECK_EVERY == 0 and bool(finished.all()):  # the only host sync, every few tokens
                 break
