@@ -164,9 +164,8 @@ class StaticBackend:
             if compiled:
                 torch.compiler.cudagraph_mark_step_begin()
             logits = slot.step(token, position.view(1, rows, 1).expand(3, rows, 1), slot.mask)  # [B, V]
-            if seen is not None:
-                logits = penalize(logits, seen, settings.repetition_penalty)
-            scores = filter_logits(logits, early if t < settings.min_new_tokens else never, settings.temperature,
+            penalized = penalize(logits, seen, settings.repetition_penalty) if seen is not None else logits
+            scores = filter_logits(penalized, early if t < settings.min_new_tokens else never, settings.temperature,
                                    settings.top_k, settings.top_p, settings.do_sample)
             if finite is not None:
                 scores = finite(None, scores)
