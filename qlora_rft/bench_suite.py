@@ -429,9 +429,10 @@ def eval_throughput(s: BenchSettings, decode: str, batch_size: int, batches: int
 
     from qlora_rft.bench import peak_memory
     from qlora_rft.config import load_config
-    from qlora_rft.data import encode_prompts, load_split
+    from qlora_rft.data import load_split
     from qlora_rft.model import load_policy
     from qlora_rft.models import family_of
+    from qlora_rft.prompts import encode_prompts
     from qlora_rft.sampling import Settings, make_sampler
     from qlora_rft.tasks import get_task
 

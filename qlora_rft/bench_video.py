@@ -55,8 +55,9 @@ def one(preset: str, frames: int, steps: int, generations: int, length: int) -> 
     import resource
 
     from qlora_rft.config import load_config
-    from qlora_rft.data import encode_prompt, load_split
+    from qlora_rft.data import load_split
     from qlora_rft.model import model_family
+    from qlora_rft.prompts import encode_prompt
     from qlora_rft.tasks import get_task
     from qlora_rft.trainer import train
     from qlora_rft.video import VideoRule

@@ -1,17 +1,18 @@
-"""Datasets in the released ViRFT schema (image, problem, solution) and turning a row into model inputs.
+"""Datasets in the released ViRFT schema (image, problem, solution): rows read, checked and kept as `Example`s, and
+their images and clips opened (prompts.py turns them into model inputs).
 
 Sources: a parquet file or folder, a JSON-lines file (`.jsonl`, or a folder holding `SPLIT.jsonl`; image and video
-paths relative to it), a local folder `datasets.load_dataset` reads (never `load_from_disk`), a hub dataset only when
-named `hub:ORG/NAME` (a local path that does not exist is an error at once, never a hub lookup), a LISA-style JSON (a
-`.json` file, or a folder holding `SPLIT.json`; image paths relative to it), LISA's raw ReasonSeg folder (`SPLIT/`
-holding each image beside its JSON), or `synthetic:NAME`. A row may hold several images (`images`, a list, instead
-of `image`) and videos (`video`: a file or a list of frame images; `videos`, a list of them) for a task without
-boxes, placed in the order of the row's columns; a task without solutions (generic) needs no `solution` column.
-Every other column is kept for the rewards.
+paths relative to it), a JSON list of rows (`.json`, or a folder holding `SPLIT.json`; a task may read its own forms
+there, as grounding reads LISA's), a folder layout of the task's own (grounding: LISA's raw ReasonSeg), a local folder
+`datasets.load_dataset` reads (never `load_from_disk`), a hub dataset only when named `hub:ORG/NAME` (a local path
+that does not exist is an error at once, never a hub lookup), or `synthetic:NAME`. A row may hold several images
+(`images`, a list, instead of `image`) and videos (`video`: a file or a list of frame images; `videos`, a list of
+them) for a task without boxes, placed in the order of the row's columns; a task without solutions (generic) needs
+no `solution` column. Every other column is kept for the rewards.
 Bad rows (an image or clip that does not decode in full, is not a regular file or that the resize rule refuses, a
 solution that does not parse, a prompt or solution holding a vision placeholder token) are found at load time and
 skipped and counted, or refused; so is a prompt over data.max_prompt_length, once the processor is known
-(`without_long_prompts`, before the first step). Images are resized with qwen-vl-utils' rule,
+(`prompts.without_long_prompts`, before the first step). Images are resized with qwen-vl-utils' rule,
 the config's pixel bounds and the model family's token side (`factor`), the same in training and evaluation;
 high-bit-depth images are scaled to 8 bits by their depth; an image far larger than needed is resized once at load
 and kept small (PNG), with one line saying so. A clip's frames and their size are chosen at load (video.py).
@@ -31,11 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from qlora_rft.errors import DataError
 from qlora_rft.tasks import Task
-from qlora_rft.tasks.boxes import RELATIVE, Frame
 from qlora_rft.video import Clip, VideoRule, frame_size, probe, read_frames, resize_frame, sample_indices
 
 REQUIRED_COLUMNS = ("image", "problem", "solution")
@@ -444,7 +443,7 @@ def check_image(cell: dict, min_pixels: int, max_pixels: int, factor: int) -> Ch
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # said once per dataset instead
-            with _open(cell) as image:
+            with open_cell(cell) as image:
                 image.load()
                 rgb = to_rgb(image)
     except Unusable:
@@ -478,7 +477,7 @@ def check_clip(value, root: Path, rule: VideoRule, min_pixels: int, max_pixels: 
         sizes = set()
         for number, cell in enumerate(cells):
             try:
-                with _open(cell) as image:
+                with open_cell(cell) as image:
                     image.load()
                     sizes.add(image.size)
             except Exception as e:
@@ -532,7 +531,7 @@ def report_large(sizes: list[tuple[int, int]], where: str, console: Console | No
     )
 
 
-def _open(cell: dict) -> Image.Image:
+def open_cell(cell: dict) -> Image.Image:
     """The cell's image, from its bytes or its file. Only a regular file (after links are resolved) is read: a FIFO,
     a device or a folder would block or never end, so it is Unusable."""
     if cell.get("bytes"):
@@ -563,7 +562,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def open_image(example: Example) -> Image.Image:
     """The example's (first) image, RGB."""
-    with _open(example.image) as image:
+    with open_cell(example.image) as image:
         return to_rgb(image)
 
 
@@ -571,7 +570,7 @@ def open_images(example: Example) -> list[Image.Image]:
     """Every image of the example, RGB, in order."""
     images = []
     for cell in example.images:
-        with _open(cell) as image:
+        with open_cell(cell) as image:
             images.append(to_rgb(image))
     return images
 
@@ -591,234 +590,7 @@ def open_clip(clip: Clip) -> torch.Tensor:
         return read_frames(clip.source, clip.indices, clip.size)
     frames = []
     for index in clip.indices:
-        with _open(clip.source[index]) as image:
+        with open_cell(clip.source[index]) as image:
             rgb = torch.from_numpy(np.asarray(to_rgb(image))).permute(2, 0, 1)  # [C, H, W]
         frames.append(resize_frame(rgb, clip.size))
     return torch.stack(frames)
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-@dataclass
-class SharedVision(BaseModelOutputWithPooling):
-    """A vision encoding run once: `pooler_output` per image (or video), and, for families with deepstack, each
-    deepstack level's features per item (read by their forward; ignored by the others)."""
-
-    deepstack_features: list[tuple[torch.Tensor, ...]] | None = None
-
-
-Encoded = tuple[tuple[torch.Tensor, ...], ...]  # per image or video, its feature levels ([tokens, H] each)
-
-
-@dataclass
-class PromptInputs:
-    """Processor outputs for one prompt (batch of 1), on the model's device."""
-
-    input_ids: torch.Tensor  # [1, P]
-    attention_mask: torch.Tensor  # [1, P]
-    mm_token_type_ids: torch.Tensor  # [1, P]: 0 text, 1 image, 2 video
-    pixel_values: torch.Tensor | None = None  # [patches, C*t*p*p]; None: no image
-    image_grid_thw: torch.Tensor | None = None  # [images, 3]: one row per image of the prompt
-    pixel_values_videos: torch.Tensor | None = None  # [patches, C*t*p*p]; None: no video
-    video_grid_thw: torch.Tensor | None = None  # [videos, 3]: temporal patches, height and width in patches
-    video_times: dict = field(default_factory=dict)  # the family's time inputs per video (Family.time_inputs)
-    vision: Encoded | None = None  # per image, its shared feature levels (share_vision)
-    video_vision: Encoded | None = None  # per video, the same
-    frame: Frame = RELATIVE  # the box coordinates the prompt asked for (rewards map answers back with it)
-
-    @property
-    def length(self) -> int:
-        return self.input_ids.shape[1]
-
-    def repeated(self, n: int) -> dict:
-        """Model kwargs for n copies of this prompt; shared vision features instead of pixels when present."""
-        kwargs = dict(
-            input_ids=self.input_ids.expand(n, -1),
-            attention_mask=self.attention_mask.expand(n, -1),
-            mm_token_type_ids=self.mm_token_type_ids.expand(n, -1),
-        )
-        return kwargs | visual_kwargs([self] * n)
-
-
-def visual_kwargs(prompts: list[PromptInputs]) -> dict:
-    """The model kwargs of the images and videos of several prompt rows, in order: grids, time inputs, and pixels
-    or (when every row has them) the shared features."""
-    kwargs = {}
-    if any(p.image_grid_thw is not None for p in prompts):
-        kwargs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in prompts if p.image_grid_thw is not None])
-    if any(p.video_grid_thw is not None for p in prompts):
-        kwargs["video_grid_thw"] = torch.cat([p.video_grid_thw for p in prompts if p.video_grid_thw is not None])
-        for name in {name for p in prompts for name in p.video_times}:
-            kwargs[name] = torch.cat([p.video_times[name] for p in prompts if p.video_grid_thw is not None])
-    if all(p.vision is not None or p.image_grid_thw is None for p in prompts) and \
-            all(p.video_vision is not None or p.video_grid_thw is None for p in prompts):
-        images = tuple(f for p in prompts for f in (p.vision or ()))
-        videos = tuple(f for p in prompts for f in (p.video_vision or ()))
-        return kwargs | {"mm_encoder_outputs": shared_features(images, videos)} if images or videos else kwargs
-    if "image_grid_thw" in kwargs:
-        kwargs["pixel_values"] = torch.cat([p.pixel_values for p in prompts if p.pixel_values is not None])
-    if "video_grid_thw" in kwargs:
-        kwargs["pixel_values_videos"] = torch.cat([p.pixel_values_videos for p in prompts
-                                                   if p.pixel_values_videos is not None])
-    return kwargs
-
-
-def shared_features(images: Encoded, videos: Encoded = ()) -> dict:
-    """Precomputed features (per image or video: merged output, then deepstack levels if any) in the form the
-    models' forward takes as `mm_encoder_outputs` instead of pixel_values / pixel_values_videos."""
-    found = {}
-    for name, items in (("image", images), ("video", videos)):
-        if items:
-            levels = list(zip(*items))  # [level][item]
-            found[name] = SharedVision(pooler_output=levels[0], deepstack_features=levels[1:] or None)
-    return found
-
-
-def messages(task: Task, problem: str, frame: Frame = RELATIVE, layout: tuple[str, ...] = ("image",)) -> list[dict]:
-    """The user turn (the prompt's images and videos in `layout` order, then its text), after the task's system
-    prompt when it has one."""
-    content = [{"type": kind} for kind in layout] + [{"type": "text", "text": task.ask(problem, frame)}]
-    user = {"role": "user", "content": content}
-    return [{"role": "system", "content": [{"type": "text", "text": task.system}]}, user] if task.system else [user]
-
-
-def prompt_text(processor, task: Task, problem: str, frame: Frame = RELATIVE, layout: tuple[str, ...] = ("image",)
-                ) -> str:
-    return processor.apply_chat_template(messages(task, problem, frame, layout), add_generation_prompt=True,
-                                         tokenize=False)
-
-
-@dataclass
-class Visuals:
-    """The images and clips of several examples, ready for the processor, and each example's box frame."""
-
-    images: list[Image.Image]  # resized; all of an example's before the next one's
-    videos: list[torch.Tensor]  # [T, C, H, W] uint8 each, the sampled frames resized
-    metadata: list[dict]  # per video, what the processor reads for its time (Clip.metadata)
-    frames: list[Frame]  # per example, the box frame (on its first image: box tasks have one)
-
-
-def model_inputs(processor, examples: list[Example], min_pixels: int, max_pixels: int) -> Visuals:
-    """The resized images and sampled clips of the examples, in order, and the box frame the processor's model
-    family is asked for on each example."""
-    from qlora_rft.models import family_of
-
-    family = family_of(processor)
-    resized = [[resize_image(image, min_pixels, max_pixels, family.factor) for image in open_images(ex)]
-               for ex in examples]
-    return Visuals([image for images in resized for image in images],
-                   [open_clip(clip) for ex in examples for clip in ex.clips],
-                   [clip.metadata() for ex in examples for clip in ex.clips],
-                   [family.frame(*images[0].size) if images else RELATIVE for images in resized])
-
-
-def process(processor, texts: list[str], visuals: Visuals, **kwargs):
-    """The processor on prompt texts with their visuals. Clips go in as sampled and sized at load: the processor
-    neither samples nor resizes them, and reads their time from the metadata."""
-    if visuals.videos:
-        kwargs |= dict(videos=visuals.videos, videos_kwargs=dict(
-            video_metadata=visuals.metadata, do_sample_frames=False, do_resize=False, cap_pixels_per_frame=True))
-    return processor(text=texts, images=visuals.images or None, return_tensors="pt", **kwargs)
-
-
-def prompt_lengths(processor, task: Task, examples: list[Example], min_pixels: int, max_pixels: int) -> list[int]:
-    """Each example's prompt length in tokens, as encode_prompts makes it (image and video tokens included),
-    without its pixels: the text is tokenized per row, the tokens of an image counted once per resized size (on a
-    blank image), of a clip once per frame count, size and timing (on blank frames)."""
-    from qwen_vl_utils.vision_process import smart_resize
-
-    from qlora_rft.models import family_of
-
-    family = family_of(processor)
-    counted: dict[tuple, int] = {}  # tokens an image (a clip) of this size (and timing) adds to its placeholder
-    lengths = []
-    for ex in examples:
-        sizes = []
-        for cell in ex.images:
-            with _open(cell) as image:
-                width, height = image.size  # the header alone
-            height, width = smart_resize(height, width, family.factor, min_pixels, max_pixels)
-            sizes.append((width, height))
-        frame = family.frame(*sizes[0]) if sizes else RELATIVE
-        length = len(processor.tokenizer(prompt_text(processor, task, ex.problem, frame, ex.layout))["input_ids"])
-        for size in sizes:
-            if size not in counted:
-                counted[size] = _added_tokens(processor, task, ex.problem, frame, Visuals(
-                    [Image.new("RGB", size)], [], [], [frame]))
-            length += counted[size]
-        for clip in ex.clips:
-            key = (clip.size, clip.fps, clip.total, clip.indices)
-            if key not in counted:
-                blank = torch.zeros(len(clip.indices), 3, clip.size[1], clip.size[0], dtype=torch.uint8)
-                counted[key] = _added_tokens(processor, task, ex.problem, frame, Visuals(
-                    [], [blank], [clip.metadata()], [frame]))
-            length += counted[key]
-        lengths.append(length)
-    return lengths
-
-
-def _added_tokens(processor, task: Task, problem: str, frame: Frame, one: Visuals) -> int:
-    """Tokens one image or clip adds to its placeholder in a prompt."""
-    text = prompt_text(processor, task, problem, frame, ("image",) if one.images else ("video",))
-    return process(processor, [text], one)["input_ids"].shape[1] - len(processor.tokenizer(text)["input_ids"])
-
-
-def too_long(length: int, max_prompt_length: int) -> str | None:
-    """Why a prompt of `length` tokens is refused, or None when it fits."""
-    if length <= max_prompt_length:
-        return None
-    return (f"prompt is {length} tokens, over data.max_prompt_length={max_prompt_length} (prompts are never cut: "
-            "raise it or lower data.max_pixels)")
-
-
-def without_long_prompts(data: Dataset, processor, task: Task, data_cfg) -> Dataset:
-    """`data` less the rows whose prompt is over data.max_prompt_length: skipped and counted as bad rows, or
-    refused under data.on_bad_row=error. Run once the processor is known, before the first step."""
-    lengths = prompt_lengths(processor, task, data.examples, data_cfg.min_pixels, data_cfg.max_pixels)
-    kept, bad = [], []
-    for example, length in zip(data.examples, lengths):
-        reason = too_long(length, data_cfg.max_prompt_length)
-        if reason is None:
-            kept.append(example)
-        elif data_cfg.on_bad_row == "error":
-            raise DataError(f"{data.source} split {data.split!r} row {example.index}: {reason} "
-                            "(set data.on_bad_row=skip to skip it)")
-        else:
-            bad.append(BadRow(example.index, reason))
-    if not kept:
-        raise DataError(f"{data.source} split {data.split!r} has no usable rows: every prompt is too long "
-                        f"(row {bad[0].index}: {bad[0].reason})")
-    dropped = {b.index for b in bad}
-    return Dataset(data.source, data.split, kept, sorted(data.skipped + bad, key=lambda b: b.index),
-                   [i for i in data.downsized if i not in dropped])
-
-
-def encode_prompts(
-    processor, task: Task, examples: list[Example], min_pixels: int, max_pixels: int, max_prompt_length: int,
-    device: torch.device,
-) -> tuple[dict, list[Frame]]:
-    """Left-padded batch inputs for several prompts (processor output, on device), and each prompt's box frame."""
-    visuals = model_inputs(processor, examples, min_pixels, max_pixels)
-    texts = [prompt_text(processor, task, ex.problem, frame, ex.layout) for ex, frame in zip(examples, visuals.frames)]
-    batch = process(processor, texts, visuals, padding=True)
-    length = batch["input_ids"].shape[1]
-    if length > max_prompt_length:
-        raise DataError(
-            f"a prompt is {length} tokens, over data.max_prompt_length={max_prompt_length} (rows "
-            f"{[ex.index for ex in examples]}); prompts are never cut (image tokens would be lost): raise "
-            "data.max_prompt_length or lower data.max_pixels"
-        )
-    return {k: v.to(device) for k, v in batch.items()}, visuals.frames
-
-
-def encode_prompt(processor, task: Task, example: Example, data_cfg, device: torch.device) -> PromptInputs:
-    from qlora_rft.models import family_of
-
-    batch, (frame,) = encode_prompts(
-        processor, task, [example], data_cfg.min_pixels, data_cfg.max_pixels, data_cfg.max_prompt_length, device
-    )
-    named = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
-             "pixel_values_videos", "video_grid_thw")
-    times = {name: batch[name] for name in family_of(processor).time_inputs if name in batch}
-    return PromptInputs(**{k: batch[k] for k in named if k in batch}, video_times=times, frame=frame)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from qlora_rft import grpo
-from qlora_rft.data import PromptInputs
 from qlora_rft.model import base_model
 from qlora_rft.models import family_of
+from qlora_rft.prompts import PromptInputs
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 
 from qlora_rft import checkpoint
 from qlora_rft.config import RUN_CONFIG_HEADER, Config, dump
-from qlora_rft.data import load_split, without_long_prompts
+from qlora_rft.data import load_split
 from qlora_rft.distributed import (
     Launch,
     NonFiniteStep,
@@ -49,6 +49,7 @@ from qlora_rft.model import (
 from qlora_rft.memory import check_training_fits
 from qlora_rft.order import PromptOrder, epochs_done, training_steps
 from qlora_rft.pretrained import save_adapter
+from qlora_rft.prompts import without_long_prompts
 from qlora_rft.rollout import CompletionScorer, Rollout
 from qlora_rft.runlog import NullLogger, RunLogger
 from qlora_rft.tasks import get_task

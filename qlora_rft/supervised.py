@@ -13,9 +13,10 @@ import torch
 
 from qlora_rft import grpo
 from qlora_rft.config import DataConfig
-from qlora_rft.data import Example, model_inputs, process, prompt_text
+from qlora_rft.data import Example
 from qlora_rft.distributed import Updates
 from qlora_rft.model import Policy, base_model
+from qlora_rft.prompts import model_inputs, process, prompt_text
 from qlora_rft.tasks import Task
 
 

@@ -26,11 +26,12 @@ import torch
 
 from qlora_rft import grpo
 from qlora_rft.config import Config
-from qlora_rft.data import Example, encode_prompt
+from qlora_rft.data import Example
 from qlora_rft.distributed import Launch, Updates, gather_all, gather_mean
 from qlora_rft.errors import UserError
 from qlora_rft.evaluation.validation import Validation
 from qlora_rft.files import unlock_folder
+from qlora_rft.prompts import encode_prompt
 from qlora_rft.rewards import RewardSet, reward_set
 from qlora_rft.rollout import Rollout
 from qlora_rft.run import Run, TrainResult, check_inputs, prepare_run, start_afresh

@@ -18,7 +18,7 @@ from transformers.generation.logits_process import (
 )
 
 from conftest import sample
-from qlora_rft.data import encode_prompt
+from qlora_rft.prompts import encode_prompt
 from qlora_rft.rollout import completion_logprobs, share_vision
 from qlora_rft.sampling import Settings, left_pad
 from qlora_rft.sampling.static import StaticBackend, banned_ids, draw, filter_logits, penalize

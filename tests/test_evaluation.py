@@ -300,8 +300,10 @@ def test_a_prompt_over_max_prompt_length_is_recorded_as_skipped_not_asked(tmp_pa
 def test_prompt_lengths_are_the_encoded_lengths(preset):
     from transformers import AutoProcessor
 
-    from qlora_rft.data import encode_prompts, load_split, prompt_lengths
+    from qlora_rft.data import load_split
+
     from qlora_rft.model import model_family, resolve_model_path
+    from qlora_rft.prompts import encode_prompts, prompt_lengths
 
     processor = AutoProcessor.from_pretrained(str(resolve_model_path(f"tiny:{preset}")))
     task = get_task("classification")

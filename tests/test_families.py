@@ -14,9 +14,10 @@ from conftest import TINY_RUN
 from PIL import Image
 
 from qlora_rft.config import LoraSettings, load_config
-from qlora_rft.data import encode_prompt, resize_image
+from qlora_rft.data import resize_image
 from qlora_rft.errors import UserError
 from qlora_rft.models import families, family_of, preset_names
+from qlora_rft.prompts import encode_prompt
 from qlora_rft.tasks import get_task
 
 NEW_FAMILIES = ["qwen2.5-vl-tiny", "qwen3-vl-tiny"]
@@ -279,8 +280,9 @@ def test_prompts_and_warmup_targets_ask_for_the_familys_frame():
 @pytest.mark.parametrize("preset, absolute", [("tiny", False), ("qwen2.5-vl-tiny", True), ("qwen3-vl-tiny", False)])
 def test_encoded_prompts_carry_the_frame_of_the_resized_image(preset, absolute):
     from qlora_rft import tiny
-    from qlora_rft.data import encode_prompts, load_split
+    from qlora_rft.data import load_split
     from qlora_rft.models import family_of
+    from qlora_rft.prompts import encode_prompts
     from qlora_rft.tasks.boxes import RELATIVE, Frame
 
     processor = tiny.build_processor(preset, tiny.build_tokenizer())

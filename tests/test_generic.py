@@ -63,8 +63,8 @@ def test_jsonl_rows_keep_their_images_and_columns(folder):
 def test_several_images_are_encoded_in_order_and_counted(folder, preset):
     from transformers import AutoProcessor
 
-    from qlora_rft.data import encode_prompts, prompt_lengths
     from qlora_rft.model import model_family, resolve_model_path
+    from qlora_rft.prompts import encode_prompts, prompt_lengths
 
     Image.new("RGB", (112, 56), COLOURS["blue"]).save(folder / "blue.png")  # two image sizes
     processor = AutoProcessor.from_pretrained(str(resolve_model_path(f"tiny:{preset}")))

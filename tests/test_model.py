@@ -12,9 +12,10 @@ import torch
 
 from conftest import sample
 from qlora_rft.config import load_config
-from qlora_rft.data import encode_prompt, load_split
+from qlora_rft.data import load_split
 from qlora_rft.errors import UserError
 from qlora_rft.model import load_policy, reference_mode, resolve_model_path
+from qlora_rft.prompts import encode_prompt
 from qlora_rft.rollout import completion_logprobs
 from qlora_rft.sampling import Settings
 from qlora_rft.tasks import get_task

@@ -139,8 +139,10 @@ def test_protocol_settings_are_checked_at_load():
 def test_the_paper_detection_prompt_is_the_released_training_text():
     from transformers import AutoProcessor
 
-    from qlora_rft.data import Example, prompt_text
+    from qlora_rft.data import Example
+
     from qlora_rft.model import resolve_model_path
+    from qlora_rft.prompts import prompt_text
 
     assert detection.released_problem("umbrella") == RELEASED_ROW_PROBLEM
     # Training on a released row and the paper evaluation build the model's text with the same function.
@@ -154,8 +156,8 @@ def test_the_paper_detection_prompt_is_the_released_training_text():
 def test_the_paper_lisa_prompt_has_the_original_system_prompt_and_wording():
     from transformers import AutoProcessor
 
-    from qlora_rft.data import messages, prompt_text
     from qlora_rft.model import resolve_model_path
+    from qlora_rft.prompts import messages, prompt_text
 
     problem = grounding.problem("the thing you would sit on")
     task = get_task("grounding", "paper")

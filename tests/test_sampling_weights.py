@@ -8,8 +8,8 @@ import torch
 
 from conftest import sample
 from qlora_rft.config import load_config
-from qlora_rft.data import encode_prompt
 from qlora_rft.errors import ConfigError, UserError
+from qlora_rft.prompts import encode_prompt
 from qlora_rft.rollout import completion_logprobs, share_vision
 from qlora_rft.sampling import Settings
 from qlora_rft.sampling.weights import choose_sampling_weights, copy_bytes, decode_weight_bytes, merged_weights

@@ -8,8 +8,8 @@ import copy
 import torch
 
 from conftest import sample
-from qlora_rft.data import encode_prompt
 from qlora_rft.model import reference_mode
+from qlora_rft.prompts import encode_prompt
 from qlora_rft.rollout import completion_logprobs, share_vision
 from qlora_rft.sampling import Settings
 from qlora_rft.sampling.weights import merged_weights

@@ -108,8 +108,9 @@ def test_backward_chunks_give_the_same_gradient_as_the_whole_group(tiny_override
     completions of a group give the same gradient as the whole group at once, as one of a two-group step whose other
     group has twice its tokens (the token-normalised types divide by the step's counts, not a chunk's)."""
     from qlora_rft import grpo
-    from qlora_rft.data import encode_prompt, load_split
+    from qlora_rft.data import load_split
     from qlora_rft.model import load_policy, reference_mode
+    from qlora_rft.prompts import encode_prompt
     from conftest import sample
     from qlora_rft.rollout import CompletionScorer
     from qlora_rft.sampling import Settings

@@ -13,8 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from qlora_rft.data import encode_prompt, encode_prompts, load_split, prompt_lengths
+from qlora_rft.data import load_split
+
 from qlora_rft.errors import DataError
+from qlora_rft.prompts import encode_prompt, encode_prompts, prompt_lengths
 from qlora_rft.tasks import get_task
 from qlora_rft.video import VideoRule, frame_size, probe, sample_indices, write_clip
 
@@ -210,7 +212,7 @@ def test_video_prompts_are_encoded_and_counted(tmp_path, preset):
 
 def test_image_prompts_are_unchanged_by_the_video_template():
     """The template's video branch leaves image prompts as they were: the same text, so the same tokens."""
-    from qlora_rft.data import messages
+    from qlora_rft.prompts import messages
     from qlora_rft.tiny import CHAT_TEMPLATE, build_tokenizer
 
     video_branch = ("{% elif item['type'] == 'video' or 'video' in item %}"

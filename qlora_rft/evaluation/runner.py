@@ -28,11 +28,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from qlora_rft.config import Config
-from qlora_rft.data import (Example, encode_prompts, load_images, load_split, prompt_lengths, resolve_source,
-                             too_long)
+from qlora_rft.data import Example, load_images, load_split, resolve_source
 from qlora_rft.errors import DataError, UserError
 from qlora_rft.files import append_lines, atomic_file, lock_folder, unlock_folder
 from qlora_rft.models import vision_token_in
+from qlora_rft.prompts import encode_prompts, prompt_lengths, too_long
 from qlora_rft.rewards import RewardSet, reward_set
 from qlora_rft.sampling import Sampler, Settings, make_sampler
 from qlora_rft.tasks import Task, detection, get_task

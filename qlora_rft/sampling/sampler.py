@@ -11,8 +11,8 @@ from typing import Callable
 import torch
 
 from qlora_rft import grpo
-from qlora_rft.data import PromptInputs, visual_kwargs
 from qlora_rft.model import Policy
+from qlora_rft.prompts import PromptInputs, visual_kwargs
 from qlora_rft.rollout import Rollout, completion_logprobs, share_vision
 from qlora_rft.sampling.backend import Backend, Decoded, FiniteLogits, Settings, evaluating, prefill
 from qlora_rft.sampling.weights import Correction, SamplingWeights, decode_weight_bytes, merged_weights
